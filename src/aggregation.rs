@@ -1,0 +1,650 @@
+//! Step 2: the KPL aggregation format. Packs user records into one Kinesis record and unpacks
+//! them again. See `aggregation-format.md` for the format in prose.
+//!
+//! An aggregated record is `F3 89 9A C2 | AggregatedRecord (protobuf) | MD5(protobuf)`. The
+//! encoder here writes the protobuf by hand, field by field in tag order, so that the size of an
+//! aggregate is known exactly, varint by varint, before a record is added — the limits are never
+//! crossed and never guessed. The decoder uses prost message types that mirror
+//! `proto/aggregation.proto`; a test checks the encoder against them.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+
+use bytes::{BufMut, Bytes};
+use md5::{Digest, Md5};
+use prost::encoding::{encode_varint, encoded_len_varint};
+use prost::Message;
+
+use crate::record::UserRecord;
+
+/// The four bytes every aggregated Kinesis record starts with.
+pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
+const DIGEST_LEN: usize = 16;
+/// Magic plus checksum: what an aggregate costs before its first byte of protobuf.
+const FRAME_LEN: usize = MAGIC.len() + DIGEST_LEN;
+
+// Protobuf keys (field number << 3 | wire type 2, length-delimited) and (1 << 3 | 0) etc.
+const KEY_PARTITION_KEY_TABLE: u8 = 0x0A;
+const KEY_EXPLICIT_HASH_KEY_TABLE: u8 = 0x12;
+const KEY_RECORDS: u8 = 0x1A;
+const KEY_RECORD_PARTITION_KEY_INDEX: u8 = 0x08;
+const KEY_RECORD_EXPLICIT_HASH_KEY_INDEX: u8 = 0x10;
+const KEY_RECORD_DATA: u8 = 0x1A;
+
+/// Bytes taken by a length-delimited field with a one-byte key.
+fn delimited_len(len: usize) -> usize {
+    1 + encoded_len_varint(len as u64) + len
+}
+
+/// Bytes taken by a varint field with a one-byte key.
+fn varint_field_len(value: u32) -> usize {
+    1 + encoded_len_varint(u64::from(value))
+}
+
+/// Limits one aggregate must respect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AggregateLimits {
+    /// Largest encoded aggregate, magic and checksum included (KPL default 51,200).
+    pub max_size: usize,
+    /// Most user records in one aggregate.
+    pub max_count: usize,
+}
+
+impl Default for AggregateLimits {
+    fn default() -> Self {
+        AggregateLimits {
+            max_size: 51_200,
+            max_count: u32::MAX as usize,
+        }
+    }
+}
+
+/// One finished Kinesis record: what goes into a PutRecords entry.
+#[derive(Debug, Clone)]
+pub struct KinesisEntry {
+    pub data: Bytes,
+    pub partition_key: String,
+    pub explicit_hash_key: Option<String>,
+    /// False when the entry is one user record sent as it is.
+    pub aggregated: bool,
+}
+
+/// Builds one aggregate for one shard, knowing its exact encoded size at every step.
+///
+/// Partition keys and explicit hash keys are de-duplicated into the key tables; every user record
+/// keeps its own key. The builder owns the user records until [`finish`](Self::finish).
+#[derive(Debug)]
+pub struct AggregateBuilder {
+    limits: AggregateLimits,
+    records: Vec<UserRecord>,
+    /// Table index of each record's partition key and explicit hash key.
+    indices: Vec<(u32, Option<u32>)>,
+    partition_keys: KeyTable,
+    explicit_hash_keys: KeyTable,
+    /// Encoded protobuf length (without magic and checksum).
+    body_len: usize,
+}
+
+impl AggregateBuilder {
+    pub fn new(limits: AggregateLimits) -> Self {
+        AggregateBuilder {
+            limits,
+            records: Vec::new(),
+            indices: Vec::new(),
+            partition_keys: KeyTable::default(),
+            explicit_hash_keys: KeyTable::default(),
+            body_len: 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn records(&self) -> &[UserRecord] {
+        &self.records
+    }
+
+    /// Encoded size of the aggregate as it stands, magic and checksum included.
+    pub fn encoded_len(&self) -> usize {
+        FRAME_LEN + self.body_len
+    }
+
+    /// The encoded size of an aggregate holding only `record`.
+    pub fn solo_len(record: &UserRecord) -> usize {
+        let ehk = record.explicit_hash_key();
+        FRAME_LEN
+            + delimited_len(record.partition_key().len())
+            + ehk.map_or(0, |k| delimited_len(k.len()))
+            + delimited_len(record_body_len(0, ehk.map(|_| 0), record.data().len()))
+    }
+
+    /// Adds `record` if the aggregate stays within its limits; otherwise hands it back untouched.
+    pub fn try_push(&mut self, record: UserRecord) -> Result<(), UserRecord> {
+        if self.records.len() >= self.limits.max_count {
+            return Err(record);
+        }
+        let (pk_index, pk_new) =
+            self.partition_keys
+                .find(record.partition_key(), &self.records, |r| {
+                    Some(r.partition_key())
+                });
+        let ehk = match record.explicit_hash_key() {
+            Some(k) => Some(self.explicit_hash_keys.find(
+                k,
+                &self.records,
+                UserRecord::explicit_hash_key,
+            )),
+            None => None,
+        };
+        let mut added = delimited_len(record_body_len(
+            pk_index,
+            ehk.map(|(i, _)| i),
+            record.data().len(),
+        ));
+        if pk_new {
+            added += delimited_len(record.partition_key().len());
+        }
+        if let (Some((_, true)), Some(k)) = (ehk, record.explicit_hash_key()) {
+            added += delimited_len(k.len());
+        }
+        if FRAME_LEN + self.body_len + added > self.limits.max_size {
+            return Err(record);
+        }
+        let position = self.records.len() as u32;
+        if pk_new {
+            self.partition_keys.insert(record.partition_key(), position);
+        }
+        if let (Some((_, true)), Some(k)) = (ehk, record.explicit_hash_key()) {
+            self.explicit_hash_keys.insert(k, position);
+        }
+        self.body_len += added;
+        self.indices.push((pk_index, ehk.map(|(i, _)| i)));
+        self.records.push(record);
+        Ok(())
+    }
+
+    /// Takes the records out and encodes them. One record goes out as itself, not aggregated:
+    /// that is smaller and every consumer reads it (as the KPL does). Returns `None` when empty.
+    pub fn finish(&mut self) -> Option<(KinesisEntry, Vec<UserRecord>)> {
+        let entry = match self.records.len() {
+            0 => return None,
+            1 => plain_entry(&self.records[0]),
+            _ => {
+                let first = &self.records[0];
+                KinesisEntry {
+                    data: self.encode(),
+                    // The first record's key routes the aggregate to the first record's hash
+                    // key, which lies in the shard every record of this aggregate belongs to.
+                    partition_key: first.partition_key().to_owned(),
+                    explicit_hash_key: first.explicit_hash_key().map(str::to_owned),
+                    aggregated: true,
+                }
+            }
+        };
+        self.indices.clear();
+        self.partition_keys.clear();
+        self.explicit_hash_keys.clear();
+        self.body_len = 0;
+        Some((entry, std::mem::take(&mut self.records)))
+    }
+
+    /// Removes and returns the records without encoding them (used to re-route them).
+    pub fn take_records(&mut self) -> Vec<UserRecord> {
+        self.indices.clear();
+        self.partition_keys.clear();
+        self.explicit_hash_keys.clear();
+        self.body_len = 0;
+        std::mem::take(&mut self.records)
+    }
+
+    fn encode(&self) -> Bytes {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        out.extend_from_slice(&MAGIC);
+        for &position in &self.partition_keys.entries {
+            put_delimited(
+                &mut out,
+                KEY_PARTITION_KEY_TABLE,
+                self.records[position as usize].partition_key().as_bytes(),
+            );
+        }
+        for &position in &self.explicit_hash_keys.entries {
+            let key = self.records[position as usize]
+                .explicit_hash_key()
+                .unwrap_or_default();
+            put_delimited(&mut out, KEY_EXPLICIT_HASH_KEY_TABLE, key.as_bytes());
+        }
+        for (record, &(pk_index, ehk_index)) in self.records.iter().zip(&self.indices) {
+            let data = record.data();
+            out.put_u8(KEY_RECORDS);
+            encode_varint(
+                record_body_len(pk_index, ehk_index, data.len()) as u64,
+                &mut out,
+            );
+            // proto2 `required`: the index is written even when it is 0. prost's proto3-style
+            // encoding would skip a zero, and the KCL's parser then rejects the record.
+            out.put_u8(KEY_RECORD_PARTITION_KEY_INDEX);
+            encode_varint(u64::from(pk_index), &mut out);
+            if let Some(index) = ehk_index {
+                out.put_u8(KEY_RECORD_EXPLICIT_HASH_KEY_INDEX);
+                encode_varint(u64::from(index), &mut out);
+            }
+            put_delimited(&mut out, KEY_RECORD_DATA, data);
+        }
+        let digest = Md5::digest(&out[MAGIC.len()..]);
+        out.extend_from_slice(&digest);
+        debug_assert_eq!(out.len(), self.encoded_len());
+        Bytes::from(out)
+    }
+}
+
+/// A user record sent to Kinesis as it is.
+pub(crate) fn plain_entry(record: &UserRecord) -> KinesisEntry {
+    KinesisEntry {
+        data: record.data().clone(),
+        partition_key: record.partition_key().to_owned(),
+        explicit_hash_key: record.explicit_hash_key().map(str::to_owned),
+        aggregated: false,
+    }
+}
+
+fn record_body_len(pk_index: u32, ehk_index: Option<u32>, data_len: usize) -> usize {
+    varint_field_len(pk_index) + ehk_index.map_or(0, varint_field_len) + delimited_len(data_len)
+}
+
+fn put_delimited(out: &mut Vec<u8>, key: u8, bytes: &[u8]) {
+    out.put_u8(key);
+    encode_varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+
+/// A de-duplicating key table. It stores, per distinct key, the position of the first record
+/// that carries it, so keys are never copied; lookups go through a hash of the key and are
+/// confirmed against that record.
+#[derive(Debug, Default)]
+struct KeyTable {
+    hasher: RandomState,
+    by_hash: HashMap<u64, u32, BuildHasherDefault<PassThroughHasher>>,
+    entries: Vec<u32>,
+}
+
+impl KeyTable {
+    /// The table index `key` has or would get, and whether it is new.
+    fn find(
+        &self,
+        key: &str,
+        records: &[UserRecord],
+        key_of: impl Fn(&UserRecord) -> Option<&str>,
+    ) -> (u32, bool) {
+        if let Some(&index) = self.by_hash.get(&self.hasher.hash_one(key)) {
+            let position = self.entries[index as usize] as usize;
+            if key_of(&records[position]) == Some(key) {
+                return (index, false);
+            }
+            // A 64-bit hash collision: the key simply gets a second table entry.
+        }
+        (self.entries.len() as u32, true)
+    }
+
+    fn insert(&mut self, key: &str, record_position: u32) {
+        let index = self.entries.len() as u32;
+        self.entries.push(record_position);
+        self.by_hash
+            .entry(self.hasher.hash_one(key))
+            .or_insert(index);
+    }
+
+    fn clear(&mut self) {
+        self.by_hash.clear();
+        self.entries.clear();
+    }
+}
+
+/// The table's keys are already hashes.
+#[derive(Default)]
+struct PassThroughHasher(u64);
+
+impl Hasher for PassThroughHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding
+
+/// prost types mirroring `proto/aggregation.proto`.
+pub mod proto {
+    /// The protobuf body of an aggregated record.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AggregatedRecord {
+        #[prost(string, repeated, tag = "1")]
+        pub partition_key_table: Vec<String>,
+        #[prost(string, repeated, tag = "2")]
+        pub explicit_hash_key_table: Vec<String>,
+        #[prost(message, repeated, tag = "3")]
+        pub records: Vec<Record>,
+    }
+
+    /// One user record inside an aggregate.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Record {
+        #[prost(uint64, required, tag = "1")]
+        pub partition_key_index: u64,
+        #[prost(uint64, optional, tag = "2")]
+        pub explicit_hash_key_index: Option<u64>,
+        #[prost(bytes = "bytes", required, tag = "3")]
+        pub data: bytes::Bytes,
+        #[prost(message, repeated, tag = "4")]
+        pub tags: Vec<Tag>,
+    }
+
+    /// A tag (unused by the KPL, kept for schema compatibility).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Tag {
+        #[prost(string, required, tag = "1")]
+        pub key: String,
+        #[prost(string, optional, tag = "2")]
+        pub value: Option<String>,
+    }
+}
+
+/// One user record read back out of a Kinesis record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeaggregatedRecord {
+    pub partition_key: String,
+    /// Only aggregates carry explicit hash keys; Kinesis does not return them for plain records.
+    pub explicit_hash_key: Option<String>,
+    pub data: Bytes,
+    /// Position inside the aggregate (0 for a plain record).
+    pub sub_sequence_number: u64,
+    /// Whether the Kinesis record was an aggregate.
+    pub aggregated: bool,
+}
+
+/// Why a Kinesis record that claims to be an aggregate (it starts with the magic bytes) could
+/// not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeaggregationError {
+    #[error("the aggregate's MD5 checksum does not match its contents")]
+    ChecksumMismatch,
+    #[error("the aggregate's protobuf body cannot be parsed: {0}")]
+    Malformed(String),
+    #[error(
+        "user record {record} refers to {table} index {index}, but the table has {len} entries"
+    )]
+    IndexOutOfRange {
+        record: usize,
+        table: &'static str,
+        index: u64,
+        len: usize,
+    },
+}
+
+/// Turns one Kinesis record (its data and partition key, as GetRecords returns them) back into
+/// user records.
+///
+/// A record without the magic prefix, or of 20 bytes or fewer, is not an aggregate and comes
+/// back as a single user record. An aggregate whose checksum or body is wrong is an error.
+pub fn deaggregate(
+    data: impl Into<Bytes>,
+    partition_key: &str,
+) -> Result<Vec<DeaggregatedRecord>, DeaggregationError> {
+    let data = data.into();
+    if data.len() <= FRAME_LEN || data[..MAGIC.len()] != MAGIC {
+        return Ok(vec![DeaggregatedRecord {
+            partition_key: partition_key.to_owned(),
+            explicit_hash_key: None,
+            data,
+            sub_sequence_number: 0,
+            aggregated: false,
+        }]);
+    }
+    let body = data.slice(MAGIC.len()..data.len() - DIGEST_LEN);
+    let digest: [u8; DIGEST_LEN] = Md5::digest(&body).into();
+    if digest[..] != data[data.len() - DIGEST_LEN..] {
+        return Err(DeaggregationError::ChecksumMismatch);
+    }
+    let aggregate = proto::AggregatedRecord::decode(body)
+        .map_err(|e| DeaggregationError::Malformed(e.to_string()))?;
+    let table_entry = |table: &'static str, keys: &[String], record: usize, index: u64| {
+        keys.get(index as usize)
+            .cloned()
+            .ok_or(DeaggregationError::IndexOutOfRange {
+                record,
+                table,
+                index,
+                len: keys.len(),
+            })
+    };
+    aggregate
+        .records
+        .into_iter()
+        .enumerate()
+        .map(|(position, record)| {
+            Ok(DeaggregatedRecord {
+                partition_key: table_entry(
+                    "partition key table",
+                    &aggregate.partition_key_table,
+                    position,
+                    record.partition_key_index,
+                )?,
+                explicit_hash_key: record
+                    .explicit_hash_key_index
+                    .map(|index| {
+                        table_entry(
+                            "explicit hash key table",
+                            &aggregate.explicit_hash_key_table,
+                            position,
+                            index,
+                        )
+                    })
+                    .transpose()?,
+                data: record.data,
+                sub_sequence_number: position as u64,
+                aggregated: true,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOLDEN: &str = "f3899ac20a03706b310a03706b3212273137303134313138333436303436393233313733313638373330333731353838343130353732381a0908001a0568656c6c6f1a0b080110001a05776f726c641a0508001a01217f093cf43a88b936f0e60ffbd5ed26a3";
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn golden_records() -> Vec<UserRecord> {
+        vec![
+            UserRecord::new("hello", "pk1"),
+            UserRecord::new("world", "pk2").with_explicit_hash_key((1u128 << 127).to_string()),
+            UserRecord::new("!", "pk1"),
+        ]
+    }
+
+    fn build(records: Vec<UserRecord>, limits: AggregateLimits) -> AggregateBuilder {
+        let mut builder = AggregateBuilder::new(limits);
+        for r in records {
+            builder.try_push(r).expect("fits");
+        }
+        builder
+    }
+
+    #[test]
+    fn encodes_the_golden_vector_byte_for_byte() {
+        let mut builder = build(golden_records(), AggregateLimits::default());
+        assert_eq!(builder.encoded_len(), 102);
+        let (entry, records) = builder.finish().expect("not empty");
+        assert_eq!(hex(&entry.data), GOLDEN);
+        assert!(entry.aggregated);
+        assert_eq!(entry.partition_key, "pk1");
+        assert_eq!(entry.explicit_hash_key, None);
+        assert_eq!(records, golden_records());
+        assert!(builder.is_empty());
+    }
+
+    #[test]
+    fn decodes_the_golden_vector() {
+        let bytes: Vec<u8> = (0..GOLDEN.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&GOLDEN[i..i + 2], 16).unwrap())
+            .collect();
+        let out = deaggregate(bytes, "pk1").unwrap();
+        let got: Vec<_> = out
+            .iter()
+            .map(|r| {
+                (
+                    r.partition_key.as_str(),
+                    r.explicit_hash_key.as_deref(),
+                    &r.data[..],
+                    r.sub_sequence_number,
+                )
+            })
+            .collect();
+        let ehk = (1u128 << 127).to_string();
+        assert_eq!(
+            got,
+            vec![
+                ("pk1", None, &b"hello"[..], 0),
+                ("pk2", Some(ehk.as_str()), &b"world"[..], 1),
+                ("pk1", None, &b"!"[..], 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn encoder_matches_prost_and_required_zero_index_is_written() {
+        let mut builder = build(golden_records(), AggregateLimits::default());
+        let (entry, _) = builder.finish().unwrap();
+        let body = &entry.data[4..entry.data.len() - 16];
+        let decoded = proto::AggregatedRecord::decode(body).unwrap();
+        assert_eq!(decoded.encode_to_vec(), body);
+        // prost writes `required` fields even at 0, like our encoder.
+        assert_eq!(decoded.records[0].partition_key_index, 0);
+        assert_eq!(&decoded.records[0].encode_to_vec()[..2], &[0x08, 0x00]);
+    }
+
+    #[test]
+    fn size_accounting_is_exact_across_varint_boundaries() {
+        // Data lengths and key counts chosen to cross 1- and 2-byte varint boundaries.
+        let mut builder = AggregateBuilder::new(AggregateLimits {
+            max_size: 10 << 20,
+            max_count: usize::MAX,
+        });
+        for i in 0..300u32 {
+            let data = vec![b'x'; (i as usize * 7) % 200];
+            let mut record = UserRecord::new(data, format!("key-{}", i % 150));
+            if i % 3 == 0 {
+                record = record.with_explicit_hash_key((u128::from(i) << 90).to_string());
+            }
+            builder.try_push(record).unwrap();
+            let expected = builder.encoded_len();
+            let probe = builder.encode();
+            assert_eq!(probe.len(), expected, "after {} records", i + 1);
+        }
+    }
+
+    #[test]
+    fn never_exceeds_the_size_or_count_limit() {
+        let limits = AggregateLimits {
+            max_size: 1_000,
+            max_count: 7,
+        };
+        let mut builder = AggregateBuilder::new(limits);
+        let mut rejected = 0;
+        for i in 0..50 {
+            let record = UserRecord::new(vec![0u8; 37 + i], format!("k{i}"));
+            if builder.try_push(record).is_err() {
+                rejected += 1;
+                let (entry, records) = builder.finish().unwrap();
+                assert!(entry.data.len() <= limits.max_size);
+                assert!(records.len() <= limits.max_count);
+            }
+        }
+        assert!(rejected > 0);
+    }
+
+    #[test]
+    fn solo_len_matches_a_one_record_aggregate() {
+        let record = UserRecord::new(vec![1u8; 300], "abc").with_explicit_hash_key("12345");
+        let builder = build(vec![record.clone()], AggregateLimits::default());
+        assert_eq!(AggregateBuilder::solo_len(&record), builder.encoded_len());
+    }
+
+    #[test]
+    fn one_record_goes_out_plain() {
+        let record = UserRecord::new("only", "k").with_explicit_hash_key("7");
+        let mut builder = build(vec![record], AggregateLimits::default());
+        let (entry, _) = builder.finish().unwrap();
+        assert!(!entry.aggregated);
+        assert_eq!(&entry.data[..], b"only");
+        assert_eq!(entry.explicit_hash_key.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn plain_and_short_records_pass_through() {
+        let out = deaggregate(&b"plain data"[..], "k").unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(!out[0].aggregated);
+        // Magic but too short to hold a checksum: plain, as the KCL treats it.
+        let short = [&MAGIC[..], &[0u8; 16]].concat();
+        assert!(!deaggregate(short, "k").unwrap()[0].aggregated);
+    }
+
+    #[test]
+    fn corrupt_aggregates_are_errors_not_panics() {
+        let mut builder = build(golden_records(), AggregateLimits::default());
+        let (entry, _) = builder.finish().unwrap();
+        let mut flipped = entry.data.to_vec();
+        flipped[10] ^= 1;
+        assert_eq!(
+            deaggregate(flipped, "pk1"),
+            Err(DeaggregationError::ChecksumMismatch)
+        );
+        // A valid checksum over garbage protobuf.
+        let garbage = [0xFFu8; 12];
+        let mut forged = MAGIC.to_vec();
+        forged.extend_from_slice(&garbage);
+        forged.extend_from_slice(&Md5::digest(garbage));
+        assert!(matches!(
+            deaggregate(forged, "k"),
+            Err(DeaggregationError::Malformed(_))
+        ));
+        // A record pointing past the key table.
+        let body = proto::AggregatedRecord {
+            partition_key_table: vec!["a".into()],
+            explicit_hash_key_table: vec![],
+            records: vec![proto::Record {
+                partition_key_index: 3,
+                explicit_hash_key_index: None,
+                data: Bytes::from_static(b"x"),
+                tags: vec![],
+            }],
+        }
+        .encode_to_vec();
+        let mut forged = MAGIC.to_vec();
+        forged.extend_from_slice(&body);
+        forged.extend_from_slice(&Md5::digest(&body));
+        assert!(matches!(
+            deaggregate(forged, "k"),
+            Err(DeaggregationError::IndexOutOfRange { index: 3, .. })
+        ));
+    }
+}

@@ -1,0 +1,276 @@
+//! Step 4b: per-shard aggregators. `put` routes each record by its hash key to the aggregator of
+//! the shard that owns it, on the caller's thread, under that shard's lock only; a full aggregate
+//! is encoded there and handed to the sender as a finished Kinesis record ([`Outgoing`]).
+//!
+//! An aggregator that receives its first record tells the sender when it must go out
+//! (`record_max_buffered_time` after that record's `put`); the sender's timer flushes it then.
+//!
+//! When the shard map is reloaded, the records still in aggregators are re-routed under the new
+//! map, so that an aggregate only ever holds records of one open shard.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::aggregation::{plain_entry, AggregateBuilder, AggregateLimits, KinesisEntry};
+use crate::backlog::lock;
+use crate::producer::{Inbound, Shared};
+use crate::record::UserRecord;
+use crate::shard_map::ShardMap;
+
+/// What the producer knows about a user record besides the record itself.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RecordMeta {
+    pub hash_key: u128,
+    pub put_at: Instant,
+    pub epoch: u64,
+    pub backlog_bytes: u32,
+}
+
+/// One finished Kinesis record on its way through the sender, with the user records it carries.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    pub entry: KinesisEntry,
+    pub records: Vec<UserRecord>,
+    /// Flush epochs of the records, run-length encoded.
+    pub epochs: Vec<(u64, u64)>,
+    pub backlog_bytes: usize,
+    /// `put` time of the oldest record: its buffering deadline and TTL count from here.
+    pub oldest_put: Instant,
+    /// The shard the records were routed to (`None` when no open shard covered them).
+    pub shard_id: Option<Arc<str>>,
+    pub attempts: u32,
+    pub last_error: Option<crate::retry::AttemptError>,
+}
+
+impl Outgoing {
+    fn new(
+        entry: KinesisEntry,
+        records: Vec<UserRecord>,
+        metas: &[RecordMeta],
+        shard_id: Option<Arc<str>>,
+    ) -> Self {
+        let mut epochs: Vec<(u64, u64)> = Vec::with_capacity(1);
+        let mut backlog_bytes = 0;
+        let mut oldest_put = metas[0].put_at;
+        for meta in metas {
+            backlog_bytes += meta.backlog_bytes as usize;
+            oldest_put = oldest_put.min(meta.put_at);
+            match epochs.last_mut() {
+                Some((epoch, count)) if *epoch == meta.epoch => *count += 1,
+                _ => epochs.push((meta.epoch, 1)),
+            }
+        }
+        Outgoing {
+            entry,
+            records,
+            epochs,
+            backlog_bytes,
+            oldest_put,
+            shard_id,
+            attempts: 0,
+            last_error: None,
+        }
+    }
+
+    /// Bytes this record counts against the PutRecords request limit.
+    pub fn request_size(&self) -> usize {
+        self.entry.data.len() + self.entry.partition_key.len()
+    }
+}
+
+/// The shard map with one aggregator per open shard, plus one last slot for records no open
+/// shard covers (they go out unaggregated and Kinesis routes them).
+pub(crate) struct Routing {
+    pub generation: u64,
+    pub map: ShardMap,
+    slots: Vec<Mutex<Slot>>,
+}
+
+struct Slot {
+    builder: AggregateBuilder,
+    metas: Vec<RecordMeta>,
+    /// Bumped whenever the aggregate is taken out, so that an old timer does not flush a newer
+    /// aggregate early.
+    cycle: u64,
+    /// Set when a newer map replaced this routing: writers must look up the routing again.
+    retired: bool,
+}
+
+impl Routing {
+    pub fn new(generation: u64, map: ShardMap, limits: AggregateLimits) -> Self {
+        let slots = (0..=map.len())
+            .map(|_| {
+                Mutex::new(Slot {
+                    builder: AggregateBuilder::new(limits),
+                    metas: Vec::new(),
+                    cycle: 0,
+                    retired: false,
+                })
+            })
+            .collect();
+        Routing {
+            generation,
+            map,
+            slots,
+        }
+    }
+
+    fn shard_id(&self, slot: usize) -> Option<Arc<str>> {
+        self.map.shards().get(slot).map(|s| s.shard_id.clone())
+    }
+}
+
+/// Whether `enqueue` is placing a new record (which `stop` may refuse) or re-routing one the
+/// producer already holds (which must never be refused).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    New,
+    Reroute,
+}
+
+/// Places a record in its shard's aggregator. A new record gets its flush epoch here, under the
+/// slot lock, after the stop check: `stop` sets its flag before visiting every slot, so a record
+/// is either refused or visited. Hands the record back if the producer is stopping.
+pub(crate) fn enqueue(
+    shared: &Shared,
+    record: UserRecord,
+    mut meta: RecordMeta,
+    admission: Admission,
+) -> Result<(), UserRecord> {
+    loop {
+        let routing = shared.routing();
+        let index = routing
+            .map
+            .shard_index(meta.hash_key)
+            .unwrap_or(routing.map.len());
+        let mut slot = lock(&routing.slots[index]);
+        if slot.retired {
+            continue;
+        }
+        if admission == Admission::New {
+            if shared.closed.load(Ordering::SeqCst) {
+                return Err(record);
+            }
+            meta.epoch = shared.backlog.enter_epoch();
+        }
+        add_to_slot(shared, &routing, index, &mut slot, record, meta);
+        return Ok(());
+    }
+}
+
+fn add_to_slot(
+    shared: &Shared,
+    routing: &Routing,
+    index: usize,
+    slot: &mut Slot,
+    record: UserRecord,
+    meta: RecordMeta,
+) {
+    let aggregating = shared.config.aggregation && index < routing.map.len();
+    if !aggregating || AggregateBuilder::solo_len(&record) > shared.config.aggregation_max_size {
+        // Too big to share an aggregate (or aggregation is off): it goes out alone. Whatever
+        // the slot holds goes first, so the shard's records leave in `put` order.
+        emit_slot(shared, routing, index, slot);
+        let entry = plain_entry(&record);
+        shared.send(Inbound::Record(Outgoing::new(
+            entry,
+            vec![record],
+            &[meta],
+            routing.shard_id(index),
+        )));
+        return;
+    }
+    if let Err(record) = slot.builder.try_push(record) {
+        // The aggregate is full: it goes out and the record starts the next one, which it
+        // always fits (its solo size was checked above).
+        emit_slot(shared, routing, index, slot);
+        if let Err(record) = slot.builder.try_push(record) {
+            let entry = plain_entry(&record);
+            let shard_id = routing.shard_id(index);
+            shared.send(Inbound::Record(Outgoing::new(
+                entry,
+                vec![record],
+                &[meta],
+                shard_id,
+            )));
+            return;
+        }
+    }
+    slot.metas.push(meta);
+    if slot.metas.len() == 1 {
+        shared.send(Inbound::Deadline {
+            at: meta.put_at + shared.config.record_max_buffered_time,
+            generation: routing.generation,
+            slot: index,
+            cycle: slot.cycle,
+        });
+    }
+}
+
+/// Encodes what the slot holds (if anything) and hands it to the sender, while the slot is still
+/// locked, so the sender sees a shard's aggregates in order.
+fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) {
+    slot.cycle += 1;
+    if let Some((entry, records)) = slot.builder.finish() {
+        let metas = std::mem::take(&mut slot.metas);
+        shared.send(Inbound::Record(Outgoing::new(
+            entry,
+            records,
+            &metas,
+            routing.shard_id(index),
+        )));
+    }
+}
+
+/// The sender's timer: flushes the aggregate of `slot` if it is still the one the deadline was
+/// set for.
+pub(crate) fn flush_expired(shared: &Shared, generation: u64, index: usize, cycle: u64) {
+    let routing = shared.routing();
+    if routing.generation != generation {
+        return;
+    }
+    let mut slot = lock(&routing.slots[index]);
+    if slot.cycle == cycle && !slot.retired {
+        emit_slot(shared, &routing, index, &mut slot);
+    }
+}
+
+/// Sends every aggregate now, whatever its age (`flush` and `stop`).
+pub(crate) fn flush_all(shared: &Shared) {
+    let _no_reroute = lock(&shared.routing_change);
+    let routing = shared.routing();
+    for index in 0..routing.slots.len() {
+        let mut slot = lock(&routing.slots[index]);
+        emit_slot(shared, &routing, index, &mut slot);
+    }
+}
+
+/// Installs a new shard map and re-routes every record the old aggregators still hold.
+pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
+    let _exclusive = lock(&shared.routing_change);
+    let old = shared.routing();
+    if old.map == map {
+        return;
+    }
+    let new = Arc::new(Routing::new(
+        old.generation + 1,
+        map,
+        shared.aggregate_limits(),
+    ));
+    *shared
+        .routing
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = new;
+    for slot in &old.slots {
+        let (records, metas) = {
+            let mut slot = lock(slot);
+            slot.retired = true;
+            (slot.builder.take_records(), std::mem::take(&mut slot.metas))
+        };
+        for (record, meta) in records.into_iter().zip(metas) {
+            // Re-routing is never refused, so this cannot hand the record back.
+            let _ = enqueue(shared, record, meta, Admission::Reroute);
+        }
+    }
+}

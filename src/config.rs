@@ -1,0 +1,416 @@
+//! The producer's configuration: a builder with validated, documented defaults.
+//!
+//! Defaults follow the KPL where the KPL is right (aggregation size, collection limits, buffered
+//! time, TTL, in-flight requests, request timeout). Every value is checked at `build()`, and an
+//! invalid one fails with the field's name and its allowed range.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_kinesis::Client;
+
+use crate::error::BuildError;
+use crate::retry::RetryPolicy;
+use crate::shard_map::StreamId;
+
+/// Kinesis' largest record when the stream allows it (10 MiB).
+pub const MAX_RECORD_SIZE_LIMIT: usize = 10 << 20;
+/// Kinesis' largest PutRecords request in current documentation (10 MiB).
+pub const MAX_REQUEST_SIZE_LIMIT: usize = 10 << 20;
+/// Records per PutRecords request.
+pub const MAX_RECORDS_PER_REQUEST: usize = 500;
+
+/// Supplies a partition key for records put without one.
+pub type Partitioner = Arc<dyn Fn(&[u8]) -> String + Send + Sync>;
+
+/// Validated settings. See [`ProducerBuilder`] for what each one means.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub stream: StreamId,
+    pub max_backlog_records: usize,
+    pub max_backlog_bytes: usize,
+    pub max_record_size: usize,
+    pub aggregation: bool,
+    pub aggregation_max_size: usize,
+    pub aggregation_max_count: usize,
+    pub collection_max_count: usize,
+    pub collection_max_size: usize,
+    pub record_max_buffered_time: Duration,
+    pub record_ttl: Duration,
+    pub max_in_flight: usize,
+    pub request_timeout: Duration,
+    pub retry: RetryPolicy,
+    pub stop_timeout: Duration,
+    pub partitioner: Partitioner,
+}
+
+/// Builds a [`Producer`](crate::Producer). Obtain one with `Producer::builder()`.
+///
+/// | setting | default | allowed |
+/// |---|---|---|
+/// | `stream_name` / `stream_arn` | — (one is required) | |
+/// | `client` | built from aws-config's default chain | |
+/// | `region`, `endpoint_url` | from the environment (`AWS_REGION`, `AWS_ENDPOINT_URL`) | |
+/// | `max_backlog_records` | 100,000 | ≥ 1 |
+/// | `max_backlog_bytes` | 64 MiB | ≥ `max_record_size` |
+/// | `max_record_size` | 1 MiB | 1 KiB ..= 10 MiB |
+/// | `aggregation` | on | |
+/// | `aggregation_max_size` | 51,200 B | 64 B ..= `max_record_size` − 1 KiB |
+/// | `aggregation_max_count` | 4,294,967,295 | ≥ 1 |
+/// | `collection_max_count` | 500 | 1 ..= 500 |
+/// | `collection_max_size` | 5 MiB | `max_record_size` ..= 10 MiB |
+/// | `record_max_buffered_time` | 100 ms | 1 ms ..= 1 h |
+/// | `record_ttl` | 30 s | 100 ms ..= 1 day |
+/// | `max_in_flight` | 24 | 1 ..= 1,024 |
+/// | `request_timeout` | 6 s | 100 ms ..= 10 min |
+/// | `retry_base_delay` | 100 ms | 1 ms ..= `retry_max_delay` |
+/// | `retry_max_delay` | 5 s | ≤ 10 min |
+/// | `stop_timeout` | 30 s | ≤ 1 day |
+#[must_use]
+pub struct ProducerBuilder {
+    stream_name: Option<String>,
+    stream_arn: Option<String>,
+    client: Option<Client>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    config: ConfigDraft,
+}
+
+struct ConfigDraft {
+    max_backlog_records: usize,
+    max_backlog_bytes: usize,
+    max_record_size: usize,
+    aggregation: bool,
+    aggregation_max_size: usize,
+    aggregation_max_count: usize,
+    collection_max_count: usize,
+    collection_max_size: usize,
+    record_max_buffered_time: Duration,
+    record_ttl: Duration,
+    max_in_flight: usize,
+    request_timeout: Duration,
+    retry: RetryPolicy,
+    stop_timeout: Duration,
+    partitioner: Option<Partitioner>,
+}
+
+impl Default for ProducerBuilder {
+    fn default() -> Self {
+        ProducerBuilder {
+            stream_name: None,
+            stream_arn: None,
+            client: None,
+            region: None,
+            endpoint_url: None,
+            config: ConfigDraft {
+                max_backlog_records: 100_000,
+                max_backlog_bytes: 64 << 20,
+                max_record_size: 1 << 20,
+                aggregation: true,
+                aggregation_max_size: 51_200,
+                aggregation_max_count: u32::MAX as usize,
+                collection_max_count: MAX_RECORDS_PER_REQUEST,
+                collection_max_size: 5 << 20,
+                record_max_buffered_time: Duration::from_millis(100),
+                record_ttl: Duration::from_secs(30),
+                max_in_flight: 24,
+                request_timeout: Duration::from_secs(6),
+                retry: RetryPolicy::default(),
+                stop_timeout: Duration::from_secs(30),
+                partitioner: None,
+            },
+        }
+    }
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        $($(#[$doc])* pub fn $name(mut self, value: $ty) -> Self {
+            self.config.$name = value;
+            self
+        })*
+    };
+}
+
+impl ProducerBuilder {
+    /// The stream to write to, by name.
+    pub fn stream_name(mut self, name: impl Into<String>) -> Self {
+        self.stream_name = Some(name.into());
+        self
+    }
+
+    /// The stream to write to, by ARN.
+    pub fn stream_arn(mut self, arn: impl Into<String>) -> Self {
+        self.stream_arn = Some(arn.into());
+        self
+    }
+
+    /// Uses this client (its region, endpoint, credentials and HTTP settings). Its retry
+    /// configuration applies to ListShards; PutRecords retries are the producer's own.
+    pub fn client(mut self, client: Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Region for the client built from aws-config (ignored with [`client`](Self::client)).
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+
+    /// Endpoint override for the client built from aws-config (ignored with
+    /// [`client`](Self::client)). `AWS_ENDPOINT_URL` is honoured without it.
+    pub fn endpoint_url(mut self, url: impl Into<String>) -> Self {
+        self.endpoint_url = Some(url.into());
+        self
+    }
+
+    setters! {
+        /// Most records held between `put` and their end (acknowledged or failed).
+        max_backlog_records: usize,
+        /// Most bytes (data + keys) held between `put` and their end.
+        max_backlog_bytes: usize,
+        /// Largest record (data + partition key) accepted at `put`. Raise it only for streams
+        /// whose `MaxRecordSizeInKiB` allows it.
+        max_record_size: usize,
+        /// Packs user records into KPL aggregates. Off: one Kinesis record per user record.
+        aggregation: bool,
+        /// Largest aggregate in bytes, magic and checksum included.
+        aggregation_max_size: usize,
+        /// Most user records in one aggregate.
+        aggregation_max_count: usize,
+        /// Most Kinesis records in one PutRecords request.
+        collection_max_count: usize,
+        /// Most bytes (data + partition keys) in one PutRecords request.
+        collection_max_size: usize,
+        /// How long a record may wait for an aggregate or request to fill before it is sent.
+        record_max_buffered_time: Duration,
+        /// How long after `put` a record may keep being retried before it fails.
+        record_ttl: Duration,
+        /// Most PutRecords requests in flight at once.
+        max_in_flight: usize,
+        /// How long one PutRecords request may take before it counts as failed (transient).
+        request_timeout: Duration,
+        /// How long `stop` keeps delivering before it reports what is left as failed.
+        stop_timeout: Duration,
+    }
+
+    /// Wait before the first retry; each later retry waits twice as long, up to
+    /// [`retry_max_delay`](Self::retry_max_delay), with jitter.
+    pub fn retry_base_delay(mut self, delay: Duration) -> Self {
+        self.config.retry.base_delay = delay;
+        self
+    }
+
+    /// Longest wait between two attempts.
+    pub fn retry_max_delay(mut self, delay: Duration) -> Self {
+        self.config.retry.max_delay = delay;
+        self
+    }
+
+    /// Supplies partition keys for [`Producer::put_data`](crate::Producer::put_data).
+    /// Default: a random UUID per record.
+    pub fn partitioner(mut self, f: impl Fn(&[u8]) -> String + Send + Sync + 'static) -> Self {
+        self.config.partitioner = Some(Arc::new(f));
+        self
+    }
+
+    /// Validates the settings and resolves the client. Loading the shard map is left to
+    /// `Producer::build`.
+    pub(crate) async fn resolve(self) -> Result<(Config, Client), BuildError> {
+        let stream = match (self.stream_name, self.stream_arn) {
+            (Some(name), None) => StreamId::Name(name),
+            (None, Some(arn)) => StreamId::Arn(arn),
+            (None, None) => return Err(BuildError::MissingStream),
+            (Some(_), Some(_)) => return Err(BuildError::AmbiguousStream),
+        };
+        let (StreamId::Name(name) | StreamId::Arn(name)) = &stream;
+        if name.is_empty() {
+            return Err(invalid("stream", "\"\"", "a non-empty stream name or ARN"));
+        }
+        let d = self.config;
+        check_range("max_backlog_records", d.max_backlog_records, 1, usize::MAX)?;
+        check_range(
+            "max_record_size",
+            d.max_record_size,
+            1024,
+            MAX_RECORD_SIZE_LIMIT,
+        )?;
+        check_range(
+            "max_backlog_bytes",
+            d.max_backlog_bytes,
+            d.max_record_size,
+            usize::MAX >> 4,
+        )?;
+        check_range(
+            "aggregation_max_size",
+            d.aggregation_max_size,
+            64,
+            d.max_record_size - 1024,
+        )?;
+        check_range(
+            "aggregation_max_count",
+            d.aggregation_max_count,
+            1,
+            usize::MAX,
+        )?;
+        check_range(
+            "collection_max_count",
+            d.collection_max_count,
+            1,
+            MAX_RECORDS_PER_REQUEST,
+        )?;
+        check_range(
+            "collection_max_size",
+            d.collection_max_size,
+            d.max_record_size,
+            MAX_REQUEST_SIZE_LIMIT,
+        )?;
+        check_range("max_in_flight", d.max_in_flight, 1, 1024)?;
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        check_duration(
+            "record_max_buffered_time",
+            d.record_max_buffered_time,
+            ms(1),
+            secs(3600),
+        )?;
+        check_duration("record_ttl", d.record_ttl, ms(100), secs(86_400))?;
+        check_duration("request_timeout", d.request_timeout, ms(100), secs(600))?;
+        check_duration("retry_max_delay", d.retry.max_delay, ms(1), secs(600))?;
+        check_duration(
+            "retry_base_delay",
+            d.retry.base_delay,
+            ms(1),
+            d.retry.max_delay,
+        )?;
+        check_duration("stop_timeout", d.stop_timeout, Duration::ZERO, secs(86_400))?;
+
+        let client = match self.client {
+            Some(client) => client,
+            None => {
+                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+                if let Some(region) = self.region {
+                    loader = loader.region(aws_config::Region::new(region));
+                }
+                if let Some(url) = self.endpoint_url {
+                    loader = loader.endpoint_url(url);
+                }
+                Client::new(&loader.load().await)
+            }
+        };
+        let config = Config {
+            stream,
+            max_backlog_records: d.max_backlog_records,
+            max_backlog_bytes: d.max_backlog_bytes,
+            max_record_size: d.max_record_size,
+            aggregation: d.aggregation,
+            aggregation_max_size: d.aggregation_max_size,
+            aggregation_max_count: d.aggregation_max_count,
+            collection_max_count: d.collection_max_count,
+            collection_max_size: d.collection_max_size,
+            record_max_buffered_time: d.record_max_buffered_time,
+            record_ttl: d.record_ttl,
+            max_in_flight: d.max_in_flight,
+            request_timeout: d.request_timeout,
+            retry: d.retry,
+            stop_timeout: d.stop_timeout,
+            partitioner: d
+                .partitioner
+                .unwrap_or_else(|| Arc::new(|_: &[u8]| uuid::Uuid::new_v4().to_string())),
+        };
+        Ok((config, client))
+    }
+}
+
+fn invalid(field: &'static str, value: impl ToString, allowed: impl ToString) -> BuildError {
+    BuildError::InvalidConfig {
+        field,
+        value: value.to_string(),
+        allowed: allowed.to_string(),
+    }
+}
+
+fn check_range(
+    field: &'static str,
+    value: usize,
+    min: usize,
+    max: usize,
+) -> Result<(), BuildError> {
+    if value < min || value > max {
+        return Err(invalid(field, value, format!("{min} ..= {max}")));
+    }
+    Ok(())
+}
+
+fn check_duration(
+    field: &'static str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), BuildError> {
+    if value < min || value > max {
+        return Err(invalid(
+            field,
+            format!("{value:?}"),
+            format!("{min:?} ..= {max:?}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn error_of(builder: ProducerBuilder) -> String {
+        match builder.resolve().await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("expected an invalid config"),
+        }
+    }
+
+    fn base() -> ProducerBuilder {
+        ProducerBuilder::default()
+            .stream_name("s")
+            .region("us-east-1")
+    }
+
+    #[tokio::test]
+    async fn invalid_values_name_the_field_and_the_range() {
+        let e = error_of(base().collection_max_count(501)).await;
+        assert!(
+            e.contains("collection_max_count = 501") && e.contains("1 ..= 500"),
+            "{e}"
+        );
+        let e = error_of(base().max_record_size(11 << 20)).await;
+        assert!(
+            e.contains("max_record_size") && e.contains("10485760"),
+            "{e}"
+        );
+        let e = error_of(base().max_in_flight(0)).await;
+        assert!(e.contains("max_in_flight = 0"), "{e}");
+        let e = error_of(base().record_ttl(Duration::from_millis(1))).await;
+        assert!(e.contains("record_ttl"), "{e}");
+        let e = error_of(base().max_record_size(6 << 20)).await;
+        assert!(e.contains("collection_max_size"), "{e}");
+        let e = error_of(ProducerBuilder::default()).await;
+        assert!(e.contains("stream_name or stream_arn"), "{e}");
+        let e = error_of(base().stream_arn("arn")).await;
+        assert!(e.contains("both"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn defaults_are_valid_and_match_the_kpl() {
+        let (config, _) = base().resolve().await.expect("valid");
+        assert_eq!(config.aggregation_max_size, 51_200);
+        assert_eq!(config.collection_max_count, 500);
+        assert_eq!(config.collection_max_size, 5 << 20);
+        assert_eq!(config.record_max_buffered_time, Duration::from_millis(100));
+        assert_eq!(config.record_ttl, Duration::from_secs(30));
+        assert_eq!(config.max_in_flight, 24);
+        assert_eq!(config.request_timeout, Duration::from_secs(6));
+        let key = (config.partitioner)(b"x");
+        assert_eq!(key.len(), 36);
+    }
+}

@@ -1,0 +1,61 @@
+//! A KPL-compatible producer for Amazon Kinesis Data Streams.
+//!
+//! ```no_run
+//! # async fn example(client: aws_sdk_kinesis::Client) -> Result<(), Box<dyn std::error::Error>> {
+//! use kinesis_producer::Producer;
+//!
+//! let producer = Producer::builder()
+//!     .stream_name("events")
+//!     .client(client)
+//!     .build()
+//!     .await?; // validates the config and loads the shard map
+//! let mut failures = producer.notify_failures();
+//! tokio::spawn(async move {
+//!     while let Some(failed) = failures.recv().await {
+//!         eprintln!("{} failed: {}", failed.record.partition_key(), failed.error);
+//!     }
+//! });
+//! producer.put(&b"hello"[..], "user-42").await?; // waits only while the backlog is full
+//! producer.stop().await; // sends everything, then returns
+//! # Ok(()) }
+//! ```
+//!
+//! # Where a record goes after `put`
+//!
+//! The source files follow the record:
+//!
+//! 1. [`record`]: the [`UserRecord`] is validated on the caller's thread and gets its hash key
+//!    (explicit hash key, else MD5 of the partition key).
+//! 2. `backlog`: it takes room in the bounded backlog (records and bytes); `put` waits there,
+//!    `try_put` gives up there.
+//! 3. [`shard_map`] and `aggregator`: it is routed to the aggregator of the shard that owns its
+//!    hash key, under that shard's lock only, and packed by the [`aggregation`] format code.
+//!    A full aggregate is encoded on the spot.
+//! 4. `sender`: one task collects finished aggregates from all shards into PutRecords
+//!    requests, sends up to `max_in_flight` at once, retries failed entries per the `retry`
+//!    policy, and ends each record: acknowledged, or reported on the [`FailureStream`].
+//! 5. `producer`: the [`Producer`] handle ties it together, with `flush` and `stop`.
+//!
+//! Every record handed to the producer ends in exactly one of two ways: acknowledged by
+//! Kinesis, or reported failed with its data and reason. Delivery is at least once.
+
+pub mod aggregation;
+mod aggregator;
+mod backlog;
+mod config;
+mod error;
+mod producer;
+pub mod record;
+mod retry;
+mod sender;
+pub mod shard_map;
+mod stats;
+
+pub use aggregation::{deaggregate, DeaggregatedRecord, DeaggregationError};
+pub use config::{Partitioner, ProducerBuilder};
+pub use error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
+pub use producer::{FailureStream, Producer};
+pub use record::{RecordProblem, UserRecord};
+pub use retry::RetryPolicy;
+pub use shard_map::{ShardMap, ShardRange};
+pub use stats::Stats;

@@ -1,0 +1,412 @@
+//! Step 6: the public handle. `Producer` validates and admits records, owns the shared state the
+//! pipeline works on, and drives flush and stop.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::Client;
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use crate::aggregation::AggregateLimits;
+use crate::aggregator::{self, Admission, Outgoing, RecordMeta, Routing};
+use crate::backlog::{lock, Backlog, NoRoom};
+use crate::config::{Config, ProducerBuilder};
+use crate::error::{BuildError, DeliveryError, FailedRecord, PutError, PutRefusal};
+use crate::shard_map::{load_shard_map, ShardMap};
+use crate::stats::{add, Counters, Stats};
+
+/// What reaches the sender task.
+pub(crate) enum Inbound {
+    /// A finished Kinesis record.
+    Record(Outgoing),
+    /// An aggregator received its first record; flush it at `at` if it is still that aggregate.
+    Deadline {
+        at: Instant,
+        generation: u64,
+        slot: usize,
+        cycle: u64,
+    },
+    /// Send everything buffered now (`flush`).
+    Flush,
+    /// Send everything, then end; at `deadline`, report what is left as failed.
+    Stop { deadline: Instant },
+}
+
+/// State shared by the handle, the put path, the sender task and request tasks.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub client: Client,
+    pub backlog: Backlog,
+    pub routing: RwLock<Arc<Routing>>,
+    /// Held while the routing is replaced or every aggregator is visited, so the two never
+    /// interleave.
+    pub routing_change: Mutex<()>,
+    /// Set by `stop`: new records are refused.
+    pub closed: AtomicBool,
+    pub stats: Counters,
+    inbound: mpsc::UnboundedSender<Inbound>,
+    failures: Mutex<Option<mpsc::UnboundedSender<FailedRecord>>>,
+    refreshing: AtomicBool,
+    /// Becomes true when the sender task has ended: every record is acknowledged or failed.
+    pub done: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn aggregate_limits(&self) -> AggregateLimits {
+        AggregateLimits {
+            max_size: self.config.aggregation_max_size,
+            max_count: self.config.aggregation_max_count,
+        }
+    }
+
+    pub fn send(&self, message: Inbound) {
+        if let Err(mpsc::error::SendError(message)) = self.inbound.send(message) {
+            // Only when the sender task is gone (its runtime shut down): nothing will send
+            // this record, so it fails here rather than vanish.
+            if let Inbound::Record(outgoing) = message {
+                self.fail(
+                    outgoing,
+                    DeliveryError {
+                        code: "Stopped".into(),
+                        message: "the producer's sender task is no longer running".into(),
+                        kind: crate::FailureKind::Stopped,
+                    },
+                );
+            }
+        }
+    }
+
+    /// A Kinesis record was acknowledged: its user records are done.
+    pub fn acknowledge(&self, outgoing: Outgoing) {
+        let data_bytes: usize = outgoing.records.iter().map(|r| r.data().len()).sum();
+        add(&self.stats.user_records_put, outgoing.records.len() as u64);
+        add(&self.stats.user_record_bytes_put, data_bytes as u64);
+        add(&self.stats.kinesis_records_put, 1);
+        add(
+            &self.stats.kinesis_bytes_put,
+            outgoing.request_size() as u64,
+        );
+        self.release(&outgoing);
+    }
+
+    /// A Kinesis record failed for good: each of its user records is reported.
+    pub fn fail(&self, outgoing: Outgoing, error: DeliveryError) {
+        let count = outgoing.records.len();
+        add(&self.stats.user_records_failed, count as u64);
+        let subscriber = lock(&self.failures).clone();
+        let mut unobserved = 0;
+        for record in &outgoing.records {
+            let failed = FailedRecord {
+                record: record.clone(),
+                error: error.clone(),
+                attempts: outgoing.attempts,
+                shard_id: outgoing.shard_id.clone(),
+            };
+            if subscriber
+                .as_ref()
+                .is_none_or(|tx| tx.send(failed).is_err())
+            {
+                unobserved += 1;
+            }
+        }
+        if unobserved > 0 {
+            add(&self.stats.failures_unobserved, unobserved);
+            tracing::warn!(
+                records = unobserved,
+                code = %error.code,
+                kind = %error.kind,
+                shard = outgoing.shard_id.as_deref().unwrap_or("-"),
+                attempts = outgoing.attempts,
+                "records failed and no failure stream is subscribed"
+            );
+        }
+        // The room goes back only after the report, so that `flush` and `stop` return after
+        // every failure is on the stream.
+        self.release(&outgoing);
+    }
+
+    fn release(&self, outgoing: &Outgoing) {
+        self.backlog
+            .release(outgoing.records.len(), outgoing.backlog_bytes);
+        for &(epoch, count) in &outgoing.epochs {
+            self.backlog.leave_epoch(epoch, count);
+        }
+    }
+
+    /// Reloads the shard map in the background; concurrent requests share one reload.
+    pub fn request_refresh(self: &Arc<Self>) {
+        if self.closed.load(Ordering::SeqCst) || self.refreshing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            match load_shard_map(&shared.client, &shared.config.stream).await {
+                Ok(map) => {
+                    add(&shared.stats.shard_map_refreshes, 1);
+                    aggregator::install_map(&shared, map);
+                }
+                Err(e) => tracing::warn!(error = %e, "shard map reload failed"),
+            }
+            // At most one reload a second, however many results disagree with the map.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            shared.refreshing.store(false, Ordering::SeqCst);
+        });
+    }
+
+    /// Refuses new records, hands every aggregate to the sender and tells it to finish by
+    /// `deadline`. Safe to call more than once: later calls do nothing.
+    fn begin_stop(&self, deadline: Instant) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.backlog.close();
+        aggregator::flush_all(self);
+        self.send(Inbound::Stop { deadline });
+    }
+
+    /// Called by the sender task as it ends: failure streams end after their last item.
+    pub fn finish(&self) {
+        lock(&self.failures).take();
+        self.done.send_replace(true);
+    }
+}
+
+/// A long-lived Kinesis producer. Cheap to clone: clones share one pipeline.
+///
+/// Dropping the last clone without [`stop`](Self::stop) starts a stop in the background with the
+/// configured `stop_timeout`: records keep being delivered while the tokio runtime runs, and
+/// failures keep going to the failure stream. Nothing waits for it, so a program that exits
+/// right after may lose what was still buffered: call `stop().await` to be sure.
+#[derive(Clone)]
+pub struct Producer {
+    handle: Arc<Handle>,
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared
+            .begin_stop(Instant::now() + self.shared.config.stop_timeout);
+    }
+}
+
+impl ProducerBuilder {
+    /// Validates the configuration, loads the shard map and starts the producer's task.
+    /// Must run inside a tokio runtime.
+    pub async fn build(self) -> Result<Producer, BuildError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
+        let (config, client) = self.resolve().await?;
+        let map = load_shard_map(&client, &config.stream).await?;
+        let (inbound, inbound_rx) = mpsc::unbounded_channel();
+        let limits = AggregateLimits {
+            max_size: config.aggregation_max_size,
+            max_count: config.aggregation_max_count,
+        };
+        tracing::info!(stream = %config.stream, shards = map.len(), "producer started");
+        let shared = Arc::new(Shared {
+            backlog: Backlog::new(config.max_backlog_records, config.max_backlog_bytes),
+            routing: RwLock::new(Arc::new(Routing::new(0, map, limits))),
+            routing_change: Mutex::new(()),
+            closed: AtomicBool::new(false),
+            stats: Counters::default(),
+            inbound,
+            failures: Mutex::new(None),
+            refreshing: AtomicBool::new(false),
+            done: watch::Sender::new(false),
+            config,
+            client,
+        });
+        runtime.spawn(crate::sender::run(Arc::clone(&shared), inbound_rx));
+        Ok(Producer {
+            handle: Arc::new(Handle { shared, runtime }),
+        })
+    }
+}
+
+impl Producer {
+    pub fn builder() -> ProducerBuilder {
+        ProducerBuilder::default()
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.handle.shared
+    }
+
+    /// Puts one record, waiting only while the backlog is full.
+    pub async fn put(
+        &self,
+        data: impl Into<Bytes>,
+        partition_key: impl Into<String>,
+    ) -> Result<(), PutError> {
+        self.put_record(crate::UserRecord::new(data, partition_key))
+            .await
+    }
+
+    /// Puts a record whose partition key comes from the configured partitioner (by default a
+    /// random UUID, which spreads records evenly over the shards).
+    pub async fn put_data(&self, data: impl Into<Bytes>) -> Result<(), PutError> {
+        let data = data.into();
+        let key = (self.shared().config.partitioner)(&data);
+        self.put_record(crate::UserRecord::new(data, key)).await
+    }
+
+    /// Puts a record (with an explicit hash key if it has one), waiting while the backlog is
+    /// full. Refused records come back inside the error.
+    pub async fn put_record(&self, record: crate::UserRecord) -> Result<(), PutError> {
+        let meta = match self.admit(&record) {
+            Ok(meta) => meta,
+            Err(refusal) => return Err(PutError::new(record, refusal)),
+        };
+        match self.shared().backlog.acquire(meta.backlog_bytes).await {
+            Ok(()) => self.place(record, meta),
+            Err(_) => Err(PutError::new(record, PutRefusal::Stopped)),
+        }
+    }
+
+    /// Puts a record if the backlog has room now; never waits.
+    pub fn try_put(&self, record: crate::UserRecord) -> Result<(), PutError> {
+        let meta = match self.admit(&record) {
+            Ok(meta) => meta,
+            Err(refusal) => return Err(PutError::new(record, refusal)),
+        };
+        match self.shared().backlog.try_acquire(meta.backlog_bytes) {
+            Ok(()) => self.place(record, meta),
+            Err(NoRoom::Full) => Err(PutError::new(record, PutRefusal::BacklogFull)),
+            Err(NoRoom::Closed) => Err(PutError::new(record, PutRefusal::Stopped)),
+        }
+    }
+
+    /// Puts a record from a plain (non-async) thread, blocking while the backlog is full.
+    /// On a tokio runtime thread it refuses instead of blocking the runtime.
+    pub fn put_blocking(&self, record: crate::UserRecord) -> Result<(), PutError> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(PutError::new(record, PutRefusal::BlockingInAsyncContext));
+        }
+        self.handle.runtime.block_on(self.put_record(record))
+    }
+
+    /// Checks the record and computes its hash key, before it takes any room.
+    fn admit(&self, record: &crate::UserRecord) -> Result<RecordMeta, PutRefusal> {
+        let shared = self.shared();
+        let hash_key = record.validate(shared.config.max_record_size)?;
+        if shared.closed.load(Ordering::SeqCst) {
+            return Err(PutRefusal::Stopped);
+        }
+        Ok(RecordMeta {
+            hash_key,
+            put_at: Instant::now(),
+            epoch: 0,
+            // Validation bounds data + key by max_record_size (≤ 10 MiB) and the EHK by 39.
+            backlog_bytes: record.backlog_size() as u32,
+        })
+    }
+
+    /// Hands an admitted record, whose room is taken, to its aggregator.
+    fn place(&self, record: crate::UserRecord, mut meta: RecordMeta) -> Result<(), PutError> {
+        let shared = self.shared();
+        meta.put_at = Instant::now();
+        match aggregator::enqueue(shared, record, meta, Admission::New) {
+            Ok(()) => {
+                add(&shared.stats.user_records_received, 1);
+                Ok(())
+            }
+            Err(record) => {
+                shared.backlog.release(1, meta.backlog_bytes as usize);
+                Err(PutError::new(record, PutRefusal::Stopped))
+            }
+        }
+    }
+
+    /// Returns when every record put before this call is acknowledged or reported failed.
+    /// Buffered aggregates are sent at once rather than at their deadline.
+    pub async fn flush(&self) {
+        let shared = self.shared();
+        let target = shared.backlog.begin_flush();
+        aggregator::flush_all(shared);
+        shared.send(Inbound::Flush);
+        shared.backlog.flushed(target).await;
+    }
+
+    /// Stops the producer within the configured `stop_timeout`: see
+    /// [`stop_within`](Self::stop_within).
+    pub async fn stop(&self) {
+        self.stop_within(self.shared().config.stop_timeout).await;
+    }
+
+    /// Refuses new records, sends everything buffered, waits for requests in flight and their
+    /// retries, and returns. At `timeout`, whatever is left is reported failed
+    /// ([`FailureKind::Stopped`](crate::FailureKind::Stopped)) and the call returns. Calling it
+    /// again (from any clone) just waits for the same end.
+    pub async fn stop_within(&self, timeout: Duration) {
+        let shared = self.shared();
+        shared.begin_stop(Instant::now() + timeout);
+        let mut done = shared.done.subscribe();
+        let _ = done.wait_for(|done| *done).await;
+    }
+
+    /// Subscribes to failed records. Each failed record is delivered to the most recent
+    /// subscriber only; an earlier stream ends after the items it already received. The stream
+    /// ends once the producer has stopped. With no subscriber, failures are logged (without
+    /// record data) and counted in [`Stats::failures_unobserved`].
+    ///
+    /// The stream is unbounded so that a slow reader never blocks the producer or `stop`.
+    pub fn notify_failures(&self) -> FailureStream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = self.shared();
+        if !*shared.done.borrow() {
+            *lock(&shared.failures) = Some(tx);
+        }
+        FailureStream { rx }
+    }
+
+    /// Counters of what the producer has done so far.
+    pub fn stats(&self) -> Stats {
+        self.shared().stats.snapshot()
+    }
+
+    /// The shard map records are currently routed by.
+    pub fn shard_map(&self) -> ShardMap {
+        self.shared().routing().map.clone()
+    }
+}
+
+/// Failed records, as a [`futures_core::Stream`] or through [`recv`](Self::recv).
+#[derive(Debug)]
+pub struct FailureStream {
+    rx: mpsc::UnboundedReceiver<FailedRecord>,
+}
+
+impl FailureStream {
+    /// The next failed record; `None` once the producer has stopped and every failure was read.
+    pub async fn recv(&mut self) -> Option<FailedRecord> {
+        self.rx.recv().await
+    }
+
+    /// A failed record if one is waiting.
+    pub fn try_recv(&mut self) -> Option<FailedRecord> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl futures_core::Stream for FailureStream {
+    type Item = FailedRecord;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<FailedRecord>> {
+        self.rx.poll_recv(cx)
+    }
+}

@@ -1,0 +1,221 @@
+//! Step 1 of a record's journey: what a user record is, how it is validated, and its hash key.
+//!
+//! Everything here is plain synchronous code: the producer calls it on the caller's thread at
+//! `put`, so hashing scales with the number of threads putting.
+
+use std::fmt;
+
+use bytes::Bytes;
+use md5::{Digest, Md5};
+
+/// Longest partition key Kinesis accepts, in Unicode scalar values.
+pub const MAX_PARTITION_KEY_CHARS: usize = 256;
+
+/// One record as the user hands it to the producer: data, partition key and an optional
+/// explicit hash key.
+///
+/// The producer hands the same value back when it rejects the record at `put`
+/// ([`PutError`](crate::PutError)) or reports it failed ([`FailedRecord`](crate::FailedRecord)).
+#[derive(Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    data: Bytes,
+    partition_key: String,
+    explicit_hash_key: Option<String>,
+}
+
+impl UserRecord {
+    /// A record routed by the MD5 of its partition key.
+    pub fn new(data: impl Into<Bytes>, partition_key: impl Into<String>) -> Self {
+        UserRecord {
+            data: data.into(),
+            partition_key: partition_key.into(),
+            explicit_hash_key: None,
+        }
+    }
+
+    /// Routes the record by this explicit hash key (a decimal in `0..=2^128-1`) instead of the
+    /// MD5 of its partition key.
+    pub fn with_explicit_hash_key(mut self, explicit_hash_key: impl Into<String>) -> Self {
+        self.explicit_hash_key = Some(explicit_hash_key.into());
+        self
+    }
+
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    pub fn partition_key(&self) -> &str {
+        &self.partition_key
+    }
+
+    pub fn explicit_hash_key(&self) -> Option<&str> {
+        self.explicit_hash_key.as_deref()
+    }
+
+    /// Takes the record apart into `(data, partition_key, explicit_hash_key)`.
+    pub fn into_parts(self) -> (Bytes, String, Option<String>) {
+        (self.data, self.partition_key, self.explicit_hash_key)
+    }
+
+    /// The bytes Kinesis counts against its record size limit: data plus partition key.
+    pub fn kinesis_size(&self) -> usize {
+        self.data.len() + self.partition_key.len()
+    }
+
+    /// The bytes this record holds in the producer's backlog.
+    pub(crate) fn backlog_size(&self) -> usize {
+        self.kinesis_size() + self.explicit_hash_key.as_ref().map_or(0, String::len)
+    }
+
+    /// Checks the record against Kinesis' rules and returns its hash key.
+    pub(crate) fn validate(&self, max_record_size: usize) -> Result<u128, RecordProblem> {
+        let key_chars = self.partition_key.chars().count();
+        if key_chars == 0 {
+            return Err(RecordProblem::EmptyPartitionKey);
+        }
+        if key_chars > MAX_PARTITION_KEY_CHARS {
+            return Err(RecordProblem::PartitionKeyTooLong { chars: key_chars });
+        }
+        let size = self.kinesis_size();
+        if size > max_record_size {
+            return Err(RecordProblem::TooLarge {
+                size,
+                max: max_record_size,
+            });
+        }
+        match &self.explicit_hash_key {
+            Some(ehk) => {
+                parse_explicit_hash_key(ehk).ok_or_else(|| RecordProblem::InvalidExplicitHashKey {
+                    value: ehk.chars().take(64).collect(),
+                })
+            }
+            None => Ok(partition_key_hash(&self.partition_key)),
+        }
+    }
+}
+
+impl fmt::Debug for UserRecord {
+    // Record data may be sensitive and large: show its length, never its bytes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserRecord")
+            .field("data_len", &self.data.len())
+            .field("partition_key", &self.partition_key)
+            .field("explicit_hash_key", &self.explicit_hash_key)
+            .finish()
+    }
+}
+
+/// Why a record was refused at `put`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordProblem {
+    #[error("the partition key is empty (Kinesis requires 1 to 256 characters)")]
+    EmptyPartitionKey,
+    #[error("the partition key has {chars} characters (Kinesis allows at most 256)")]
+    PartitionKeyTooLong { chars: usize },
+    #[error(
+        "the explicit hash key {value:?} is not a decimal integer in 0..=2^128-1 without leading zeros"
+    )]
+    InvalidExplicitHashKey { value: String },
+    #[error("the record is {size} bytes (data + partition key); the maximum is {max}")]
+    TooLarge { size: usize, max: usize },
+}
+
+/// The hash key Kinesis routes a record by when it has no explicit hash key: the MD5 of the
+/// UTF-8 partition key, read as a big-endian 128-bit integer.
+pub fn partition_key_hash(partition_key: &str) -> u128 {
+    u128::from_be_bytes(Md5::digest(partition_key.as_bytes()).into())
+}
+
+/// Parses an explicit hash key as Kinesis does: `0|([1-9]\d{0,38})`, at most 2^128-1.
+pub fn parse_explicit_hash_key(text: &str) -> Option<u128> {
+    let bytes = text.as_bytes();
+    let well_formed = !bytes.is_empty()
+        && bytes.len() <= 39
+        && bytes.iter().all(u8::is_ascii_digit)
+        && (bytes[0] != b'0' || bytes.len() == 1);
+    if !well_formed {
+        return None;
+    }
+    // 39 digits can exceed u128::MAX; the checked parse rejects those.
+    text.parse::<u128>().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_key_is_md5_read_big_endian() {
+        // MD5("pk1") = 0x8bb3c5e3...; routing must read it as a big-endian integer.
+        let digest: [u8; 16] = Md5::digest(b"pk1").into();
+        assert_eq!(partition_key_hash("pk1").to_be_bytes(), digest);
+        assert_eq!(
+            partition_key_hash(""),
+            0xd41d8cd98f00b204e9800998ecf8427e_u128
+        );
+    }
+
+    #[test]
+    fn explicit_hash_keys_follow_the_kinesis_pattern() {
+        assert_eq!(parse_explicit_hash_key("0"), Some(0));
+        assert_eq!(
+            parse_explicit_hash_key("340282366920938463463374607431768211455"),
+            Some(u128::MAX)
+        );
+        for bad in [
+            "",
+            "-1",
+            "01",
+            "1.5",
+            " 1",
+            "340282366920938463463374607431768211456",
+            "1000000000000000000000000000000000000000",
+            "abc",
+            "１",
+        ] {
+            assert_eq!(parse_explicit_hash_key(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn validation_names_each_problem() {
+        let max = 1024;
+        assert_eq!(
+            UserRecord::new("x", "").validate(max),
+            Err(RecordProblem::EmptyPartitionKey)
+        );
+        let long = "é".repeat(257);
+        assert_eq!(
+            UserRecord::new("x", long).validate(max),
+            Err(RecordProblem::PartitionKeyTooLong { chars: 257 })
+        );
+        // 256 multi-byte characters are allowed: the limit counts characters, not bytes.
+        assert!(UserRecord::new("x", "é".repeat(256)).validate(max).is_ok());
+        assert_eq!(
+            UserRecord::new(vec![0u8; 1020], "12345").validate(max),
+            Err(RecordProblem::TooLarge {
+                size: 1025,
+                max: 1024
+            })
+        );
+        assert!(matches!(
+            UserRecord::new("x", "k")
+                .with_explicit_hash_key("2e10")
+                .validate(max),
+            Err(RecordProblem::InvalidExplicitHashKey { .. })
+        ));
+        assert_eq!(
+            UserRecord::new("x", "k")
+                .with_explicit_hash_key("42")
+                .validate(max),
+            Ok(42)
+        );
+    }
+
+    #[test]
+    fn debug_never_prints_data() {
+        let text = format!("{:?}", UserRecord::new("secret-payload", "k"));
+        assert!(!text.contains("secret-payload"), "{text}");
+    }
+}

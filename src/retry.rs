@@ -1,0 +1,182 @@
+//! Step 5b: the retry policy. Which errors are worth another attempt, and how long to wait.
+//!
+//! The producer owns retries of PutRecords: the SDK's retryer is switched off for that call so
+//! that attempts are not multiplied (SDK retries inside producer retries), so that a throttled
+//! request does not hold an in-flight slot while the SDK sleeps, and so that only the failed
+//! entries of a request are sent again. Control-plane calls (ListShards) keep the client's own
+//! retry configuration.
+
+use std::hash::{BuildHasher, RandomState};
+use std::time::Duration;
+
+use aws_sdk_kinesis::config::http::HttpResponse;
+use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
+
+/// Exponential backoff with jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Wait before the first retry (before jitter).
+    pub base_delay: Duration,
+    /// Longest wait between two attempts.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after `attempts` failed attempts: `base * 2^(attempts-1)` capped at `max`, then
+    /// "equal jitter" (uniform in the upper half) so that throttled producers spread out without
+    /// ever retrying at once.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let exponent = attempts.saturating_sub(1).min(20);
+        let delay = self
+            .base_delay
+            .saturating_mul(1 << exponent)
+            .min(self.max_delay);
+        let half = delay / 2;
+        let jitter_nanos = random_u64() % (half.as_nanos() as u64 + 1);
+        half + Duration::from_nanos(jitter_nanos)
+    }
+}
+
+fn random_u64() -> u64 {
+    // Each RandomState is freshly keyed: enough randomness for jitter without another crate.
+    RandomState::new().hash_one(std::time::Instant::now())
+}
+
+/// An error as the producer records it: code, message, and whether another attempt may succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AttemptError {
+    pub code: String,
+    pub message: String,
+    pub transient: bool,
+}
+
+/// Per-record error codes of a PutRecords result that are worth retrying. Anything else a server
+/// returns per record (e.g. an oversize `InvalidArgumentException`) is permanent.
+pub(crate) fn entry_error_is_transient(code: &str) -> bool {
+    matches!(
+        code,
+        "ProvisionedThroughputExceededException"
+            | "InternalFailure"
+            | "InternalFailureException"
+            | "ServiceUnavailable"
+            | "KMSThrottlingException"
+            | "ThrottlingException"
+    )
+}
+
+/// Whole-request error codes that are worth retrying.
+fn request_code_is_transient(code: &str) -> bool {
+    entry_error_is_transient(code)
+        || matches!(
+            code,
+            "LimitExceededException"
+                | "ServiceUnavailableException"
+                | "RequestTimeout"
+                | "RequestTimeoutException"
+                | "TooManyRequestsException"
+                | "RequestLimitExceeded"
+                | "SlowDown"
+                | "InternalServerError"
+                | "InternalError"
+        )
+}
+
+/// Classifies a failed SDK call.
+pub(crate) fn classify_sdk_error<E>(error: &SdkError<E, HttpResponse>) -> AttemptError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let (code, transient) = match error {
+        // A request that could not be built or signed (bad config, no credentials) will not
+        // build better next time.
+        SdkError::ConstructionFailure(_) => ("ConstructionFailure".to_owned(), false),
+        SdkError::TimeoutError(_) => ("Timeout".to_owned(), true),
+        SdkError::DispatchFailure(_) => ("ConnectionError".to_owned(), true),
+        SdkError::ResponseError(_) => ("ResponseError".to_owned(), true),
+        SdkError::ServiceError(context) => {
+            let status = context.raw().status().as_u16();
+            match context.err().code() {
+                Some(code) => (
+                    code.to_owned(),
+                    request_code_is_transient(code) || status >= 500 || status == 429,
+                ),
+                None => (format!("HTTP {status}"), status >= 500 || status == 429),
+            }
+        }
+        _ => ("Unknown".to_owned(), true),
+    };
+    AttemptError {
+        code,
+        message: describe_sdk_error(error),
+        transient,
+    }
+}
+
+/// A one-line description of an SDK error, with its source chain (the SDK's own `Display`
+/// says little more than "service error").
+pub(crate) fn describe_sdk_error<E, R>(error: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    if let SdkError::ServiceError(context) = error {
+        let err = context.err();
+        return match (err.code(), err.message()) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            (Some(code), None) => code.to_owned(),
+            _ => err.to_string(),
+        };
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_within_jitter_and_cap() {
+        let policy = RetryPolicy {
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+        };
+        for _ in 0..100 {
+            let first = policy.backoff(1);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            let third = policy.backoff(3);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
+            let capped = policy.backoff(40);
+            assert!(capped >= Duration::from_secs(1) && capped <= Duration::from_secs(2));
+        }
+    }
+
+    #[test]
+    fn per_record_throttling_and_internal_failure_are_transient() {
+        assert!(entry_error_is_transient(
+            "ProvisionedThroughputExceededException"
+        ));
+        assert!(entry_error_is_transient("InternalFailure"));
+        assert!(!entry_error_is_transient("InvalidArgumentException"));
+        assert!(!entry_error_is_transient("KMSAccessDeniedException"));
+        assert!(request_code_is_transient("ThrottlingException"));
+        assert!(!request_code_is_transient("ResourceNotFoundException"));
+        assert!(!request_code_is_transient("AccessDeniedException"));
+        assert!(!request_code_is_transient("ValidationException"));
+    }
+}

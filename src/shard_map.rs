@@ -1,0 +1,172 @@
+//! Step 3: shard routing. Which open shard owns a hash key, and loading that map with ListShards.
+
+use std::sync::Arc;
+
+use aws_sdk_kinesis::types::{ShardFilter, ShardFilterType};
+use aws_sdk_kinesis::Client;
+
+use crate::error::BuildError;
+
+/// One open shard and the inclusive hash key range it owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardRange {
+    pub shard_id: Arc<str>,
+    pub start: u128,
+    pub end: u128,
+}
+
+/// The open shards of a stream, sorted by their starting hash key.
+///
+/// Hash keys are parsed into `u128` once, when the map is loaded; routing is a binary search.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardMap {
+    shards: Vec<ShardRange>,
+}
+
+impl ShardMap {
+    pub fn new(mut shards: Vec<ShardRange>) -> Self {
+        shards.sort_by_key(|s| s.start);
+        ShardMap { shards }
+    }
+
+    pub fn shards(&self) -> &[ShardRange] {
+        &self.shards
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    /// Position (in [`shards`](Self::shards)) of the shard owning `hash_key`, or `None` when no
+    /// open shard covers it (a gap while the stream is resharding).
+    pub fn shard_index(&self, hash_key: u128) -> Option<usize> {
+        let after = self.shards.partition_point(|s| s.start <= hash_key);
+        let index = after.checked_sub(1)?;
+        (hash_key <= self.shards[index].end).then_some(index)
+    }
+
+    /// The shard owning `hash_key`.
+    pub fn shard_for(&self, hash_key: u128) -> Option<&ShardRange> {
+        self.shard_index(hash_key).map(|i| &self.shards[i])
+    }
+}
+
+/// Which stream the producer writes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamId {
+    Name(String),
+    Arn(String),
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamId::Name(name) => write!(f, "stream {name}"),
+            StreamId::Arn(arn) => write!(f, "stream {arn}"),
+        }
+    }
+}
+
+/// Loads the open shards of a stream with ListShards, following every page.
+pub async fn load_shard_map(client: &Client, stream: &StreamId) -> Result<ShardMap, BuildError> {
+    let mut shards = Vec::new();
+    let mut next_token: Option<String> = None;
+    loop {
+        let mut request = client.list_shards();
+        request = match &next_token {
+            // With a NextToken, the stream must not be named again.
+            Some(token) => request.next_token(token),
+            None => {
+                let request = match stream {
+                    StreamId::Name(name) => request.stream_name(name),
+                    StreamId::Arn(arn) => request.stream_arn(arn),
+                };
+                request.shard_filter(
+                    ShardFilter::builder()
+                        .r#type(ShardFilterType::AtLatest)
+                        .build()
+                        .map_err(|e| BuildError::ShardMap(e.to_string()))?,
+                )
+            }
+        };
+        let page = request.send().await.map_err(|e| {
+            BuildError::ShardMap(format!(
+                "ListShards for {stream} failed: {}",
+                crate::retry::describe_sdk_error(&e)
+            ))
+        })?;
+        for shard in page.shards() {
+            // Some servers ignore the AT_LATEST filter: a closed shard has an ending sequence
+            // number, and only open shards take writes.
+            if shard
+                .sequence_number_range()
+                .and_then(|r| r.ending_sequence_number())
+                .is_some()
+            {
+                continue;
+            }
+            let range = shard.hash_key_range().ok_or_else(|| {
+                BuildError::ShardMap(format!("shard {} has no hash key range", shard.shard_id()))
+            })?;
+            let parse = |text: &str| {
+                crate::record::parse_explicit_hash_key(text).ok_or_else(|| {
+                    BuildError::ShardMap(format!(
+                        "shard {} has an invalid hash key {text:?}",
+                        shard.shard_id()
+                    ))
+                })
+            };
+            shards.push(ShardRange {
+                shard_id: Arc::from(shard.shard_id()),
+                start: parse(range.starting_hash_key())?,
+                end: parse(range.ending_hash_key())?,
+            });
+        }
+        match page.next_token() {
+            Some(token) if !token.is_empty() => next_token = Some(token.to_owned()),
+            _ => break,
+        }
+    }
+    if shards.is_empty() {
+        return Err(BuildError::ShardMap(format!("{stream} has no open shards")));
+    }
+    Ok(ShardMap::new(shards))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(id: &str, start: u128, end: u128) -> ShardRange {
+        ShardRange {
+            shard_id: Arc::from(id),
+            start,
+            end,
+        }
+    }
+
+    #[test]
+    fn routes_every_hash_key_to_the_shard_that_owns_it() {
+        let half = u128::MAX / 2;
+        let map = ShardMap::new(vec![range("b", half + 1, u128::MAX), range("a", 0, half)]);
+        assert_eq!(&*map.shard_for(0).unwrap().shard_id, "a");
+        assert_eq!(&*map.shard_for(half).unwrap().shard_id, "a");
+        assert_eq!(&*map.shard_for(half + 1).unwrap().shard_id, "b");
+        assert_eq!(&*map.shard_for(u128::MAX).unwrap().shard_id, "b");
+    }
+
+    #[test]
+    fn a_gap_routes_nowhere() {
+        let map = ShardMap::new(vec![range("a", 0, 10), range("b", 20, u128::MAX)]);
+        assert_eq!(map.shard_index(15), None);
+        assert_eq!(map.shard_index(10), Some(0));
+        assert_eq!(map.shard_index(20), Some(1));
+        let late = ShardMap::new(vec![range("b", 20, 30)]);
+        assert_eq!(late.shard_index(5), None);
+        assert_eq!(late.shard_index(31), None);
+    }
+}

@@ -1,0 +1,79 @@
+//! Counters the producer keeps as records move through it, and their snapshot.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub user_records_received: AtomicU64,
+    pub user_records_put: AtomicU64,
+    pub user_record_bytes_put: AtomicU64,
+    pub user_records_failed: AtomicU64,
+    pub failures_unobserved: AtomicU64,
+    pub kinesis_records_put: AtomicU64,
+    pub kinesis_bytes_put: AtomicU64,
+    pub requests: AtomicU64,
+    pub request_errors: AtomicU64,
+    pub entry_retries: AtomicU64,
+    pub throttled_entries: AtomicU64,
+    pub shard_map_refreshes: AtomicU64,
+}
+
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A snapshot of what the producer has done so far. Cheap: a handful of atomic loads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// User records accepted by `put`.
+    pub user_records_received: u64,
+    /// User records acknowledged by Kinesis.
+    pub user_records_put: u64,
+    /// Data bytes of the acknowledged user records.
+    pub user_record_bytes_put: u64,
+    /// User records reported failed.
+    pub user_records_failed: u64,
+    /// Of those, failures nobody was subscribed to (they were logged instead).
+    pub failures_unobserved: u64,
+    /// Kinesis records (aggregates or plain records) acknowledged.
+    pub kinesis_records_put: u64,
+    /// Bytes (data + partition key) of the acknowledged Kinesis records.
+    pub kinesis_bytes_put: u64,
+    /// PutRecords requests sent, retries included.
+    pub requests: u64,
+    /// PutRecords requests that failed as a whole.
+    pub request_errors: u64,
+    /// Kinesis records sent again after a failure.
+    pub entry_retries: u64,
+    /// Kinesis records refused with ProvisionedThroughputExceededException.
+    pub throttled_entries: u64,
+    /// Shard map reloads after a result showed a record on an unexpected shard.
+    pub shard_map_refreshes: u64,
+    /// User records accepted but not yet acknowledged or failed.
+    pub user_records_pending: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let received = get(&self.user_records_received);
+        let put = get(&self.user_records_put);
+        let failed = get(&self.user_records_failed);
+        Stats {
+            user_records_received: received,
+            user_records_put: put,
+            user_record_bytes_put: get(&self.user_record_bytes_put),
+            user_records_failed: failed,
+            failures_unobserved: get(&self.failures_unobserved),
+            kinesis_records_put: get(&self.kinesis_records_put),
+            kinesis_bytes_put: get(&self.kinesis_bytes_put),
+            requests: get(&self.requests),
+            request_errors: get(&self.request_errors),
+            entry_retries: get(&self.entry_retries),
+            throttled_entries: get(&self.throttled_entries),
+            shard_map_refreshes: get(&self.shard_map_refreshes),
+            user_records_pending: received.saturating_sub(put + failed),
+        }
+    }
+}

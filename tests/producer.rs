@@ -1,0 +1,561 @@
+//! The producer against a real Kinesis API server (ferrokinesis, in-process on 127.0.0.1), through
+//! the real aws-sdk-kinesis client over HTTP.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kinesis_producer::record::partition_key_hash;
+use kinesis_producer::{
+    FailedRecord, FailureKind, Producer, PutRefusal, RecordProblem, UserRecord,
+};
+use support::local_kinesis::LocalKinesis;
+use support::proxy::Proxy;
+
+/// A small deterministic generator, so a failing run can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+async fn producer_for(
+    endpoint: &str,
+    stream: &str,
+    tune: impl FnOnce(kinesis_producer::ProducerBuilder) -> kinesis_producer::ProducerBuilder,
+) -> Producer {
+    tune(
+        Producer::builder()
+            .stream_name(stream)
+            .client(support::local_kinesis::client_for(endpoint)),
+    )
+    .build()
+    .await
+    .expect("producer builds")
+}
+
+async fn drain(mut failures: kinesis_producer::FailureStream) -> Vec<FailedRecord> {
+    let mut out = Vec::new();
+    while let Some(failed) = failures.recv().await {
+        out.push(failed);
+    }
+    out
+}
+
+type Key = (String, Option<String>, Vec<u8>);
+
+fn key_of(record: &UserRecord) -> Key {
+    (
+        record.partition_key().to_owned(),
+        record.explicit_hash_key().map(str::to_owned),
+        record.data().to_vec(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_random_workload_arrives_whole_and_every_record_on_its_own_shard() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("round-trip", 4).await;
+    let producer = producer_for(&kinesis.endpoint, "round-trip", |b| b).await;
+    let failures = producer.notify_failures();
+
+    let mut rng = Rng(0x5eed_1234);
+    let hot_keys: Vec<String> = (0..20).map(|i| format!("hot-{i}")).collect();
+    let mut sent = Vec::new();
+    for i in 0..30_000u64 {
+        let size = match rng.below(100) {
+            0 => 60_000 + rng.below(40_000) as usize, // too big to share an aggregate
+            1..=9 => 0,
+            _ => rng.below(2_000) as usize,
+        };
+        let key = if rng.below(3) == 0 {
+            hot_keys[rng.below(20) as usize].clone()
+        } else {
+            // Unicode keys of every length up to 256 characters.
+            "ключ🔑".repeat(1 + rng.below(50) as usize) + &i.to_string()
+        };
+        // Up to 256 characters, and within 256 UTF-8 bytes: the embedded server counts key
+        // length in bytes (Kinesis counts characters).
+        let mut key: String = key.chars().take(256).collect();
+        while key.len() > 256 {
+            key.pop();
+        }
+        let mut record = UserRecord::new(rng.bytes(size), key);
+        if rng.below(4) == 0 {
+            let ehk = (u128::from(rng.next()) << 64 | u128::from(rng.next())).to_string();
+            record = record.with_explicit_hash_key(ehk);
+        }
+        sent.push(record);
+    }
+    // Put from four tasks at once.
+    let mut tasks = Vec::new();
+    for chunk in sent.chunks(sent.len() / 4 + 1) {
+        let producer = producer.clone();
+        let chunk = chunk.to_vec();
+        tasks.push(tokio::spawn(async move {
+            for record in chunk {
+                producer.put_record(record).await.expect("accepted");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    producer.stop().await;
+    let failed = drain(failures).await;
+    assert!(
+        failed.is_empty(),
+        "{} failed, e.g. {:?}",
+        failed.len(),
+        failed.first().map(|f| (&f.error, f.attempts))
+    );
+
+    let stats = producer.stats();
+    assert_eq!(stats.user_records_put, sent.len() as u64);
+    assert!(
+        stats.kinesis_records_put * 5 < stats.user_records_put,
+        "aggregation packs records: {stats:?}"
+    );
+
+    let read = kinesis.read_all("round-trip").await;
+    assert_eq!(read.len(), sent.len());
+    let ranges = kinesis.hash_ranges("round-trip").await;
+    // Unmatched sent records by (partition key, data), with their explicit hash keys.
+    let mut unmatched: HashMap<(String, Vec<u8>), Vec<Option<String>>> = HashMap::new();
+    for record in &sent {
+        let (_, ehk, data) = key_of(record);
+        unmatched
+            .entry((record.partition_key().to_owned(), data))
+            .or_default()
+            .push(ehk);
+    }
+    for r in &read {
+        let (start, end) = ranges[&r.shard_id];
+        let hash_of = |ehk: &Option<String>| match ehk {
+            Some(ehk) => ehk.parse::<u128>().unwrap(),
+            None => partition_key_hash(&r.record.partition_key),
+        };
+        let candidates = unmatched
+            .get_mut(&(r.record.partition_key.clone(), r.record.data.to_vec()))
+            .unwrap_or_else(|| panic!("a record nobody sent: {:?}", r.record.partition_key));
+        // An aggregate carries each record's explicit hash key; Kinesis does not return it
+        // for a plain record, so any sent twin whose hash key is in this shard matches.
+        let position = candidates
+            .iter()
+            .position(|ehk| {
+                (!r.record.aggregated || *ehk == r.record.explicit_hash_key)
+                    && (start..=end).contains(&hash_of(ehk))
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "record {:?} (aggregated: {}) is on {}, which does not own its hash key",
+                    r.record.partition_key, r.record.aggregated, r.shard_id
+                )
+            });
+        candidates.swap_remove(position);
+    }
+    assert!(
+        unmatched.values().all(Vec::is_empty),
+        "every sent record was read once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttling_stream_still_receives_every_record() {
+    let kinesis = LocalKinesis::start(true).await;
+    kinesis.create_stream("throttled", 1).await;
+    // One shard takes 1000 records/s; unaggregated, 2,500 records must be throttled and retried.
+    let producer = producer_for(&kinesis.endpoint, "throttled", |b| {
+        b.aggregation(false)
+            .retry_base_delay(Duration::from_millis(50))
+    })
+    .await;
+    let failures = producer.notify_failures();
+    for i in 0..2_500 {
+        producer
+            .put(format!("record {i}"), format!("k{i}"))
+            .await
+            .unwrap();
+    }
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty());
+    let stats = producer.stats();
+    assert!(
+        stats.throttled_entries > 0,
+        "the server throttled: {stats:?}"
+    );
+    assert!(stats.entry_retries > 0);
+    assert_eq!(stats.user_records_put, 2_500);
+    assert_eq!(kinesis.read_all("throttled").await.len(), 2_500);
+}
+
+#[tokio::test]
+async fn bad_records_are_refused_with_a_clear_error_and_given_back() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("bad-input", 1).await;
+    let producer = producer_for(&kinesis.endpoint, "bad-input", |b| b).await;
+
+    let cases: Vec<(UserRecord, &str)> = vec![
+        (UserRecord::new("d", ""), "partition key is empty"),
+        (UserRecord::new("d", "x".repeat(257)), "257 characters"),
+        (
+            UserRecord::new("d", "k").with_explicit_hash_key("-5"),
+            "explicit hash key",
+        ),
+        (
+            UserRecord::new("d", "k").with_explicit_hash_key((u128::MAX).to_string() + "0"),
+            "explicit hash key",
+        ),
+        (
+            UserRecord::new(vec![0u8; 1 << 20], "k"),
+            "1048577 bytes (data + partition key); the maximum is 1048576",
+        ),
+    ];
+    for (record, message) in cases {
+        let error = producer.put_record(record.clone()).await.unwrap_err();
+        assert!(error.to_string().contains(message), "{error}");
+        assert!(matches!(error.reason(), PutRefusal::Invalid(_)));
+        assert_eq!(error.into_record(), record, "the record comes back whole");
+        let error = producer.try_put(record.clone()).unwrap_err();
+        assert_eq!(error.into_record(), record);
+    }
+    assert!(matches!(
+        producer.put("d", "").await.unwrap_err().reason(),
+        PutRefusal::Invalid(RecordProblem::EmptyPartitionKey)
+    ));
+
+    // The producer is unharmed: a good record still goes through.
+    producer.put("fine", "k").await.unwrap();
+    producer.stop().await;
+    let after = producer.put("late", "k").await.unwrap_err();
+    assert_eq!(after.reason(), &PutRefusal::Stopped);
+    assert_eq!(after.into_record().data().as_ref(), b"late");
+    assert_eq!(producer.stats().user_records_put, 1);
+    assert_eq!(kinesis.read_all("bad-input").await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_record_the_server_refuses_fails_alone_not_with_its_request() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("isolate", 1).await;
+    let producer = producer_for(&kinesis.endpoint, "isolate", |b| b.aggregation(false)).await;
+    let failures = producer.notify_failures();
+    // 200 two-byte characters: valid for Kinesis (256 characters at most), but this server
+    // counts 400 bytes and refuses the whole PutRecords request with a ValidationException.
+    let refused_key = "é".repeat(200);
+    for i in 0..100 {
+        producer
+            .put(format!("good {i}"), format!("k{i}"))
+            .await
+            .unwrap();
+        if i == 60 {
+            producer.put("bad", refused_key.clone()).await.unwrap();
+        }
+    }
+    producer.stop().await;
+    let failed = drain(failures).await;
+    assert_eq!(failed.len(), 1, "only the refused record fails");
+    assert_eq!(failed[0].record.partition_key(), refused_key);
+    assert_eq!(&*failed[0].error.code, "ValidationException");
+    assert_eq!(failed[0].error.kind, FailureKind::Permanent);
+    assert_eq!(kinesis.read_all("isolate").await.len(), 100);
+}
+
+#[tokio::test]
+async fn invalid_config_fails_at_build_naming_the_field() {
+    let kinesis = LocalKinesis::start(false).await;
+    let error = Producer::builder()
+        .stream_name("s")
+        .client(kinesis.client.clone())
+        .aggregation_max_size(10)
+        .build()
+        .await
+        .err()
+        .expect("invalid");
+    assert!(
+        error.to_string().contains("aggregation_max_size = 10"),
+        "{error}"
+    );
+    let error = Producer::builder()
+        .stream_name("does-not-exist")
+        .client(kinesis.client.clone())
+        .build()
+        .await
+        .err()
+        .expect("no such stream");
+    assert!(error.to_string().contains("ResourceNotFound"), "{error}");
+}
+
+#[tokio::test]
+async fn stop_twice_with_an_unread_failure_stream_returns_and_reports_everything() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("vanishing", 2).await;
+    let producer = producer_for(&kinesis.endpoint, "vanishing", |b| b).await;
+    let failures = producer.notify_failures(); // never read until the end
+    kinesis
+        .client
+        .delete_stream()
+        .stream_name("vanishing")
+        .send()
+        .await
+        .unwrap();
+    for i in 0..1_000 {
+        producer.put(vec![7u8; 100], format!("k{i}")).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(20), producer.stop())
+        .await
+        .expect("stop returns");
+    tokio::time::timeout(Duration::from_secs(1), producer.stop())
+        .await
+        .expect("a second stop returns at once");
+    let failed = drain(failures).await;
+    assert_eq!(failed.len(), 1_000);
+    for f in &failed {
+        assert_eq!(f.error.kind, FailureKind::Permanent);
+        assert_eq!(&*f.error.code, "ResourceNotFoundException");
+        assert_eq!(f.record.data().len(), 100, "the failure carries the data");
+        assert!(f.attempts >= 1);
+    }
+    let stats = producer.stats();
+    assert_eq!(stats.user_records_failed, 1_000);
+    assert_eq!(stats.entry_retries, 0, "permanent errors are not retried");
+}
+
+#[tokio::test]
+async fn failures_nobody_subscribed_to_are_counted_and_stop_still_returns() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("unobserved", 1).await;
+    let producer = producer_for(&kinesis.endpoint, "unobserved", |b| b).await;
+    kinesis
+        .client
+        .delete_stream()
+        .stream_name("unobserved")
+        .send()
+        .await
+        .unwrap();
+    for i in 0..50 {
+        producer.put("x", format!("k{i}")).await.unwrap();
+    }
+    producer.stop().await;
+    let stats = producer.stats();
+    assert_eq!(stats.failures_unobserved, 50);
+    assert_eq!(stats.user_records_pending, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_reports_every_record_when_the_endpoint_is_down() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("outage", 2).await;
+    let proxy = Proxy::start(&kinesis.endpoint).await;
+    let producer = producer_for(&proxy.endpoint, "outage", |b| {
+        b.retry_base_delay(Duration::from_millis(20))
+            .request_timeout(Duration::from_millis(500))
+    })
+    .await;
+    let failures = producer.notify_failures();
+    proxy.down();
+    for i in 0..300 {
+        producer.put(vec![1u8; 50], format!("k{i}")).await.unwrap();
+    }
+    let started = Instant::now();
+    producer.stop_within(Duration::from_secs(2)).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "stop took {took:?}");
+    let failed = drain(failures).await;
+    assert_eq!(failed.len(), 300, "every record is reported");
+    assert!(failed.iter().all(|f| f.error.kind == FailureKind::Stopped));
+    assert!(failed.iter().all(|f| f.attempts >= 1));
+    assert_eq!(producer.stats().user_records_pending, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_outage_heals_without_losing_a_record() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("blip", 2).await;
+    let proxy = Proxy::start(&kinesis.endpoint).await;
+    let producer = producer_for(&proxy.endpoint, "blip", |b| {
+        b.retry_base_delay(Duration::from_millis(20))
+            .retry_max_delay(Duration::from_millis(200))
+    })
+    .await;
+    let failures = producer.notify_failures();
+    proxy.down();
+    for i in 0..500 {
+        producer
+            .put(format!("v{i}"), format!("k{i}"))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    proxy.up();
+    producer.flush().await;
+    assert_eq!(producer.stats().user_records_put, 500);
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty());
+    assert!(producer.stats().entry_retries > 0);
+    assert_eq!(kinesis.read_all("blip").await.len(), 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_put_from_many_tasks_while_stop_is_called_are_each_accounted_for() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("race", 4).await;
+    let producer = producer_for(&kinesis.endpoint, "race", |b| b).await;
+    let failures = producer.notify_failures();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let producer = producer.clone();
+        let (accepted, refused) = (accepted.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0.. {
+                match producer.put(format!("{t}/{i}"), format!("{t}-{i}")).await {
+                    Ok(()) => accepted.fetch_add(1, Ordering::SeqCst),
+                    Err(e) => {
+                        assert_eq!(e.reason(), &PutRefusal::Stopped);
+                        assert_eq!(e.into_record().data(), &format!("{t}/{i}"));
+                        refused.fetch_add(1, Ordering::SeqCst);
+                        break;
+                    }
+                };
+                if i % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    producer.stop().await;
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let failed = drain(failures).await.len() as u64;
+    let stats = producer.stats();
+    let accepted = accepted.load(Ordering::SeqCst);
+    assert!(accepted > 0);
+    assert_eq!(
+        refused.load(Ordering::SeqCst),
+        8,
+        "each task saw exactly one refusal"
+    );
+    assert_eq!(stats.user_records_put + failed, accepted);
+    assert_eq!(stats.user_records_received, accepted);
+    assert_eq!(
+        kinesis.read_all("race").await.len() as u64,
+        stats.user_records_put
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_put_refuses_when_the_backlog_is_full_and_put_blocking_waits() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("backlog", 1).await;
+    let proxy = Proxy::start(&kinesis.endpoint).await;
+    let producer = producer_for(&proxy.endpoint, "backlog", |b| {
+        b.max_backlog_records(10)
+            .retry_base_delay(Duration::from_millis(10))
+            .retry_max_delay(Duration::from_millis(50))
+    })
+    .await;
+    proxy.down();
+    for i in 0..10 {
+        producer
+            .try_put(UserRecord::new("x", format!("k{i}")))
+            .unwrap();
+    }
+    let full = producer.try_put(UserRecord::new("x", "k10")).unwrap_err();
+    assert_eq!(full.reason(), &PutRefusal::BacklogFull);
+    assert_eq!(full.into_record().partition_key(), "k10");
+
+    // On a runtime thread, the blocking put refuses rather than stall the runtime.
+    let refused = producer
+        .put_blocking(UserRecord::new("x", "k"))
+        .unwrap_err();
+    assert_eq!(refused.reason(), &PutRefusal::BlockingInAsyncContext);
+
+    // From a plain thread it waits for room, which comes once the endpoint is back.
+    let blocking = {
+        let producer = producer.clone();
+        std::thread::spawn(move || producer.put_blocking(UserRecord::new("y", "k11")))
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !blocking.is_finished(),
+        "put_blocking waits while the backlog is full"
+    );
+    proxy.up();
+    tokio::task::spawn_blocking(move || blocking.join().unwrap())
+        .await
+        .unwrap()
+        .expect("accepted once there is room");
+    producer.flush().await;
+    assert_eq!(producer.stats().user_records_put, 11);
+    producer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_returns_once_earlier_records_are_acknowledged() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("flush", 2).await;
+    // A long buffering time: only flush can make these go out quickly.
+    let producer = producer_for(&kinesis.endpoint, "flush", |b| {
+        b.record_max_buffered_time(Duration::from_secs(60))
+    })
+    .await;
+    for i in 0..1_234 {
+        producer.put(format!("{i}"), format!("k{i}")).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(10), producer.flush())
+        .await
+        .expect("flush does not wait for the buffering time");
+    assert_eq!(producer.stats().user_records_put, 1_234);
+    producer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_shard_is_noticed_and_the_map_reloaded() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("split", 1).await;
+    let producer = producer_for(&kinesis.endpoint, "split", |b| b).await;
+    assert_eq!(producer.shard_map().len(), 1);
+    kinesis
+        .client
+        .split_shard()
+        .stream_name("split")
+        .shard_to_split("shardId-000000000000")
+        .new_starting_hash_key((1u128 << 127).to_string())
+        .send()
+        .await
+        .unwrap();
+    kinesis.wait_active("split").await;
+    let failures = producer.notify_failures();
+    for round in 0..20 {
+        for i in 0..100 {
+            producer.put("x", format!("{round}-{i}")).await.unwrap();
+        }
+        producer.flush().await;
+        if producer.shard_map().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(producer.shard_map().len(), 2, "the map was reloaded");
+    assert!(producer.stats().shard_map_refreshes >= 1);
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty());
+}

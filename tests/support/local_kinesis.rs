@@ -1,0 +1,182 @@
+//! An embedded Kinesis (ferrokinesis) on 127.0.0.1, with helpers to create streams and read
+//! them back. Shared by the integration tests and the quickstart example.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_kinesis::types::{ShardIteratorType, StreamStatus};
+use aws_sdk_kinesis::Client;
+use axum::extract::DefaultBodyLimit;
+use ferrokinesis::store::StoreOptions;
+use kinesis_producer::{deaggregate, DeaggregatedRecord};
+
+pub struct LocalKinesis {
+    pub endpoint: String,
+    pub client: Client,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// One user record as a consumer reads it.
+#[derive(Debug, Clone)]
+pub struct ReadRecord {
+    pub shard_id: String,
+    pub sequence_number: String,
+    pub record: DeaggregatedRecord,
+}
+
+impl LocalKinesis {
+    /// Starts the server. With `enforce_limits`, it throttles each shard to 1 MiB/s and
+    /// 1000 records/s, as Kinesis does.
+    pub async fn start(enforce_limits: bool) -> Self {
+        let (app, _store) = ferrokinesis::create_app(StoreOptions {
+            create_stream_ms: 0,
+            update_stream_ms: 0,
+            delete_stream_ms: 0,
+            shard_limit: 1000,
+            enforce_limits,
+            ..Default::default()
+        });
+        // axum's default 2 MB body limit would refuse full 5 MiB PutRecords requests.
+        let app = app.layer(DefaultBodyLimit::max(16 << 20));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let endpoint = format!("http://{}", listener.local_addr().expect("local addr"));
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let client = client_for(&endpoint);
+        LocalKinesis {
+            endpoint,
+            client,
+            server,
+        }
+    }
+
+    pub async fn create_stream(&self, name: &str, shards: i32) {
+        self.client
+            .create_stream()
+            .stream_name(name)
+            .shard_count(shards)
+            .send()
+            .await
+            .expect("CreateStream");
+        self.wait_active(name).await;
+    }
+
+    pub async fn wait_active(&self, name: &str) {
+        for _ in 0..200 {
+            let summary = self
+                .client
+                .describe_stream_summary()
+                .stream_name(name)
+                .send()
+                .await
+                .expect("DescribeStreamSummary");
+            if summary
+                .stream_description_summary()
+                .map(|s| s.stream_status() == &StreamStatus::Active)
+                .unwrap_or(false)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("stream {name} never became ACTIVE");
+    }
+
+    /// Every user record in the stream, from every shard (open or closed), de-aggregated.
+    pub async fn read_all(&self, stream: &str) -> Vec<ReadRecord> {
+        let mut out = Vec::new();
+        let shards = self
+            .client
+            .list_shards()
+            .stream_name(stream)
+            .send()
+            .await
+            .expect("ListShards");
+        for shard in shards.shards() {
+            let mut iterator = self
+                .client
+                .get_shard_iterator()
+                .stream_name(stream)
+                .shard_id(shard.shard_id())
+                .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                .send()
+                .await
+                .expect("GetShardIterator")
+                .shard_iterator
+                .expect("an iterator");
+            loop {
+                let page = self
+                    .client
+                    .get_records()
+                    .shard_iterator(&iterator)
+                    .limit(10_000)
+                    .send()
+                    .await
+                    .expect("GetRecords");
+                for record in page.records() {
+                    let users = deaggregate(
+                        record.data().as_ref().to_vec(),
+                        record.partition_key().unwrap_or_default(),
+                    )
+                    .expect("every aggregate in the stream decodes");
+                    out.extend(users.into_iter().map(|user| ReadRecord {
+                        shard_id: shard.shard_id().to_owned(),
+                        sequence_number: record.sequence_number().to_owned(),
+                        record: user,
+                    }));
+                }
+                match page.next_shard_iterator() {
+                    Some(next) if !page.records().is_empty() => iterator = next.to_owned(),
+                    _ => break,
+                }
+            }
+        }
+        out
+    }
+
+    /// Hash key ranges of every shard, by shard id.
+    pub async fn hash_ranges(&self, stream: &str) -> HashMap<String, (u128, u128)> {
+        let shards = self
+            .client
+            .list_shards()
+            .stream_name(stream)
+            .send()
+            .await
+            .expect("ListShards");
+        shards
+            .shards()
+            .iter()
+            .map(|s| {
+                let range = s.hash_key_range().expect("range");
+                (
+                    s.shard_id().to_owned(),
+                    (
+                        range.starting_hash_key().parse().expect("decimal"),
+                        range.ending_hash_key().parse().expect("decimal"),
+                    ),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for LocalKinesis {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A real aws-sdk-kinesis client for a local endpoint, with static test credentials.
+pub fn client_for(endpoint: &str) -> Client {
+    let config = aws_sdk_kinesis::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("test", "test", None, None, "local"))
+        .build();
+    Client::from_conf(config)
+}

@@ -1,0 +1,2 @@
+pub mod local_kinesis;
+pub mod proxy;
