@@ -1,1 +1,126 @@
-fn main() {}
+//! The producer's hot path, without a runtime or a network: packing user records into KPL
+//! aggregates (encoding and MD5 included), and hashing + routing a record to its shard.
+//!
+//! `cargo bench --bench aggregation` prints records/s (elements) and MB/s (bytes).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use kinesis_producer::aggregation::{AggregateBuilder, AggregateLimits};
+use kinesis_producer::record::partition_key_hash;
+use kinesis_producer::{ShardMap, ShardRange, UserRecord};
+
+const RECORDS: usize = 20_000;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A random key shaped like a UUID (36 characters), as the default partitioner makes.
+    fn uuid_key(&mut self) -> String {
+        let hex = format!("{:016x}{:016x}", self.next(), self.next());
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        )
+    }
+}
+
+fn workload(size: usize) -> Vec<UserRecord> {
+    let mut rng = Rng(42);
+    (0..RECORDS)
+        .map(|_| {
+            let data: Vec<u8> = (0..size).map(|_| rng.next() as u8).collect();
+            UserRecord::new(data, rng.uuid_key())
+        })
+        .collect()
+}
+
+/// Packs every record into as many aggregates as it takes; returns the encoded bytes.
+fn aggregate_all(records: Vec<UserRecord>) -> usize {
+    let mut builder = AggregateBuilder::new(AggregateLimits::default());
+    let mut encoded = 0;
+    for record in records {
+        if let Err(record) = builder.try_push(record) {
+            encoded += builder.finish().map_or(0, |(entry, _)| entry.data.len());
+            let _ = builder.try_push(record);
+        }
+    }
+    encoded + builder.finish().map_or(0, |(entry, _)| entry.data.len())
+}
+
+fn aggregation(c: &mut Criterion) {
+    for size in [100, 1024] {
+        let records = workload(size);
+        let bytes: usize = records.iter().map(UserRecord::kinesis_size).sum();
+        let mut group = c.benchmark_group(format!("aggregate/{size}B-records"));
+        group.throughput(Throughput::Elements(RECORDS as u64));
+        group.bench_function("records", |b| {
+            b.iter_batched(
+                || records.clone(),
+                |r| black_box(aggregate_all(r)),
+                BatchSize::LargeInput,
+            )
+        });
+        group.throughput(Throughput::Bytes(bytes as u64));
+        group.bench_function("bytes", |b| {
+            b.iter_batched(
+                || records.clone(),
+                |r| black_box(aggregate_all(r)),
+                BatchSize::LargeInput,
+            )
+        });
+        group.finish();
+    }
+}
+
+fn uniform_map(shards: usize) -> ShardMap {
+    let width = u128::MAX / shards as u128;
+    ShardMap::new(
+        (0..shards)
+            .map(|i| ShardRange {
+                shard_id: Arc::from(format!("shardId-{i:012}")),
+                start: width * i as u128,
+                end: if i + 1 == shards {
+                    u128::MAX
+                } else {
+                    width * (i as u128 + 1) - 1
+                },
+            })
+            .collect(),
+    )
+}
+
+fn hash_and_route(c: &mut Criterion) {
+    let mut rng = Rng(7);
+    let keys: Vec<String> = (0..RECORDS).map(|_| rng.uuid_key()).collect();
+    let mut group = c.benchmark_group("hash-and-route");
+    group.throughput(Throughput::Elements(RECORDS as u64));
+    for shards in [1, 4, 500, 10_000] {
+        let map = uniform_map(shards);
+        group.bench_function(format!("{shards}-shards"), |b| {
+            b.iter(|| {
+                let mut sum = 0usize;
+                for key in &keys {
+                    sum += map.shard_index(partition_key_hash(key)).unwrap_or(0);
+                }
+                black_box(sum)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, aggregation, hash_and_route);
+criterion_main!(benches);

@@ -1,1 +1,254 @@
-fn main() {}
+//! `kinesis-producer put`: ships stdin to a Kinesis stream through the producer, one record per
+//! line.
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kinesis_producer::{Producer, UserRecord};
+use serde::Deserialize;
+
+#[derive(Parser)]
+#[command(name = "kinesis-producer", version, about = "A KPL-compatible Kinesis producer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reads stdin, one record per line, and puts every line into the stream.
+    Put(PutArgs),
+}
+
+#[derive(clap::Args)]
+struct PutArgs {
+    /// Name of the stream.
+    #[arg(long, required_unless_present = "stream_arn", conflicts_with = "stream_arn")]
+    stream_name: Option<String>,
+    /// ARN of the stream.
+    #[arg(long)]
+    stream_arn: Option<String>,
+    /// AWS region (default: from the environment or profile).
+    #[arg(long)]
+    region: Option<String>,
+    /// Endpoint to send requests to (default: AWS_ENDPOINT_URL, else the region's endpoint).
+    #[arg(long)]
+    endpoint_url: Option<String>,
+    /// How to read each line.
+    #[arg(long, value_enum, default_value_t = Input::Lines)]
+    input: Input,
+    /// With --input lines: one partition key for every record (default: a random UUID each).
+    #[arg(long)]
+    partition_key: Option<String>,
+    /// Most PutRecords requests in flight.
+    #[arg(long)]
+    max_in_flight: Option<usize>,
+    /// How long a record may wait to be batched, in milliseconds.
+    #[arg(long)]
+    record_max_buffered_time_ms: Option<u64>,
+    /// Sends one Kinesis record per line instead of KPL aggregates.
+    #[arg(long)]
+    no_aggregation: bool,
+    /// Largest record (data + partition key) in bytes.
+    #[arg(long)]
+    max_record_size: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Input {
+    /// Data = the line without its line ending.
+    Lines,
+    /// Each line is {"partition_key": ..., "explicit_hash_key": ..., "data" | "data_base64": ...}.
+    Jsonl,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonRecord {
+    partition_key: String,
+    explicit_hash_key: Option<String>,
+    data: Option<String>,
+    data_base64: Option<String>,
+}
+
+fn parse_jsonl(line: &[u8]) -> Result<UserRecord, String> {
+    let parsed: JsonRecord = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    let data = match (parsed.data, parsed.data_base64) {
+        (Some(text), None) => text.into_bytes(),
+        (None, Some(encoded)) => aws_smithy_types::base64::decode(&encoded)
+            .map_err(|e| format!("data_base64 is not valid base64: {e}"))?,
+        (Some(_), Some(_)) => return Err("give either data or data_base64, not both".into()),
+        (None, None) => return Err("missing field `data` (or `data_base64`)".into()),
+    };
+    let record = UserRecord::new(data, parsed.partition_key);
+    Ok(match parsed.explicit_hash_key {
+        Some(ehk) => record.with_explicit_hash_key(ehk),
+        None => record,
+    })
+}
+
+/// Problems found in the input and at put: each is printed as a JSON line and makes the exit
+/// code non-zero.
+#[derive(Default)]
+struct InputTally {
+    lines: AtomicU64,
+    malformed: AtomicU64,
+    refused: AtomicU64,
+}
+
+fn report(value: serde_json::Value) {
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "{value}");
+}
+
+/// Reads stdin on this (plain) thread and puts each record, blocking while the backlog is full.
+fn read_input(producer: &Producer, args: &PutArgs, tally: &InputTally) -> std::io::Result<()> {
+    let mut stdin = std::io::stdin().lock();
+    let mut line = Vec::new();
+    let mut number = 0u64;
+    loop {
+        line.clear();
+        if stdin.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        number += 1;
+        tally.lines.fetch_add(1, Ordering::Relaxed);
+        if line.last() == Some(&b'\n') {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+        }
+        let record = match args.input {
+            Input::Lines => {
+                let key = args
+                    .partition_key
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+                UserRecord::new(line.clone(), key)
+            }
+            Input::Jsonl => match parse_jsonl(&line) {
+                Ok(record) => record,
+                Err(error) => {
+                    tally.malformed.fetch_add(1, Ordering::Relaxed);
+                    report(serde_json::json!({"line": number, "error": "malformed input", "reason": error}));
+                    continue;
+                }
+            },
+        };
+        if let Err(error) = producer.put_blocking(record) {
+            tally.refused.fetch_add(1, Ordering::Relaxed);
+            report(serde_json::json!({
+                "line": number,
+                "error": "refused",
+                "partition_key": error.record().partition_key(),
+                "reason": error.reason().to_string(),
+            }));
+        }
+    }
+}
+
+async fn put(args: PutArgs) -> Result<bool, String> {
+    let mut builder = Producer::builder();
+    builder = match (&args.stream_name, &args.stream_arn) {
+        (Some(name), _) => builder.stream_name(name),
+        (None, Some(arn)) => builder.stream_arn(arn),
+        (None, None) => return Err("give --stream-name or --stream-arn".into()),
+    };
+    if let Some(region) = &args.region {
+        builder = builder.region(region);
+    }
+    if let Some(url) = &args.endpoint_url {
+        builder = builder.endpoint_url(url);
+    }
+    if let Some(n) = args.max_in_flight {
+        builder = builder.max_in_flight(n);
+    }
+    if let Some(ms) = args.record_max_buffered_time_ms {
+        builder = builder.record_max_buffered_time(Duration::from_millis(ms));
+    }
+    if let Some(size) = args.max_record_size {
+        builder = builder.max_record_size(size);
+    }
+    let producer = builder
+        .aggregation(!args.no_aggregation)
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let started = Instant::now();
+    let mut failures = producer.notify_failures();
+    let failed = Arc::new(AtomicU64::new(0));
+    let printer = {
+        let failed = Arc::clone(&failed);
+        tokio::spawn(async move {
+            while let Some(f) = failures.recv().await {
+                failed.fetch_add(1, Ordering::Relaxed);
+                report(serde_json::json!({
+                    "error": "failed",
+                    "partition_key": f.record.partition_key(),
+                    "explicit_hash_key": f.record.explicit_hash_key(),
+                    "code": &*f.error.code,
+                    "reason": f.error.to_string(),
+                    "attempts": f.attempts,
+                    "shard_id": f.shard_id.as_deref(),
+                }));
+            }
+        })
+    };
+    let tally = Arc::new(InputTally::default());
+    let reader = {
+        let (producer, tally) = (producer.clone(), Arc::clone(&tally));
+        std::thread::spawn(move || read_input(&producer, &args, &tally))
+    };
+    let read = tokio::task::spawn_blocking(move || reader.join())
+        .await
+        .map_err(|e| e.to_string())?;
+    producer.stop().await;
+    let _ = printer.await;
+
+    let stats = producer.stats();
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let failures = failed.load(Ordering::Relaxed);
+    eprintln!(
+        "records={} bytes={} kinesis_records={} requests={} retries={} failures={} malformed={} refused={} seconds={:.3}",
+        stats.user_records_put,
+        stats.user_record_bytes_put,
+        stats.kinesis_records_put,
+        stats.requests,
+        stats.entry_retries,
+        failures,
+        get(&tally.malformed),
+        get(&tally.refused),
+        started.elapsed().as_secs_f64()
+    );
+    match read {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("reading stdin failed: {e}")),
+        Err(_) => return Err("the input thread panicked".into()),
+    }
+    Ok(get(&tally.malformed) == 0
+        && get(&tally.refused) == 0
+        && failures == 0
+        && stats.user_records_put == get(&tally.lines))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Put(args) => put(args).await,
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(message) => {
+            eprintln!("kinesis-producer: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
