@@ -25,7 +25,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let kinesis = local_kinesis::LocalKinesis::start(false).await;
     kinesis.create_stream(STREAM, 4).await;
-    println!("embedded Kinesis at {}, stream {STREAM:?} with 4 shards", kinesis.endpoint);
+    println!(
+        "embedded Kinesis at {}, stream {STREAM:?} with 4 shards",
+        kinesis.endpoint
+    );
 
     let producer = Producer::builder()
         .stream_name(STREAM)
@@ -37,7 +40,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut n = 0u64;
         while let Some(failed) = failures.recv().await {
             if n < 5 {
-                eprintln!("failed: {} ({})", failed.error, failed.record.partition_key());
+                eprintln!(
+                    "failed: {} ({})",
+                    failed.error,
+                    failed.record.partition_key()
+                );
             }
             n += 1;
         }
@@ -86,7 +93,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("records read back:              {}", read.len());
     println!("missing / duplicated / on wrong shard: {missing} / {duplicated} / {misplaced}");
     println!("put → stop:                     {secs:.2} s");
-    println!("records/s:                      {:.0}", stats.user_records_put as f64 / secs);
+    println!(
+        "records/s:                      {:.0}",
+        stats.user_records_put as f64 / secs
+    );
     println!(
         "user records per Kinesis record: {:.1}",
         stats.user_records_put as f64 / stats.kinesis_records_put.max(1) as f64

@@ -32,8 +32,8 @@ pub(crate) struct RecordMeta {
 pub(crate) struct Outgoing {
     pub entry: KinesisEntry,
     pub records: Vec<UserRecord>,
-    /// Flush epochs of the records, run-length encoded.
-    pub epochs: Vec<(u64, u64)>,
+    /// One per record, in the same order.
+    pub metas: Vec<RecordMeta>,
     pub backlog_bytes: usize,
     /// `put` time of the oldest record: its buffering deadline and TTL count from here.
     pub oldest_put: Instant,
@@ -47,24 +47,19 @@ impl Outgoing {
     fn new(
         entry: KinesisEntry,
         records: Vec<UserRecord>,
-        metas: &[RecordMeta],
+        metas: Vec<RecordMeta>,
         shard_id: Option<Arc<str>>,
     ) -> Self {
-        let mut epochs: Vec<(u64, u64)> = Vec::with_capacity(1);
-        let mut backlog_bytes = 0;
-        let mut oldest_put = metas[0].put_at;
-        for meta in metas {
-            backlog_bytes += meta.backlog_bytes as usize;
-            oldest_put = oldest_put.min(meta.put_at);
-            match epochs.last_mut() {
-                Some((epoch, count)) if *epoch == meta.epoch => *count += 1,
-                _ => epochs.push((meta.epoch, 1)),
-            }
-        }
+        let backlog_bytes = metas.iter().map(|m| m.backlog_bytes as usize).sum();
+        let oldest_put = metas
+            .iter()
+            .map(|m| m.put_at)
+            .min()
+            .unwrap_or_else(Instant::now);
         Outgoing {
             entry,
             records,
-            epochs,
+            metas,
             backlog_bytes,
             oldest_put,
             shard_id,
@@ -76,6 +71,18 @@ impl Outgoing {
     /// Bytes this record counts against the PutRecords request limit.
     pub fn request_size(&self) -> usize {
         self.entry.data.len() + self.entry.partition_key.len()
+    }
+
+    /// The records' flush epochs, as (epoch, count) runs.
+    pub fn epoch_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::with_capacity(1);
+        for meta in &self.metas {
+            match runs.last_mut() {
+                Some((epoch, count)) if *epoch == meta.epoch => *count += 1,
+                _ => runs.push((meta.epoch, 1)),
+            }
+        }
+        runs
     }
 }
 
@@ -90,6 +97,8 @@ pub(crate) struct Routing {
 struct Slot {
     builder: AggregateBuilder,
     metas: Vec<RecordMeta>,
+    /// The earliest `put` among the records held: the aggregate's deadline counts from here.
+    earliest_put: Option<Instant>,
     /// Bumped whenever the aggregate is taken out, so that an old timer does not flush a newer
     /// aggregate early.
     cycle: u64,
@@ -104,6 +113,7 @@ impl Routing {
                 Mutex::new(Slot {
                     builder: AggregateBuilder::new(limits),
                     metas: Vec::new(),
+                    earliest_put: None,
                     cycle: 0,
                     retired: false,
                 })
@@ -176,7 +186,7 @@ fn add_to_slot(
         shared.send(Inbound::Record(Outgoing::new(
             entry,
             vec![record],
-            &[meta],
+            vec![meta],
             routing.shard_id(index),
         )));
         return;
@@ -191,14 +201,19 @@ fn add_to_slot(
             shared.send(Inbound::Record(Outgoing::new(
                 entry,
                 vec![record],
-                &[meta],
+                vec![meta],
                 shard_id,
             )));
             return;
         }
     }
     slot.metas.push(meta);
-    if slot.metas.len() == 1 {
+    // A deadline for the first record, and again for a re-routed record older than those held.
+    if slot
+        .earliest_put
+        .is_none_or(|earliest| meta.put_at < earliest)
+    {
+        slot.earliest_put = Some(meta.put_at);
         shared.send(Inbound::Deadline {
             at: meta.put_at + shared.config.record_max_buffered_time,
             generation: routing.generation,
@@ -212,12 +227,13 @@ fn add_to_slot(
 /// locked, so the sender sees a shard's aggregates in order.
 fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) {
     slot.cycle += 1;
+    slot.earliest_put = None;
     if let Some((entry, records)) = slot.builder.finish() {
         let metas = std::mem::take(&mut slot.metas);
         shared.send(Inbound::Record(Outgoing::new(
             entry,
             records,
-            &metas,
+            metas,
             routing.shard_id(index),
         )));
     }
@@ -266,11 +282,25 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
         let (records, metas) = {
             let mut slot = lock(slot);
             slot.retired = true;
+            slot.earliest_put = None;
             (slot.builder.take_records(), std::mem::take(&mut slot.metas))
         };
-        for (record, meta) in records.into_iter().zip(metas) {
-            // Re-routing is never refused, so this cannot hand the record back.
-            let _ = enqueue(shared, record, meta, Admission::Reroute);
+        reroute(shared, records, metas);
+    }
+}
+
+/// Routes records the producer already holds again, under the current map (after a reshard).
+pub(crate) fn reroute(shared: &Shared, records: Vec<UserRecord>, metas: Vec<RecordMeta>) {
+    for (record, meta) in records.into_iter().zip(metas) {
+        if let Err(record) = enqueue(shared, record, meta, Admission::Reroute) {
+            // Unreachable by construction (re-routing ignores `stop`), but never drop a record.
+            let entry = plain_entry(&record);
+            shared.send(Inbound::Record(Outgoing::new(
+                entry,
+                vec![record],
+                vec![meta],
+                None,
+            )));
         }
     }
 }

@@ -51,8 +51,8 @@ pub(crate) struct Config {
 /// | `stream_name` / `stream_arn` | — (one is required) | |
 /// | `client` | built from aws-config's default chain | |
 /// | `region`, `endpoint_url` | from the environment (`AWS_REGION`, `AWS_ENDPOINT_URL`) | |
-/// | `max_backlog_records` | 100,000 | ≥ 1 |
-/// | `max_backlog_bytes` | 64 MiB | ≥ `max_record_size` |
+/// | `max_backlog_records` | 100,000 | 1 ..= 2^60 |
+/// | `max_backlog_bytes` | 64 MiB | ≥ `max_record_size` + 64 |
 /// | `max_record_size` | 1 MiB | 1 KiB ..= 10 MiB |
 /// | `aggregation` | on | |
 /// | `aggregation_max_size` | 51,200 B | 64 B ..= `max_record_size` − 1 KiB |
@@ -60,7 +60,7 @@ pub(crate) struct Config {
 /// | `collection_max_count` | 500 | 1 ..= 500 |
 /// | `collection_max_size` | 5 MiB | `max_record_size` ..= 10 MiB |
 /// | `record_max_buffered_time` | 100 ms | 1 ms ..= 1 h |
-/// | `record_ttl` | 30 s | 100 ms ..= 1 day |
+/// | `record_ttl` | 30 s | 100 ms ..= 1 day, > `record_max_buffered_time` |
 /// | `max_in_flight` | 24 | 1 ..= 1,024 |
 /// | `request_timeout` | 6 s | 100 ms ..= 10 min |
 /// | `retry_base_delay` | 100 ms | 1 ms ..= `retry_max_delay` |
@@ -229,17 +229,23 @@ impl ProducerBuilder {
             return Err(invalid("stream", "\"\"", "a non-empty stream name or ARN"));
         }
         let d = self.config;
-        check_range("max_backlog_records", d.max_backlog_records, 1, usize::MAX)?;
+        check_range(
+            "max_backlog_records",
+            d.max_backlog_records,
+            1,
+            usize::MAX >> 4,
+        )?;
         check_range(
             "max_record_size",
             d.max_record_size,
             1024,
             MAX_RECORD_SIZE_LIMIT,
         )?;
+        // Room for the largest record and its explicit hash key (39 digits at most).
         check_range(
             "max_backlog_bytes",
             d.max_backlog_bytes,
-            d.max_record_size,
+            d.max_record_size + 64,
             usize::MAX >> 4,
         )?;
         check_range(
@@ -276,6 +282,16 @@ impl ProducerBuilder {
             secs(3600),
         )?;
         check_duration("record_ttl", d.record_ttl, ms(100), secs(86_400))?;
+        if d.record_ttl <= d.record_max_buffered_time {
+            return Err(invalid(
+                "record_ttl",
+                format!("{:?}", d.record_ttl),
+                format!(
+                    "longer than record_max_buffered_time ({:?}), or records expire before they are sent",
+                    d.record_max_buffered_time
+                ),
+            ));
+        }
         check_duration("request_timeout", d.request_timeout, ms(100), secs(600))?;
         check_duration("retry_max_delay", d.retry.max_delay, ms(1), secs(600))?;
         check_duration(
@@ -392,6 +408,17 @@ mod tests {
         assert!(e.contains("max_in_flight = 0"), "{e}");
         let e = error_of(base().record_ttl(Duration::from_millis(1))).await;
         assert!(e.contains("record_ttl"), "{e}");
+        let e = error_of(
+            base()
+                .record_max_buffered_time(Duration::from_secs(1))
+                .record_ttl(Duration::from_millis(500)),
+        )
+        .await;
+        assert!(e.contains("longer than record_max_buffered_time"), "{e}");
+        let e = error_of(base().max_backlog_bytes(1 << 20)).await;
+        assert!(e.contains("max_backlog_bytes"), "{e}");
+        let e = error_of(base().max_backlog_records(usize::MAX)).await;
+        assert!(e.contains("max_backlog_records"), "{e}");
         let e = error_of(base().max_record_size(6 << 20)).await;
         assert!(e.contains("collection_max_size"), "{e}");
         let e = error_of(ProducerBuilder::default()).await;

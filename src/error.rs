@@ -71,6 +71,16 @@ pub struct DeliveryError {
     pub kind: FailureKind,
 }
 
+impl DeliveryError {
+    pub(crate) fn stopped(message: &str) -> Self {
+        DeliveryError {
+            code: "Stopped".into(),
+            message: message.into(),
+            kind: FailureKind::Stopped,
+        }
+    }
+}
+
 /// What made a failure final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]

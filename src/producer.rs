@@ -34,6 +34,8 @@ pub(crate) enum Inbound {
     Flush,
     /// Send everything, then end; at `deadline`, report what is left as failed.
     Stop { deadline: Instant },
+    /// A shard map reload finished (whether or not the map changed, or the reload failed).
+    MapRefreshed,
 }
 
 /// State shared by the handle, the put path, the sender task and request tasks.
@@ -50,7 +52,12 @@ pub(crate) struct Shared {
     pub stats: Counters,
     inbound: mpsc::UnboundedSender<Inbound>,
     failures: Mutex<Option<mpsc::UnboundedSender<FailedRecord>>>,
+    /// A reload task is running.
     refreshing: AtomicBool,
+    /// Someone asked for a reload the running task has not started yet.
+    refresh_wanted: AtomicBool,
+    /// `stop` has closed the producer and flushed the aggregators.
+    stop_begun: AtomicBool,
     /// Becomes true when the sender task has ended: every record is acknowledged or failed.
     pub done: watch::Sender<bool>,
 }
@@ -71,19 +78,13 @@ impl Shared {
     }
 
     pub fn send(&self, message: Inbound) {
-        if let Err(mpsc::error::SendError(message)) = self.inbound.send(message) {
+        if let Err(mpsc::error::SendError(Inbound::Record(outgoing))) = self.inbound.send(message) {
             // Only when the sender task is gone (its runtime shut down): nothing will send
             // this record, so it fails here rather than vanish.
-            if let Inbound::Record(outgoing) = message {
-                self.fail(
-                    outgoing,
-                    DeliveryError {
-                        code: "Stopped".into(),
-                        message: "the producer's sender task is no longer running".into(),
-                        kind: crate::FailureKind::Stopped,
-                    },
-                );
-            }
+            self.fail(
+                outgoing,
+                DeliveryError::stopped("the producer's sender task is no longer running"),
+            );
         }
     }
 
@@ -139,45 +140,61 @@ impl Shared {
     fn release(&self, outgoing: &Outgoing) {
         self.backlog
             .release(outgoing.records.len(), outgoing.backlog_bytes);
-        for &(epoch, count) in &outgoing.epochs {
+        for (epoch, count) in outgoing.epoch_runs() {
             self.backlog.leave_epoch(epoch, count);
         }
     }
 
-    /// Reloads the shard map in the background; concurrent requests share one reload.
+    /// Reloads the shard map in the background. Requests made while a reload runs are served
+    /// by one more reload after it; reloads are at least a second apart. The sender hears of
+    /// each finished reload, so records waiting for a newer map never wait for nothing.
     pub fn request_refresh(self: &Arc<Self>) {
-        if self.closed.load(Ordering::SeqCst) || self.refreshing.swap(true, Ordering::SeqCst) {
+        self.refresh_wanted.store(true, Ordering::SeqCst);
+        if self.refreshing.swap(true, Ordering::SeqCst) {
             return;
         }
         let shared = Arc::clone(self);
         tokio::spawn(async move {
-            match load_shard_map(&shared.client, &shared.config.stream).await {
-                Ok(map) => {
-                    add(&shared.stats.shard_map_refreshes, 1);
-                    aggregator::install_map(&shared, map);
+            loop {
+                while shared.refresh_wanted.swap(false, Ordering::SeqCst) {
+                    match load_shard_map(&shared.client, &shared.config.stream).await {
+                        Ok(map) => {
+                            add(&shared.stats.shard_map_refreshes, 1);
+                            aggregator::install_map(&shared, map);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "shard map reload failed"),
+                    }
+                    shared.send(Inbound::MapRefreshed);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                Err(e) => tracing::warn!(error = %e, "shard map reload failed"),
+                shared.refreshing.store(false, Ordering::SeqCst);
+                // A request that arrived just before `refreshing` was cleared found it set and
+                // left: serve it here unless another task already took over.
+                if !shared.refresh_wanted.load(Ordering::SeqCst)
+                    || shared.refreshing.swap(true, Ordering::SeqCst)
+                {
+                    break;
+                }
             }
-            // At most one reload a second, however many results disagree with the map.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            shared.refreshing.store(false, Ordering::SeqCst);
         });
     }
 
     /// Refuses new records, hands every aggregate to the sender and tells it to finish by
-    /// `deadline`. Safe to call more than once: later calls do nothing.
+    /// `deadline`. Safe to call more than once: the earliest deadline wins.
     fn begin_stop(&self, deadline: Instant) {
-        if self.closed.swap(true, Ordering::SeqCst) {
-            return;
+        if !self.stop_begun.swap(true, Ordering::SeqCst) {
+            self.closed.store(true, Ordering::SeqCst);
+            self.backlog.close();
+            aggregator::flush_all(self);
         }
-        self.backlog.close();
-        aggregator::flush_all(self);
         self.send(Inbound::Stop { deadline });
     }
 
     /// Called by the sender task as it ends: failure streams end after their last item.
     pub fn finish(&self) {
-        lock(&self.failures).take();
+        let mut failures = lock(&self.failures);
+        failures.take();
+        // Under the same lock as `notify_failures`, so no subscriber slips in after the end.
         self.done.send_replace(true);
     }
 }
@@ -201,7 +218,7 @@ struct Handle {
 impl Drop for Handle {
     fn drop(&mut self) {
         self.shared
-            .begin_stop(Instant::now() + self.shared.config.stop_timeout);
+            .begin_stop(deadline_after(self.shared.config.stop_timeout));
     }
 }
 
@@ -227,6 +244,8 @@ impl ProducerBuilder {
             inbound,
             failures: Mutex::new(None),
             refreshing: AtomicBool::new(false),
+            refresh_wanted: AtomicBool::new(false),
+            stop_begun: AtomicBool::new(false),
             done: watch::Sender::new(false),
             config,
             client,
@@ -351,10 +370,10 @@ impl Producer {
     /// Refuses new records, sends everything buffered, waits for requests in flight and their
     /// retries, and returns. At `timeout`, whatever is left is reported failed
     /// ([`FailureKind::Stopped`](crate::FailureKind::Stopped)) and the call returns. Calling it
-    /// again (from any clone) just waits for the same end.
+    /// again (from any clone) waits for the same end; a shorter timeout brings it forward.
     pub async fn stop_within(&self, timeout: Duration) {
         let shared = self.shared();
-        shared.begin_stop(Instant::now() + timeout);
+        shared.begin_stop(deadline_after(timeout));
         let mut done = shared.done.subscribe();
         let _ = done.wait_for(|done| *done).await;
     }
@@ -368,8 +387,9 @@ impl Producer {
     pub fn notify_failures(&self) -> FailureStream {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = self.shared();
+        let mut failures = lock(&shared.failures);
         if !*shared.done.borrow() {
-            *lock(&shared.failures) = Some(tx);
+            *failures = Some(tx);
         }
         FailureStream { rx }
     }
@@ -409,4 +429,11 @@ impl futures_core::Stream for FailureStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<FailedRecord>> {
         self.rx.poll_recv(cx)
     }
+}
+
+/// `now + timeout`, saturating far in the future instead of overflowing.
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }

@@ -32,6 +32,8 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<In
         inbound,
         pending: VecDeque::new(),
         pending_bytes: 0,
+        pending_oldest: None,
+        parked: Vec::new(),
         isolating: VecDeque::new(),
         deadlines: BinaryHeap::new(),
         retries: BinaryHeap::new(),
@@ -52,6 +54,12 @@ struct Sender {
     /// Kinesis records waiting for a request, oldest first (retries go back to the front).
     pending: VecDeque<Outgoing>,
     pending_bytes: usize,
+    /// The earliest `put` among pending records: the next request is due at this plus
+    /// `record_max_buffered_time`.
+    pending_oldest: Option<Instant>,
+    /// Aggregates written to a shard the map did not predict, waiting for the reloaded map to
+    /// tell whether that shard owns all their records.
+    parked: Vec<(Outgoing, Arc<str>)>,
     /// Halves of requests refused as a whole for invalid input, sent on their own to find the
     /// entry at fault.
     isolating: VecDeque<Vec<Outgoing>>,
@@ -117,6 +125,7 @@ impl Sender {
             if self.stop_deadline.is_some()
                 && self.pending.is_empty()
                 && self.isolating.is_empty()
+                && self.parked.is_empty()
                 && self.retries.is_empty()
                 && self.in_flight == 0
             {
@@ -139,10 +148,7 @@ impl Sender {
 
     fn handle(&mut self, message: Inbound) {
         match message {
-            Inbound::Record(outgoing) => {
-                self.pending_bytes += outgoing.request_size();
-                self.pending.push_back(outgoing);
-            }
+            Inbound::Record(outgoing) => self.enqueue_pending(outgoing, false),
             Inbound::Deadline {
                 at,
                 generation,
@@ -153,6 +159,23 @@ impl Sender {
             Inbound::Stop { deadline } => {
                 self.stop_deadline = Some(self.stop_deadline.map_or(deadline, |d| d.min(deadline)));
             }
+            Inbound::MapRefreshed => {
+                for (outgoing, actual) in std::mem::take(&mut self.parked) {
+                    self.settle_misplaced(outgoing, actual, false);
+                }
+            }
+        }
+    }
+
+    /// Queues a Kinesis record for the next request; a retry goes to the front.
+    fn enqueue_pending(&mut self, outgoing: Outgoing, front: bool) {
+        self.pending_bytes += outgoing.request_size();
+        let put = outgoing.oldest_put;
+        self.pending_oldest = Some(self.pending_oldest.map_or(put, |oldest| oldest.min(put)));
+        if front {
+            self.pending.push_front(outgoing);
+        } else {
+            self.pending.push_back(outgoing);
         }
     }
 
@@ -170,8 +193,7 @@ impl Sender {
     fn release_retries(&mut self, now: Instant) {
         while self.retries.peek().is_some_and(|Reverse(r)| r.at <= now) {
             if let Some(Reverse(retry)) = self.retries.pop() {
-                self.pending_bytes += retry.outgoing.request_size();
-                self.pending.push_front(retry.outgoing);
+                self.enqueue_pending(retry.outgoing, true);
             }
         }
     }
@@ -184,9 +206,9 @@ impl Sender {
         if let Some(Reverse(retry)) = self.retries.peek() {
             wake = wake.min(retry.at);
         }
-        if let Some(front) = self.pending.front() {
+        if let Some(oldest) = self.pending_oldest {
             if self.in_flight < self.shared.config.max_in_flight {
-                wake = wake.min(front.oldest_put + self.shared.config.record_max_buffered_time);
+                wake = wake.min(oldest + self.shared.config.record_max_buffered_time);
             }
         }
         if let Some(deadline) = self.stop_deadline {
@@ -197,14 +219,14 @@ impl Sender {
 
     fn should_send(&self, now: Instant) -> bool {
         let config = &self.shared.config;
-        let Some(front) = self.pending.front() else {
+        let Some(oldest) = self.pending_oldest else {
             return false;
         };
         self.flush_requested
             || self.stop_deadline.is_some()
             || self.pending.len() >= config.collection_max_count
             || self.pending_bytes >= config.collection_max_size
-            || front.oldest_put + config.record_max_buffered_time <= now
+            || oldest + config.record_max_buffered_time <= now
     }
 
     fn dispatch(&mut self, now: Instant) {
@@ -258,6 +280,7 @@ impl Sender {
             bytes += size;
             batch.push(outgoing);
         }
+        self.pending_oldest = self.pending.iter().map(|o| o.oldest_put).min();
         batch
     }
 
@@ -267,13 +290,17 @@ impl Sender {
             outgoing.attempts += 1;
         }
         add(&self.shared.stats.requests, 1);
-        let shared = Arc::clone(&self.shared);
         let results = self.results_tx.clone();
         let mut cancelled = self.cancel.subscribe();
+        let mut in_flight = InFlight {
+            shared: Arc::clone(&self.shared),
+            batch,
+        };
         tokio::spawn(async move {
+            let shared = Arc::clone(&in_flight.shared);
             let timeout = shared.config.request_timeout;
             let outcome = tokio::select! {
-                result = tokio::time::timeout(timeout, put_records(&shared, &batch)) => match result {
+                result = tokio::time::timeout(timeout, put_records(&shared, &in_flight.batch)) => match result {
                     Ok(Ok(output)) => Outcome::Answered(output),
                     Ok(Err(error)) => Outcome::Failed(error),
                     Err(_) => Outcome::Failed(AttemptError {
@@ -284,12 +311,12 @@ impl Sender {
                 },
                 _ = cancelled.wait_for(|cancelled| *cancelled) => Outcome::Cancelled,
             };
+            let batch = std::mem::take(&mut in_flight.batch);
             if let Err(mpsc::error::SendError(completed)) =
                 results.send(Completed { batch, outcome })
             {
-                for outgoing in completed.batch {
-                    shared.fail(outgoing, stopped("the producer's sender task ended"));
-                }
+                // The sender is gone: the guard reports these records as it drops.
+                in_flight.batch.extend(completed.batch);
             }
         });
     }
@@ -303,12 +330,18 @@ impl Sender {
                 for (outgoing, result) in batch.into_iter().zip(output.records()) {
                     match result.error_code() {
                         None => {
-                            if let (Some(expected), Some(actual)) =
-                                (&outgoing.shard_id, result.shard_id())
-                            {
-                                stale_map |= **expected != *actual;
+                            let actual = result.shard_id().unwrap_or_default();
+                            let misplaced = outgoing
+                                .shard_id
+                                .as_deref()
+                                .is_some_and(|expected| !actual.is_empty() && expected != actual);
+                            stale_map |= misplaced;
+                            if misplaced && outgoing.entry.aggregated {
+                                self.settle_misplaced(outgoing, Arc::from(actual), true);
+                            } else {
+                                // A plain record is wherever Kinesis routed its own key: fine.
+                                self.shared.acknowledge(outgoing);
                             }
-                            self.shared.acknowledge(outgoing);
                         }
                         Some(code) => {
                             if code == "ProvisionedThroughputExceededException" {
@@ -346,10 +379,47 @@ impl Sender {
                 for outgoing in batch {
                     self.shared.fail(
                         outgoing,
-                        stopped(
+                        DeliveryError::stopped(
                             "the stop deadline passed while the request was in flight; the records may have been written",
                         ),
                     );
+                }
+            }
+        }
+    }
+
+    /// An aggregate was written to `actual`, not the shard the map predicted (the stream was
+    /// resharded). A KCL consumer throws away an aggregate holding any record outside its
+    /// shard's range, so: if the current map shows `actual` owns every record, it is done;
+    /// otherwise its records are routed again and re-sent (non-KCL consumers may then see them
+    /// twice). If the map does not know `actual` yet, wait for the reload.
+    fn settle_misplaced(&mut self, outgoing: Outgoing, actual: Arc<str>, may_wait: bool) {
+        let routing = self.shared.routing();
+        let owner = routing
+            .map
+            .shards()
+            .iter()
+            .find(|shard| shard.shard_id == actual);
+        match owner {
+            Some(shard)
+                if outgoing
+                    .metas
+                    .iter()
+                    .all(|m| (shard.start..=shard.end).contains(&m.hash_key)) =>
+            {
+                self.shared.acknowledge(outgoing);
+            }
+            None if may_wait => self.parked.push((outgoing, actual)),
+            _ => {
+                add(
+                    &self.shared.stats.records_resent_after_reshard,
+                    outgoing.records.len() as u64,
+                );
+                tracing::debug!(shard = %actual, records = outgoing.records.len(), "re-sending an aggregate written to a shard that does not own all its records");
+                aggregator::reroute(&self.shared, outgoing.records, outgoing.metas);
+                if self.stop_deadline.is_some() {
+                    // Stopping: the aggregators are not waited for, so send them out now.
+                    aggregator::flush_all(&self.shared);
                 }
             }
         }
@@ -417,22 +487,29 @@ impl Sender {
         for outgoing in self.pending.drain(..) {
             self.shared.fail(
                 outgoing,
-                stopped("the stop deadline passed before the record was sent"),
+                DeliveryError::stopped("the stop deadline passed before the record was sent"),
             );
         }
         self.pending_bytes = 0;
         for Reverse(retry) in self.retries.drain() {
             self.shared.fail(
                 retry.outgoing,
-                stopped("the stop deadline passed while the record waited to be retried"),
+                DeliveryError::stopped(
+                    "the stop deadline passed while the record waited to be retried",
+                ),
             );
         }
         for outgoing in self.isolating.drain(..).flatten() {
             self.shared.fail(
                 outgoing,
-                stopped("the stop deadline passed before the record was sent"),
+                DeliveryError::stopped("the stop deadline passed before the record was sent"),
             );
         }
+        for (outgoing, shard) in self.parked.drain(..) {
+            let message = format!("the stop deadline passed before the records could be re-sent; they were written to {shard}, which may not own all of them");
+            self.shared.fail(outgoing, DeliveryError::stopped(&message));
+        }
+        self.pending_oldest = None;
         self.cancel.send_replace(true);
     }
 }
@@ -441,7 +518,8 @@ impl Drop for Sender {
     /// Normally everything is done by now. If the task ends early (its runtime shut down, or a
     /// panic), whatever it still holds is reported failed rather than lost.
     fn drop(&mut self) {
-        let error = stopped("the producer's sender task ended before the record was sent");
+        let error =
+            DeliveryError::stopped("the producer's sender task ended before the record was sent");
         for outgoing in self.pending.drain(..) {
             self.shared.fail(outgoing, error.clone());
         }
@@ -449,6 +527,9 @@ impl Drop for Sender {
             self.shared.fail(retry.outgoing, error.clone());
         }
         for outgoing in self.isolating.drain(..).flatten() {
+            self.shared.fail(outgoing, error.clone());
+        }
+        for (outgoing, _) in self.parked.drain(..) {
             self.shared.fail(outgoing, error.clone());
         }
         self.inbound.close();
@@ -461,20 +542,30 @@ impl Drop for Sender {
     }
 }
 
+/// A request's records while its task runs. If the task is dropped before it hands them back
+/// (its runtime shut down), they are reported failed rather than lost.
+struct InFlight {
+    shared: Arc<Shared>,
+    batch: Vec<Outgoing>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        for outgoing in self.batch.drain(..) {
+            self.shared.fail(
+                outgoing,
+                DeliveryError::stopped("the producer's request task ended before its answer; the records may have been written"),
+            );
+        }
+    }
+}
+
 /// Whole-request errors that mean "something in this request is invalid".
 fn is_invalid_input(code: &str) -> bool {
     matches!(
         code,
         "ValidationException" | "InvalidArgumentException" | "SerializationException"
     )
-}
-
-fn stopped(message: &str) -> DeliveryError {
-    DeliveryError {
-        code: "Stopped".into(),
-        message: message.into(),
-        kind: FailureKind::Stopped,
-    }
 }
 
 /// One PutRecords call, with the SDK's retries off (the sender retries, per entry).

@@ -16,6 +16,7 @@ pub(crate) struct Counters {
     pub entry_retries: AtomicU64,
     pub throttled_entries: AtomicU64,
     pub shard_map_refreshes: AtomicU64,
+    pub records_resent_after_reshard: AtomicU64,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -50,6 +51,9 @@ pub struct Stats {
     pub throttled_entries: u64,
     /// Shard map reloads after a result showed a record on an unexpected shard.
     pub shard_map_refreshes: u64,
+    /// User records sent again because their aggregate landed on a shard (after a reshard) that
+    /// does not own all of them. Non-KCL consumers may see these records twice.
+    pub records_resent_after_reshard: u64,
     /// User records accepted but not yet acknowledged or failed.
     pub user_records_pending: u64,
 }
@@ -73,6 +77,7 @@ impl Counters {
             entry_retries: get(&self.entry_retries),
             throttled_entries: get(&self.throttled_entries),
             shard_map_refreshes: get(&self.shard_map_refreshes),
+            records_resent_after_reshard: get(&self.records_resent_after_reshard),
             user_records_pending: received.saturating_sub(put + failed),
         }
     }

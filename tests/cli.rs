@@ -37,7 +37,12 @@ async fn put_ships_every_line_and_exits_zero() {
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("cli-lines", 2).await;
     let input: String = (0..5_000).map(|i| format!("line number {i}\n")).collect();
-    let output = run_put(&kinesis.endpoint, &["--stream-name", "cli-lines"], input.into_bytes()).await;
+    let output = run_put(
+        &kinesis.endpoint,
+        &["--stream-name", "cli-lines"],
+        input.into_bytes(),
+    )
+    .await;
     let stderr = stderr_of(&output);
     assert!(output.status.success(), "{stderr}");
     let summary = stderr.lines().last().unwrap();
@@ -72,16 +77,34 @@ async fn jsonl_input_reports_malformed_lines_by_number_and_exits_non_zero() {
     .join("\n");
     let output = run_put(
         &kinesis.endpoint,
-        &["--stream-name", "cli-jsonl", "--input", "jsonl", "--no-aggregation"],
+        &[
+            "--stream-name",
+            "cli-jsonl",
+            "--input",
+            "jsonl",
+            "--no-aggregation",
+        ],
         input.into_bytes(),
     )
     .await;
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(r#""line":3"#) && stderr.contains("malformed input"), "{stderr}");
-    assert!(stderr.contains(r#""line":4"#) && stderr.contains("partition key is empty"), "{stderr}");
-    assert!(stderr.contains(r#""line":5"#) && stderr.contains("explicit hash key"), "{stderr}");
-    assert!(stderr.contains("records=3 ") && stderr.contains("malformed=1 refused=2"), "{stderr}");
+    assert!(
+        stderr.contains(r#""line":3"#) && stderr.contains("malformed input"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(r#""line":4"#) && stderr.contains("partition key is empty"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(r#""line":5"#) && stderr.contains("explicit hash key"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("records=3 ") && stderr.contains("malformed=1 refused=2"),
+        "{stderr}"
+    );
     let read = kinesis.read_all("cli-jsonl").await;
     let mut got: Vec<_> = read
         .iter()
@@ -126,7 +149,12 @@ async fn records_that_fail_are_printed_as_json_and_the_exit_code_says_so() {
 #[tokio::test]
 async fn an_unknown_stream_is_a_clear_error() {
     let kinesis = LocalKinesis::start(false).await;
-    let output = run_put(&kinesis.endpoint, &["--stream-name", "nope"], b"x\n".to_vec()).await;
+    let output = run_put(
+        &kinesis.endpoint,
+        &["--stream-name", "nope"],
+        b"x\n".to_vec(),
+    )
+    .await;
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("ResourceNotFound"), "{stderr}");

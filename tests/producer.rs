@@ -143,7 +143,11 @@ async fn a_large_random_workload_arrives_whole_and_every_record_on_its_own_shard
             .or_default()
             .push(ehk);
     }
-    for r in &read {
+    // Aggregated reads name their explicit hash key and match one sent record exactly; match
+    // them first, so a plain read (which matches any twin in its shard) never takes theirs.
+    let mut ordered: Vec<_> = read.iter().collect();
+    ordered.sort_by_key(|r| !r.record.aggregated);
+    for r in ordered {
         let (start, end) = ranges[&r.shard_id];
         let hash_of = |ehk: &Option<String>| match ehk {
             Some(ehk) => ehk.parse::<u128>().unwrap(),
@@ -514,7 +518,7 @@ async fn flush_returns_once_earlier_records_are_acknowledged() {
     kinesis.create_stream("flush", 2).await;
     // A long buffering time: only flush can make these go out quickly.
     let producer = producer_for(&kinesis.endpoint, "flush", |b| {
-        b.record_max_buffered_time(Duration::from_secs(60))
+        b.record_max_buffered_time(Duration::from_secs(20))
     })
     .await;
     for i in 0..1_234 {
@@ -558,4 +562,87 @@ async fn a_split_shard_is_noticed_and_the_map_reloaded() {
     assert!(producer.stats().shard_map_refreshes >= 1);
     producer.stop().await;
     assert!(drain(failures).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_producer_without_stop_delivers_in_the_background() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("dropped", 2).await;
+    let producer = producer_for(&kinesis.endpoint, "dropped", |b| {
+        b.record_max_buffered_time(Duration::from_secs(20))
+    })
+    .await;
+    let failures = producer.notify_failures();
+    for i in 0..700 {
+        producer.put(format!("{i}"), format!("k{i}")).await.unwrap();
+    }
+    drop(producer); // never blocks; the buffered records still go out
+    let failed = tokio::time::timeout(Duration::from_secs(10), drain(failures))
+        .await
+        .expect("the background stop ends, and with it the failure stream");
+    assert!(failed.is_empty());
+    assert_eq!(kinesis.read_all("dropped").await.len(), 700);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_written_across_a_split_are_resent_so_a_kcl_reader_loses_nothing() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("kcl-split", 1).await;
+    let producer = producer_for(&kinesis.endpoint, "kcl-split", |b| b).await;
+    // The producer's map still says one shard; the stream now has two children.
+    kinesis
+        .client
+        .split_shard()
+        .stream_name("kcl-split")
+        .shard_to_split("shardId-000000000000")
+        .new_starting_hash_key((1u128 << 127).to_string())
+        .send()
+        .await
+        .unwrap();
+    kinesis.wait_active("kcl-split").await;
+    let failures = producer.notify_failures();
+    for i in 0..3_000 {
+        producer
+            .put(format!("v{i}"), format!("key-{i}"))
+            .await
+            .unwrap();
+    }
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty());
+    let stats = producer.stats();
+    assert!(stats.records_resent_after_reshard > 0, "{stats:?}");
+    assert_eq!(stats.user_records_put, 3_000);
+
+    // Read as the KCL does: an aggregate holding any record outside the shard's hash range is
+    // thrown away whole.
+    let ranges = kinesis.hash_ranges("kcl-split").await;
+    let read = kinesis.read_all("kcl-split").await;
+    let mut by_kinesis_record: HashMap<(String, String), Vec<&support::local_kinesis::ReadRecord>> =
+        HashMap::new();
+    for r in &read {
+        by_kinesis_record
+            .entry((r.shard_id.clone(), r.sequence_number.clone()))
+            .or_default()
+            .push(r);
+    }
+    let mut delivered: HashMap<String, u32> = HashMap::new();
+    for ((shard, _), users) in by_kinesis_record {
+        let (start, end) = ranges[&shard];
+        let intact = users.iter().all(|r| {
+            !r.record.aggregated
+                || (start..=end).contains(&partition_key_hash(&r.record.partition_key))
+        });
+        if intact {
+            for r in users {
+                *delivered.entry(r.record.partition_key.clone()).or_default() += 1;
+            }
+        }
+    }
+    for i in 0..3_000 {
+        assert_eq!(
+            delivered.get(&format!("key-{i}")).copied().unwrap_or(0),
+            1,
+            "key-{i} reaches a KCL reader exactly once"
+        );
+    }
 }

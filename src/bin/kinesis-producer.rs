@@ -12,7 +12,11 @@ use kinesis_producer::{Producer, UserRecord};
 use serde::Deserialize;
 
 #[derive(Parser)]
-#[command(name = "kinesis-producer", version, about = "A KPL-compatible Kinesis producer")]
+#[command(
+    name = "kinesis-producer",
+    version,
+    about = "A KPL-compatible Kinesis producer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,7 +31,11 @@ enum Command {
 #[derive(clap::Args)]
 struct PutArgs {
     /// Name of the stream.
-    #[arg(long, required_unless_present = "stream_arn", conflicts_with = "stream_arn")]
+    #[arg(
+        long,
+        required_unless_present = "stream_arn",
+        conflicts_with = "stream_arn"
+    )]
     stream_name: Option<String>,
     /// ARN of the stream.
     #[arg(long)]
@@ -135,7 +143,9 @@ fn read_input(producer: &Producer, args: &PutArgs, tally: &InputTally) -> std::i
                 Ok(record) => record,
                 Err(error) => {
                     tally.malformed.fetch_add(1, Ordering::Relaxed);
-                    report(serde_json::json!({"line": number, "error": "malformed input", "reason": error}));
+                    report(
+                        serde_json::json!({"line": number, "error": "malformed input", "reason": error}),
+                    );
                     continue;
                 }
             },
