@@ -23,10 +23,10 @@ pub const MAX_RECORDS_PER_REQUEST: usize = 500;
 /// Supplies a partition key for records put without one.
 pub type Partitioner = Arc<dyn Fn(&[u8]) -> String + Send + Sync>;
 
-/// Validated settings. See [`ProducerBuilder`] for what each one means.
+/// The producer's settings; validated by `ProducerBuilder::resolve`. See [`ProducerBuilder`]
+/// for what each one means.
 #[derive(Clone)]
 pub(crate) struct Config {
-    pub stream: StreamId,
     pub max_backlog_records: usize,
     pub max_backlog_bytes: usize,
     pub max_record_size: usize,
@@ -67,58 +67,34 @@ pub(crate) struct Config {
 /// | `retry_max_delay` | 5 s | ≤ 10 min |
 /// | `stop_timeout` | 30 s | ≤ 1 day |
 #[must_use]
+#[derive(Default)]
 pub struct ProducerBuilder {
     stream_name: Option<String>,
     stream_arn: Option<String>,
     client: Option<Client>,
     region: Option<String>,
     endpoint_url: Option<String>,
-    config: ConfigDraft,
+    config: Config,
 }
 
-struct ConfigDraft {
-    max_backlog_records: usize,
-    max_backlog_bytes: usize,
-    max_record_size: usize,
-    aggregation: bool,
-    aggregation_max_size: usize,
-    aggregation_max_count: usize,
-    collection_max_count: usize,
-    collection_max_size: usize,
-    record_max_buffered_time: Duration,
-    record_ttl: Duration,
-    max_in_flight: usize,
-    request_timeout: Duration,
-    retry: RetryPolicy,
-    stop_timeout: Duration,
-    partitioner: Option<Partitioner>,
-}
-
-impl Default for ProducerBuilder {
+impl Default for Config {
     fn default() -> Self {
-        ProducerBuilder {
-            stream_name: None,
-            stream_arn: None,
-            client: None,
-            region: None,
-            endpoint_url: None,
-            config: ConfigDraft {
-                max_backlog_records: 100_000,
-                max_backlog_bytes: 64 << 20,
-                max_record_size: 1 << 20,
-                aggregation: true,
-                aggregation_max_size: 51_200,
-                aggregation_max_count: u32::MAX as usize,
-                collection_max_count: MAX_RECORDS_PER_REQUEST,
-                collection_max_size: 5 << 20,
-                record_max_buffered_time: Duration::from_millis(100),
-                record_ttl: Duration::from_secs(30),
-                max_in_flight: 24,
-                request_timeout: Duration::from_secs(6),
-                retry: RetryPolicy::default(),
-                stop_timeout: Duration::from_secs(30),
-                partitioner: None,
-            },
+        Config {
+            max_backlog_records: 100_000,
+            max_backlog_bytes: 64 << 20,
+            max_record_size: 1 << 20,
+            aggregation: true,
+            aggregation_max_size: 51_200,
+            aggregation_max_count: u32::MAX as usize,
+            collection_max_count: MAX_RECORDS_PER_REQUEST,
+            collection_max_size: 5 << 20,
+            record_max_buffered_time: Duration::from_millis(100),
+            record_ttl: Duration::from_secs(30),
+            max_in_flight: 24,
+            request_timeout: Duration::from_secs(6),
+            retry: RetryPolicy::default(),
+            stop_timeout: Duration::from_secs(30),
+            partitioner: Arc::new(|_: &[u8]| uuid::Uuid::new_v4().to_string()),
         }
     }
 }
@@ -211,13 +187,13 @@ impl ProducerBuilder {
     /// Supplies partition keys for [`Producer::put_data`](crate::Producer::put_data).
     /// Default: a random UUID per record.
     pub fn partitioner(mut self, f: impl Fn(&[u8]) -> String + Send + Sync + 'static) -> Self {
-        self.config.partitioner = Some(Arc::new(f));
+        self.config.partitioner = Arc::new(f);
         self
     }
 
-    /// Validates the settings and resolves the client. Loading the shard map is left to
-    /// `Producer::build`.
-    pub(crate) async fn resolve(self) -> Result<(Config, Client), BuildError> {
+    /// Validates the settings and resolves the stream and the client. Loading the shard map is
+    /// left to `Producer::build`.
+    pub(crate) async fn resolve(self) -> Result<(Config, StreamId, Client), BuildError> {
         let stream = match (self.stream_name, self.stream_arn) {
             (Some(name), None) => StreamId::Name(name),
             (None, Some(arn)) => StreamId::Arn(arn),
@@ -315,27 +291,7 @@ impl ProducerBuilder {
                 Client::new(&loader.load().await)
             }
         };
-        let config = Config {
-            stream,
-            max_backlog_records: d.max_backlog_records,
-            max_backlog_bytes: d.max_backlog_bytes,
-            max_record_size: d.max_record_size,
-            aggregation: d.aggregation,
-            aggregation_max_size: d.aggregation_max_size,
-            aggregation_max_count: d.aggregation_max_count,
-            collection_max_count: d.collection_max_count,
-            collection_max_size: d.collection_max_size,
-            record_max_buffered_time: d.record_max_buffered_time,
-            record_ttl: d.record_ttl,
-            max_in_flight: d.max_in_flight,
-            request_timeout: d.request_timeout,
-            retry: d.retry,
-            stop_timeout: d.stop_timeout,
-            partitioner: d
-                .partitioner
-                .unwrap_or_else(|| Arc::new(|_: &[u8]| uuid::Uuid::new_v4().to_string())),
-        };
-        Ok((config, client))
+        Ok((d, stream, client))
     }
 }
 
@@ -429,7 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn defaults_are_valid_and_match_the_kpl() {
-        let (config, _) = base().resolve().await.expect("valid");
+        let (config, _, _) = base().resolve().await.expect("valid");
         assert_eq!(config.aggregation_max_size, 51_200);
         assert_eq!(config.collection_max_count, 500);
         assert_eq!(config.collection_max_size, 5 << 20);

@@ -16,7 +16,7 @@ use crate::aggregator::{self, Admission, Outgoing, RecordMeta, Routing};
 use crate::backlog::{lock, Backlog, NoRoom};
 use crate::config::{Config, ProducerBuilder};
 use crate::error::{BuildError, DeliveryError, FailedRecord, PutError, PutRefusal};
-use crate::shard_map::{load_shard_map, ShardMap};
+use crate::shard_map::{load_shard_map, ShardMap, StreamId};
 use crate::stats::{add, Counters, Stats};
 
 /// What reaches the sender task.
@@ -41,6 +41,7 @@ pub(crate) enum Inbound {
 /// State shared by the handle, the put path, the sender task and request tasks.
 pub(crate) struct Shared {
     pub config: Config,
+    pub stream: StreamId,
     pub client: Client,
     pub backlog: Backlog,
     pub routing: RwLock<Arc<Routing>>,
@@ -157,7 +158,7 @@ impl Shared {
         tokio::spawn(async move {
             loop {
                 while shared.refresh_wanted.swap(false, Ordering::SeqCst) {
-                    match load_shard_map(&shared.client, &shared.config.stream).await {
+                    match load_shard_map(&shared.client, &shared.stream).await {
                         Ok(map) => {
                             add(&shared.stats.shard_map_refreshes, 1);
                             aggregator::install_map(&shared, map);
@@ -227,14 +228,14 @@ impl ProducerBuilder {
     /// Must run inside a tokio runtime.
     pub async fn build(self) -> Result<Producer, BuildError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
-        let (config, client) = self.resolve().await?;
-        let map = load_shard_map(&client, &config.stream).await?;
+        let (config, stream, client) = self.resolve().await?;
+        let map = load_shard_map(&client, &stream).await?;
         let (inbound, inbound_rx) = mpsc::unbounded_channel();
         let limits = AggregateLimits {
             max_size: config.aggregation_max_size,
             max_count: config.aggregation_max_count,
         };
-        tracing::info!(stream = %config.stream, shards = map.len(), "producer started");
+        tracing::info!(%stream, shards = map.len(), "producer started");
         let shared = Arc::new(Shared {
             backlog: Backlog::new(config.max_backlog_records, config.max_backlog_bytes),
             routing: RwLock::new(Arc::new(Routing::new(0, map, limits))),
@@ -248,6 +249,7 @@ impl ProducerBuilder {
             stop_begun: AtomicBool::new(false),
             done: watch::Sender::new(false),
             config,
+            stream,
             client,
         });
         runtime.spawn(crate::sender::run(Arc::clone(&shared), inbound_rx));

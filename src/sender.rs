@@ -588,7 +588,7 @@ async fn put_records(
         entries.push(entry);
     }
     let request = shared.client.put_records().set_records(Some(entries));
-    let request = match &shared.config.stream {
+    let request = match &shared.stream {
         StreamId::Name(name) => request.stream_name(name),
         StreamId::Arn(arn) => request.stream_arn(arn),
     };

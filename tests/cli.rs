@@ -12,7 +12,12 @@ async fn run_put(endpoint: &str, args: &[&str], stdin: Vec<u8>) -> Output {
     command
         .arg("put")
         .args(["--endpoint-url", endpoint, "--region", "us-east-1"])
-        .args(args)
+        .args(args);
+    run(command, stdin).await
+}
+
+async fn run(mut command: Command, stdin: Vec<u8>) -> Output {
+    command
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env_remove("AWS_PROFILE")
@@ -144,6 +149,31 @@ async fn records_that_fail_are_printed_as_json_and_the_exit_code_says_so() {
     assert_eq!(parsed["code"], "ValidationException");
     assert_eq!(parsed["partition_key"], bad_key.as_str());
     assert!(stderr.contains("failures=1"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_and_region_can_come_from_the_environment() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("cli-env", 1).await;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kinesis-producer"));
+    command
+        .args(["put", "--stream-name", "cli-env", "--partition-key", "k"])
+        .env("AWS_ENDPOINT_URL", &kinesis.endpoint)
+        .env("AWS_REGION", "us-east-1");
+    let output = run(command, b"one\ntwo\r\n".to_vec()).await;
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let mut data: Vec<_> = kinesis
+        .read_all("cli-env")
+        .await
+        .into_iter()
+        .map(|r| r.record.data.to_vec())
+        .collect();
+    data.sort();
+    assert_eq!(
+        data,
+        vec![b"one".to_vec(), b"two".to_vec()],
+        "CRLF is a line ending too"
+    );
 }
 
 #[tokio::test]
