@@ -4,8 +4,7 @@
 //! An aggregated record is `F3 89 9A C2 | AggregatedRecord (protobuf) | MD5(protobuf)`. The
 //! encoder here writes the protobuf by hand, field by field in tag order, so that the size of an
 //! aggregate is known exactly, varint by varint, before a record is added — the limits are never
-//! crossed and never guessed. The decoder uses prost message types that mirror
-//! `proto/aggregation.proto`; a test checks the encoder against them.
+//! crossed and never guessed. Reading aggregates back is [`crate::deaggregation`].
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
@@ -13,15 +12,14 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use bytes::{BufMut, Bytes};
 use md5::{Digest, Md5};
 use prost::encoding::{encode_varint, encoded_len_varint};
-use prost::Message;
 
 use crate::record::UserRecord;
 
 /// The four bytes every aggregated Kinesis record starts with.
 pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
-const DIGEST_LEN: usize = 16;
+pub(crate) const DIGEST_LEN: usize = 16;
 /// Magic plus checksum: what an aggregate costs before its first byte of protobuf.
-const FRAME_LEN: usize = MAGIC.len() + DIGEST_LEN;
+pub(crate) const FRAME_LEN: usize = MAGIC.len() + DIGEST_LEN;
 
 // Protobuf keys (field number << 3 | wire type 2, length-delimited) and (1 << 3 | 0) etc.
 const KEY_PARTITION_KEY_TABLE: u8 = 0x0A;
@@ -173,7 +171,7 @@ impl AggregateBuilder {
     pub fn finish(&mut self) -> Option<(KinesisEntry, Vec<UserRecord>)> {
         let entry = match self.records.len() {
             0 => return None,
-            1 => plain_entry(&self.records[0]),
+            1 => KinesisEntry::plain(&self.records[0]),
             _ => {
                 let first = &self.records[0];
                 KinesisEntry {
@@ -242,13 +240,15 @@ impl AggregateBuilder {
     }
 }
 
-/// A user record sent to Kinesis as it is.
-pub(crate) fn plain_entry(record: &UserRecord) -> KinesisEntry {
-    KinesisEntry {
-        data: record.data().clone(),
-        partition_key: record.partition_key().to_owned(),
-        explicit_hash_key: record.explicit_hash_key().map(str::to_owned),
-        aggregated: false,
+impl KinesisEntry {
+    /// A user record sent to Kinesis as it is.
+    pub fn plain(record: &UserRecord) -> Self {
+        KinesisEntry {
+            data: record.data().clone(),
+            partition_key: record.partition_key().to_owned(),
+            explicit_hash_key: record.explicit_hash_key().map(str::to_owned),
+            aggregated: false,
+        }
     }
 }
 
@@ -322,156 +322,19 @@ impl Hasher for PassThroughHasher {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Decoding
-
-/// prost types mirroring `proto/aggregation.proto`.
-pub mod proto {
-    /// The protobuf body of an aggregated record.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct AggregatedRecord {
-        #[prost(string, repeated, tag = "1")]
-        pub partition_key_table: Vec<String>,
-        #[prost(string, repeated, tag = "2")]
-        pub explicit_hash_key_table: Vec<String>,
-        #[prost(message, repeated, tag = "3")]
-        pub records: Vec<Record>,
-    }
-
-    /// One user record inside an aggregate.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Record {
-        #[prost(uint64, required, tag = "1")]
-        pub partition_key_index: u64,
-        #[prost(uint64, optional, tag = "2")]
-        pub explicit_hash_key_index: Option<u64>,
-        #[prost(bytes = "bytes", required, tag = "3")]
-        pub data: bytes::Bytes,
-        #[prost(message, repeated, tag = "4")]
-        pub tags: Vec<Tag>,
-    }
-
-    /// A tag (unused by the KPL, kept for schema compatibility).
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Tag {
-        #[prost(string, required, tag = "1")]
-        pub key: String,
-        #[prost(string, optional, tag = "2")]
-        pub value: Option<String>,
-    }
-}
-
-/// One user record read back out of a Kinesis record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeaggregatedRecord {
-    pub partition_key: String,
-    /// Only aggregates carry explicit hash keys; Kinesis does not return them for plain records.
-    pub explicit_hash_key: Option<String>,
-    pub data: Bytes,
-    /// Position inside the aggregate (0 for a plain record).
-    pub sub_sequence_number: u64,
-    /// Whether the Kinesis record was an aggregate.
-    pub aggregated: bool,
-}
-
-/// Why a Kinesis record that claims to be an aggregate (it starts with the magic bytes) could
-/// not be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum DeaggregationError {
-    #[error("the aggregate's MD5 checksum does not match its contents")]
-    ChecksumMismatch,
-    #[error("the aggregate's protobuf body cannot be parsed: {0}")]
-    Malformed(String),
-    #[error(
-        "user record {record} refers to {table} index {index}, but the table has {len} entries"
-    )]
-    IndexOutOfRange {
-        record: usize,
-        table: &'static str,
-        index: u64,
-        len: usize,
-    },
-}
-
-/// Turns one Kinesis record (its data and partition key, as GetRecords returns them) back into
-/// user records.
-///
-/// A record without the magic prefix, or of 20 bytes or fewer, is not an aggregate and comes
-/// back as a single user record. An aggregate whose checksum or body is wrong is an error.
-pub fn deaggregate(
-    data: impl Into<Bytes>,
-    partition_key: &str,
-) -> Result<Vec<DeaggregatedRecord>, DeaggregationError> {
-    let data = data.into();
-    if data.len() <= FRAME_LEN || data[..MAGIC.len()] != MAGIC {
-        return Ok(vec![DeaggregatedRecord {
-            partition_key: partition_key.to_owned(),
-            explicit_hash_key: None,
-            data,
-            sub_sequence_number: 0,
-            aggregated: false,
-        }]);
-    }
-    let body = data.slice(MAGIC.len()..data.len() - DIGEST_LEN);
-    let digest: [u8; DIGEST_LEN] = Md5::digest(&body).into();
-    if digest[..] != data[data.len() - DIGEST_LEN..] {
-        return Err(DeaggregationError::ChecksumMismatch);
-    }
-    let aggregate = proto::AggregatedRecord::decode(body)
-        .map_err(|e| DeaggregationError::Malformed(e.to_string()))?;
-    let table_entry = |table: &'static str, keys: &[String], record: usize, index: u64| {
-        keys.get(index as usize)
-            .cloned()
-            .ok_or(DeaggregationError::IndexOutOfRange {
-                record,
-                table,
-                index,
-                len: keys.len(),
-            })
-    };
-    aggregate
-        .records
-        .into_iter()
-        .enumerate()
-        .map(|(position, record)| {
-            Ok(DeaggregatedRecord {
-                partition_key: table_entry(
-                    "partition key table",
-                    &aggregate.partition_key_table,
-                    position,
-                    record.partition_key_index,
-                )?,
-                explicit_hash_key: record
-                    .explicit_hash_key_index
-                    .map(|index| {
-                        table_entry(
-                            "explicit hash key table",
-                            &aggregate.explicit_hash_key_table,
-                            position,
-                            index,
-                        )
-                    })
-                    .transpose()?,
-                data: record.data,
-                sub_sequence_number: position as u64,
-                aggregated: true,
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::deaggregation::proto;
+    use prost::Message;
 
-    const GOLDEN: &str = "f3899ac20a03706b310a03706b3212273137303134313138333436303436393233313733313638373330333731353838343130353732381a0908001a0568656c6c6f1a0b080110001a05776f726c641a0508001a01217f093cf43a88b936f0e60ffbd5ed26a3";
+    pub(crate) const GOLDEN: &str = "f3899ac20a03706b310a03706b3212273137303134313138333436303436393233313733313638373330333731353838343130353732381a0908001a0568656c6c6f1a0b080110001a05776f726c641a0508001a01217f093cf43a88b936f0e60ffbd5ed26a3";
 
-    fn hex(bytes: &[u8]) -> String {
+    pub(crate) fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    fn golden_records() -> Vec<UserRecord> {
+    pub(crate) fn golden_records() -> Vec<UserRecord> {
         vec![
             UserRecord::new("hello", "pk1"),
             UserRecord::new("world", "pk2").with_explicit_hash_key((1u128 << 127).to_string()),
@@ -479,7 +342,7 @@ mod tests {
         ]
     }
 
-    fn build(records: Vec<UserRecord>, limits: AggregateLimits) -> AggregateBuilder {
+    pub(crate) fn build(records: Vec<UserRecord>, limits: AggregateLimits) -> AggregateBuilder {
         let mut builder = AggregateBuilder::new(limits);
         for r in records {
             builder.try_push(r).expect("fits");
@@ -501,43 +364,14 @@ mod tests {
     }
 
     #[test]
-    fn decodes_the_golden_vector() {
-        let bytes: Vec<u8> = (0..GOLDEN.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&GOLDEN[i..i + 2], 16).unwrap())
-            .collect();
-        let out = deaggregate(bytes, "pk1").unwrap();
-        let got: Vec<_> = out
-            .iter()
-            .map(|r| {
-                (
-                    r.partition_key.as_str(),
-                    r.explicit_hash_key.as_deref(),
-                    &r.data[..],
-                    r.sub_sequence_number,
-                )
-            })
-            .collect();
-        let ehk = (1u128 << 127).to_string();
-        assert_eq!(
-            got,
-            vec![
-                ("pk1", None, &b"hello"[..], 0),
-                ("pk2", Some(ehk.as_str()), &b"world"[..], 1),
-                ("pk1", None, &b"!"[..], 2)
-            ]
-        );
-    }
-
-    #[test]
     fn encoder_matches_prost_and_required_zero_index_is_written() {
         let mut builder = build(golden_records(), AggregateLimits::default());
         let (entry, _) = builder.finish().unwrap();
         let body = &entry.data[4..entry.data.len() - 16];
         let decoded = proto::AggregatedRecord::decode(body).unwrap();
         assert_eq!(decoded.encode_to_vec(), body);
-        // prost writes `required` fields even at 0, like our encoder.
-        assert_eq!(decoded.records[0].partition_key_index, 0);
+        // The index 0 is on the wire, so a decoder sees it present.
+        assert_eq!(decoded.records[0].partition_key_index, Some(0));
         assert_eq!(&decoded.records[0].encode_to_vec()[..2], &[0x08, 0x00]);
     }
 
@@ -596,55 +430,5 @@ mod tests {
         assert!(!entry.aggregated);
         assert_eq!(&entry.data[..], b"only");
         assert_eq!(entry.explicit_hash_key.as_deref(), Some("7"));
-    }
-
-    #[test]
-    fn plain_and_short_records_pass_through() {
-        let out = deaggregate(&b"plain data"[..], "k").unwrap();
-        assert_eq!(out.len(), 1);
-        assert!(!out[0].aggregated);
-        // Magic but too short to hold a checksum: plain, as the KCL treats it.
-        let short = [&MAGIC[..], &[0u8; 16]].concat();
-        assert!(!deaggregate(short, "k").unwrap()[0].aggregated);
-    }
-
-    #[test]
-    fn corrupt_aggregates_are_errors_not_panics() {
-        let mut builder = build(golden_records(), AggregateLimits::default());
-        let (entry, _) = builder.finish().unwrap();
-        let mut flipped = entry.data.to_vec();
-        flipped[10] ^= 1;
-        assert_eq!(
-            deaggregate(flipped, "pk1"),
-            Err(DeaggregationError::ChecksumMismatch)
-        );
-        // A valid checksum over garbage protobuf.
-        let garbage = [0xFFu8; 12];
-        let mut forged = MAGIC.to_vec();
-        forged.extend_from_slice(&garbage);
-        forged.extend_from_slice(&Md5::digest(garbage));
-        assert!(matches!(
-            deaggregate(forged, "k"),
-            Err(DeaggregationError::Malformed(_))
-        ));
-        // A record pointing past the key table.
-        let body = proto::AggregatedRecord {
-            partition_key_table: vec!["a".into()],
-            explicit_hash_key_table: vec![],
-            records: vec![proto::Record {
-                partition_key_index: 3,
-                explicit_hash_key_index: None,
-                data: Bytes::from_static(b"x"),
-                tags: vec![],
-            }],
-        }
-        .encode_to_vec();
-        let mut forged = MAGIC.to_vec();
-        forged.extend_from_slice(&body);
-        forged.extend_from_slice(&Md5::digest(&body));
-        assert!(matches!(
-            deaggregate(forged, "k"),
-            Err(DeaggregationError::IndexOutOfRange { index: 3, .. })
-        ));
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::aggregation::{plain_entry, AggregateBuilder, AggregateLimits, KinesisEntry};
+use crate::aggregation::{AggregateBuilder, AggregateLimits, KinesisEntry};
 use crate::backlog::lock;
 use crate::producer::{Inbound, Shared};
 use crate::record::UserRecord;
@@ -182,7 +182,7 @@ fn add_to_slot(
         // Too big to share an aggregate (or aggregation is off): it goes out alone. Whatever
         // the slot holds goes first, so the shard's records leave in `put` order.
         emit_slot(shared, routing, index, slot);
-        let entry = plain_entry(&record);
+        let entry = KinesisEntry::plain(&record);
         shared.send(Inbound::Record(Outgoing::new(
             entry,
             vec![record],
@@ -196,7 +196,7 @@ fn add_to_slot(
         // always fits (its solo size was checked above).
         emit_slot(shared, routing, index, slot);
         if let Err(record) = slot.builder.try_push(record) {
-            let entry = plain_entry(&record);
+            let entry = KinesisEntry::plain(&record);
             let shard_id = routing.shard_id(index);
             shared.send(Inbound::Record(Outgoing::new(
                 entry,
@@ -294,7 +294,7 @@ pub(crate) fn reroute(shared: &Shared, records: Vec<UserRecord>, metas: Vec<Reco
     for (record, meta) in records.into_iter().zip(metas) {
         if let Err(record) = enqueue(shared, record, meta, Admission::Reroute) {
             // Unreachable by construction (re-routing ignores `stop`), but never drop a record.
-            let entry = plain_entry(&record);
+            let entry = KinesisEntry::plain(&record);
             shared.send(Inbound::Record(Outgoing::new(
                 entry,
                 vec![record],

@@ -38,24 +38,54 @@
 //!
 //! Every record handed to the producer ends in exactly one of two ways: acknowledged by
 //! Kinesis, or reported failed with its data and reason. Delivery is at least once.
+//!
+//! # Features
+//!
+//! - `producer` (default): the [`Producer`] and everything it needs (AWS SDK, tokio).
+//! - `cli` (default): the `kinesis-producer` binary.
+//! - `jsonl`: [`jsonl`], the parser of the CLI's JSON-lines input.
+//!
+//! With `default-features = false` the crate is the aggregation format alone —
+//! [`aggregation`], [`deaggregation`], [`record`], [`shard_map`] — for consumers that only
+//! read aggregates, without the SDK.
 
 pub mod aggregation;
-mod aggregator;
-mod backlog;
-mod config;
-mod error;
-mod producer;
+pub mod deaggregation;
+#[cfg(feature = "jsonl")]
+pub mod jsonl;
 pub mod record;
-mod retry;
-mod sender;
 pub mod shard_map;
+
+#[cfg(feature = "producer")]
+mod aggregator;
+#[cfg(feature = "producer")]
+mod backlog;
+#[cfg(feature = "producer")]
+mod config;
+#[cfg(feature = "producer")]
+mod error;
+#[cfg(feature = "producer")]
+mod producer;
+#[cfg(feature = "producer")]
+mod retry;
+#[cfg(feature = "producer")]
+mod sender;
+#[cfg(feature = "producer")]
 mod stats;
 
-pub use aggregation::{deaggregate, DeaggregatedRecord, DeaggregationError};
-pub use config::{Partitioner, ProducerBuilder};
-pub use error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
-pub use producer::{FailureStream, Producer};
+pub use deaggregation::{
+    deaggregate, DeaggregatedRecord, DeaggregationError, Deaggregator, OutOfRange,
+};
 pub use record::{RecordProblem, UserRecord};
-pub use retry::RetryPolicy;
 pub use shard_map::{ShardMap, ShardRange};
+
+#[cfg(feature = "producer")]
+pub use config::{Partitioner, ProducerBuilder};
+#[cfg(feature = "producer")]
+pub use error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
+#[cfg(feature = "producer")]
+pub use producer::{FailureStream, Producer};
+#[cfg(feature = "producer")]
+pub use retry::RetryPolicy;
+#[cfg(feature = "producer")]
 pub use stats::Stats;

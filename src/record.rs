@@ -63,12 +63,14 @@ impl UserRecord {
     }
 
     /// The bytes this record holds in the producer's backlog.
+    #[cfg(feature = "producer")]
     pub(crate) fn backlog_size(&self) -> usize {
         self.kinesis_size() + self.explicit_hash_key.as_ref().map_or(0, String::len)
     }
 
-    /// Checks the record against Kinesis' rules and returns its hash key.
-    pub(crate) fn validate(&self, max_record_size: usize) -> Result<u128, RecordProblem> {
+    /// Checks the record against Kinesis' rules (key length, explicit hash key, data + key at
+    /// most `max_record_size` bytes) and returns its hash key.
+    pub fn validate(&self, max_record_size: usize) -> Result<u128, RecordProblem> {
         let key_chars = self.partition_key.chars().count();
         if key_chars == 0 {
             return Err(RecordProblem::EmptyPartitionKey);

@@ -18,6 +18,7 @@ use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use tokio::sync::{mpsc, watch};
 
 use crate::aggregator::{self, Outgoing};
+use crate::config::Config;
 use crate::error::{DeliveryError, FailureKind};
 use crate::producer::{Inbound, Shared};
 use crate::retry::{classify_sdk_error, entry_error_is_transient, AttemptError};
@@ -264,9 +265,7 @@ impl Sender {
         let mut bytes = 0;
         while let Some(front) = self.pending.front() {
             let size = front.request_size();
-            if batch.len() == config.collection_max_count
-                || (!batch.is_empty() && bytes + size > config.collection_max_size)
-            {
+            if !joins_request(batch.len(), bytes, size, config) {
                 break;
             }
             let Some(outgoing) = self.pending.pop_front() else {
@@ -542,6 +541,14 @@ impl Drop for Sender {
     }
 }
 
+/// Whether a Kinesis record of `size` bytes may join a request that already holds `count`
+/// records of `bytes` bytes. The first record always may: validation keeps every record within
+/// `max_record_size`, which is at most `collection_max_size`.
+fn joins_request(count: usize, bytes: usize, size: usize, config: &Config) -> bool {
+    count == 0
+        || (count < config.collection_max_count && bytes + size <= config.collection_max_size)
+}
+
 /// A request's records while its task runs. If the task is dropped before it hands them back
 /// (its runtime shut down), they are reported failed rather than lost.
 struct InFlight {
@@ -600,4 +607,41 @@ async fn put_records(
         .send()
         .await
         .map_err(|e| classify_sdk_error(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn no_request_exceeds_its_record_or_byte_limit(
+            sizes in prop::collection::vec(1usize..=(1 << 20), 1..2_000),
+            max_count in 1usize..=500,
+            max_bytes in (1usize << 20)..=(10 << 20),
+        ) {
+            let config = Config {
+                collection_max_count: max_count,
+                collection_max_size: max_bytes,
+                ..Config::default()
+            };
+            let mut requests = Vec::new();
+            let (mut count, mut bytes) = (0, 0);
+            for &size in &sizes {
+                if !joins_request(count, bytes, size, &config) {
+                    requests.push((count, bytes));
+                    (count, bytes) = (0, 0);
+                }
+                count += 1;
+                bytes += size;
+            }
+            requests.push((count, bytes));
+            prop_assert_eq!(requests.iter().map(|r| r.0).sum::<usize>(), sizes.len());
+            for (count, bytes) in requests {
+                prop_assert!(count >= 1 && count <= max_count);
+                prop_assert!(bytes <= max_bytes);
+            }
+        }
+    }
 }

@@ -2,9 +2,12 @@
 
 use std::sync::Arc;
 
+#[cfg(feature = "producer")]
 use aws_sdk_kinesis::types::{ShardFilter, ShardFilterType};
+#[cfg(feature = "producer")]
 use aws_sdk_kinesis::Client;
 
+#[cfg(feature = "producer")]
 use crate::error::BuildError;
 
 /// One open shard and the inclusive hash key range it owns.
@@ -56,12 +59,14 @@ impl ShardMap {
 }
 
 /// Which stream the producer writes to.
+#[cfg(feature = "producer")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamId {
     Name(String),
     Arn(String),
 }
 
+#[cfg(feature = "producer")]
 impl std::fmt::Display for StreamId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -72,6 +77,7 @@ impl std::fmt::Display for StreamId {
 }
 
 /// Loads the open shards of a stream with ListShards, following every page.
+#[cfg(feature = "producer")]
 pub async fn load_shard_map(client: &Client, stream: &StreamId) -> Result<ShardMap, BuildError> {
     let mut shards = Vec::new();
     let mut next_token: Option<String> = None;

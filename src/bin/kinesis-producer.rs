@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kinesis_producer::{Producer, UserRecord};
-use serde::Deserialize;
 
 #[derive(Parser)]
 #[command(
@@ -74,31 +73,6 @@ enum Input {
     Jsonl,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonRecord {
-    partition_key: String,
-    explicit_hash_key: Option<String>,
-    data: Option<String>,
-    data_base64: Option<String>,
-}
-
-fn parse_jsonl(line: &[u8]) -> Result<UserRecord, String> {
-    let parsed: JsonRecord = serde_json::from_slice(line).map_err(|e| e.to_string())?;
-    let data = match (parsed.data, parsed.data_base64) {
-        (Some(text), None) => text.into_bytes(),
-        (None, Some(encoded)) => aws_smithy_types::base64::decode(&encoded)
-            .map_err(|e| format!("data_base64 is not valid base64: {e}"))?,
-        (Some(_), Some(_)) => return Err("give either data or data_base64, not both".into()),
-        (None, None) => return Err("missing field `data` (or `data_base64`)".into()),
-    };
-    let record = UserRecord::new(data, parsed.partition_key);
-    Ok(match parsed.explicit_hash_key {
-        Some(ehk) => record.with_explicit_hash_key(ehk),
-        None => record,
-    })
-}
-
 /// Problems found in the input and at put: each is printed as a JSON line and makes the exit
 /// code non-zero.
 #[derive(Default)]
@@ -139,12 +113,12 @@ fn read_input(producer: &Producer, args: &PutArgs, tally: &InputTally) -> std::i
                     .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
                 UserRecord::new(line.clone(), key)
             }
-            Input::Jsonl => match parse_jsonl(&line) {
+            Input::Jsonl => match kinesis_producer::jsonl::parse_line(&line) {
                 Ok(record) => record,
                 Err(error) => {
                     tally.malformed.fetch_add(1, Ordering::Relaxed);
                     report(
-                        serde_json::json!({"line": number, "error": "malformed input", "reason": error}),
+                        serde_json::json!({"line": number, "error": "malformed input", "reason": error.to_string()}),
                     );
                     continue;
                 }

@@ -17,6 +17,15 @@ pub struct LocalKinesis {
     server: tokio::task::JoinHandle<()>,
 }
 
+/// One Kinesis record as GetRecords returns it.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    pub shard_id: String,
+    pub sequence_number: String,
+    pub partition_key: String,
+    pub data: Vec<u8>,
+}
+
 /// One user record as a consumer reads it.
 #[derive(Debug, Clone)]
 pub struct ReadRecord {
@@ -86,22 +95,15 @@ impl LocalKinesis {
         panic!("stream {name} never became ACTIVE");
     }
 
-    /// Every user record in the stream, from every shard (open or closed), de-aggregated.
-    pub async fn read_all(&self, stream: &str) -> Vec<ReadRecord> {
+    /// Every Kinesis record in the stream, from every shard (open or closed), as stored.
+    pub async fn read_raw(&self, stream: &str) -> Vec<RawRecord> {
         let mut out = Vec::new();
-        let shards = self
-            .client
-            .list_shards()
-            .stream_name(stream)
-            .send()
-            .await
-            .expect("ListShards");
-        for shard in shards.shards() {
+        for shard_id in self.hash_ranges(stream).await.into_keys() {
             let mut iterator = self
                 .client
                 .get_shard_iterator()
                 .stream_name(stream)
-                .shard_id(shard.shard_id())
+                .shard_id(&shard_id)
                 .shard_iterator_type(ShardIteratorType::TrimHorizon)
                 .send()
                 .await
@@ -117,23 +119,39 @@ impl LocalKinesis {
                     .send()
                     .await
                     .expect("GetRecords");
-                for record in page.records() {
-                    let users = deaggregate(
-                        record.data().as_ref().to_vec(),
-                        record.partition_key().unwrap_or_default(),
-                    )
-                    .expect("every aggregate in the stream decodes");
-                    out.extend(users.into_iter().map(|user| ReadRecord {
-                        shard_id: shard.shard_id().to_owned(),
-                        sequence_number: record.sequence_number().to_owned(),
-                        record: user,
-                    }));
-                }
+                out.extend(page.records().iter().map(|record| RawRecord {
+                    shard_id: shard_id.clone(),
+                    sequence_number: record.sequence_number().to_owned(),
+                    partition_key: record.partition_key().unwrap_or_default().to_owned(),
+                    data: record.data().as_ref().to_vec(),
+                }));
                 match page.next_shard_iterator() {
                     Some(next) if !page.records().is_empty() => iterator = next.to_owned(),
                     _ => break,
                 }
             }
+        }
+        out.sort_by(|a, b| {
+            (&a.shard_id, a.sequence_number.len(), &a.sequence_number).cmp(&(
+                &b.shard_id,
+                b.sequence_number.len(),
+                &b.sequence_number,
+            ))
+        });
+        out
+    }
+
+    /// Every user record in the stream, from every shard (open or closed), de-aggregated.
+    pub async fn read_all(&self, stream: &str) -> Vec<ReadRecord> {
+        let mut out = Vec::new();
+        for raw in self.read_raw(stream).await {
+            let users = deaggregate(raw.data, &raw.partition_key)
+                .expect("every aggregate in the stream decodes");
+            out.extend(users.into_iter().map(|user| ReadRecord {
+                shard_id: raw.shard_id.clone(),
+                sequence_number: raw.sequence_number.clone(),
+                record: user,
+            }));
         }
         out
     }
