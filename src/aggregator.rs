@@ -8,6 +8,7 @@
 //! When the shard map is reloaded, the records still in aggregators are re-routed under the new
 //! map, so that an aggregate only ever holds records of one open shard.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -92,6 +93,7 @@ pub(crate) struct Routing {
     pub generation: u64,
     pub map: ShardMap,
     slots: Vec<Mutex<Slot>>,
+    shard_ids: HashSet<Arc<str>>,
 }
 
 struct Slot {
@@ -119,11 +121,18 @@ impl Routing {
                 })
             })
             .collect();
+        let shard_ids = map.shards().iter().map(|s| s.shard_id.clone()).collect();
         Routing {
             generation,
             map,
             slots,
+            shard_ids,
         }
+    }
+
+    /// Whether `shard_id` is an open shard of this map.
+    pub fn has_shard(&self, shard_id: &str) -> bool {
+        self.shard_ids.contains(shard_id)
     }
 
     fn shard_id(&self, slot: usize) -> Option<Arc<str>> {

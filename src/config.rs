@@ -42,6 +42,12 @@ pub(crate) struct Config {
     pub retry: RetryPolicy,
     pub stop_timeout: Duration,
     pub partitioner: Partitioner,
+    pub shard_map_refresh_interval: Duration,
+    /// Percent of the per-shard limits; 0 turns the limiter off.
+    pub rate_limit: u32,
+    pub preserve_order: bool,
+    /// Whether `max_record_size` was set by the user (else the stream's own is adopted).
+    pub max_record_size_explicit: bool,
 }
 
 /// Builds a [`Producer`](crate::Producer). Obtain one with `Producer::builder()`.
@@ -66,6 +72,9 @@ pub(crate) struct Config {
 /// | `retry_base_delay` | 100 ms | 1 ms ..= `retry_max_delay` |
 /// | `retry_max_delay` | 5 s | ≤ 10 min |
 /// | `stop_timeout` | 30 s | ≤ 1 day |
+/// | `shard_map_refresh_interval` | 60 s | 1 s ..= 1 day |
+/// | `rate_limit` | 150 (%) | 0 (off) ..= 10,000 |
+/// | `preserve_order` | off | |
 #[must_use]
 #[derive(Default)]
 pub struct ProducerBuilder {
@@ -95,6 +104,10 @@ impl Default for Config {
             retry: RetryPolicy::default(),
             stop_timeout: Duration::from_secs(30),
             partitioner: Arc::new(|_: &[u8]| uuid::Uuid::new_v4().to_string()),
+            shard_map_refresh_interval: Duration::from_secs(60),
+            rate_limit: 150,
+            preserve_order: false,
+            max_record_size_explicit: false,
         }
     }
 }
@@ -146,9 +159,6 @@ impl ProducerBuilder {
         max_backlog_records: usize,
         /// Most bytes (data + keys) held between `put` and their end.
         max_backlog_bytes: usize,
-        /// Largest record (data + partition key) accepted at `put`. Raise it only for streams
-        /// whose `MaxRecordSizeInKiB` allows it.
-        max_record_size: usize,
         /// Packs user records into KPL aggregates. Off: one Kinesis record per user record.
         aggregation: bool,
         /// Largest aggregate in bytes, magic and checksum included.
@@ -169,6 +179,23 @@ impl ProducerBuilder {
         request_timeout: Duration,
         /// How long `stop` keeps delivering before it reports what is left as failed.
         stop_timeout: Duration,
+        /// How often the shard map is reloaded even when no result says it changed.
+        shard_map_refresh_interval: Duration,
+        /// Per-shard rate limit, in percent of Kinesis' shard limits (1,000 records/s and
+        /// 1 MiB/s); 0 turns the limiter off.
+        rate_limit: u32,
+        /// Keeps the order of records per shard (so per partition key): one request in flight
+        /// per shard, one Kinesis record per shard per request, retries before anything newer.
+        preserve_order: bool,
+    }
+
+    /// Largest record (data + partition key) accepted at `put`. Unset, the producer adopts the
+    /// stream's `MaxRecordSizeInKiB` (DescribeStreamSummary) when the stream reports one; set,
+    /// it is lowered to the stream's if the stream's is smaller.
+    pub fn max_record_size(mut self, bytes: usize) -> Self {
+        self.config.max_record_size = bytes;
+        self.config.max_record_size_explicit = true;
+        self
     }
 
     /// Wait before the first retry; each later retry waits twice as long, up to
@@ -277,6 +304,13 @@ impl ProducerBuilder {
             d.retry.max_delay,
         )?;
         check_duration("stop_timeout", d.stop_timeout, Duration::ZERO, secs(86_400))?;
+        check_duration(
+            "shard_map_refresh_interval",
+            d.shard_map_refresh_interval,
+            secs(1),
+            secs(86_400),
+        )?;
+        check_range("rate_limit", d.rate_limit as usize, 0, 10_000)?;
 
         let client = match self.client {
             Some(client) => client,
@@ -331,6 +365,27 @@ fn check_duration(
     Ok(())
 }
 
+impl Config {
+    /// The record size limit once the stream's own (`MaxRecordSizeInKiB`) is known: adopted when
+    /// the user set none, and never above the stream's. Kept within what a request and the
+    /// backlog can hold.
+    pub fn adopt_stream_record_size(&mut self, stream_kib: Option<i32>) {
+        let Some(kib) = stream_kib.filter(|k| *k > 0) else {
+            return;
+        };
+        let stream_max = (kib as usize).saturating_mul(1024);
+        let wanted = if self.max_record_size_explicit {
+            self.max_record_size.min(stream_max)
+        } else {
+            stream_max
+        };
+        self.max_record_size = wanted
+            .min(self.collection_max_size)
+            .min(self.max_backlog_bytes - 64)
+            .min(MAX_RECORD_SIZE_LIMIT);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,6 +436,34 @@ mod tests {
         assert!(e.contains("stream_name or stream_arn"), "{e}");
         let e = error_of(base().stream_arn("arn")).await;
         assert!(e.contains("both"), "{e}");
+    }
+
+    #[test]
+    fn the_streams_record_size_is_adopted_unless_set_lower() {
+        let mut config = Config::default();
+        config.adopt_stream_record_size(Some(2048));
+        assert_eq!(config.max_record_size, 2 << 20);
+        config.adopt_stream_record_size(None);
+        assert_eq!(config.max_record_size, 2 << 20);
+        // A stream allowing 10 MiB: capped by what one request may carry (5 MiB by default).
+        let mut config = Config::default();
+        config.adopt_stream_record_size(Some(10_240));
+        assert_eq!(config.max_record_size, 5 << 20);
+        // Set by the user: kept if lower, lowered to the stream's if higher.
+        let mut config = Config {
+            max_record_size: 100_000,
+            max_record_size_explicit: true,
+            ..Config::default()
+        };
+        config.adopt_stream_record_size(Some(1024));
+        assert_eq!(config.max_record_size, 100_000);
+        let mut config = Config {
+            max_record_size: 3 << 20,
+            max_record_size_explicit: true,
+            ..Config::default()
+        };
+        config.adopt_stream_record_size(Some(1024));
+        assert_eq!(config.max_record_size, 1 << 20);
     }
 
     #[tokio::test]

@@ -65,6 +65,8 @@ mod config;
 #[cfg(feature = "producer")]
 mod error;
 #[cfg(feature = "producer")]
+mod limiter;
+#[cfg(feature = "producer")]
 mod producer;
 #[cfg(feature = "producer")]
 mod retry;

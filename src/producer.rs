@@ -156,17 +156,32 @@ impl Shared {
         }
         let shared = Arc::clone(self);
         tokio::spawn(async move {
+            // ListShards has a call quota: reloads are a second apart, and further apart (up to
+            // 30 s) while they keep failing.
+            let mut failures = 0u32;
             loop {
                 while shared.refresh_wanted.swap(false, Ordering::SeqCst) {
                     match load_shard_map(&shared.client, &shared.stream).await {
                         Ok(map) => {
+                            failures = 0;
                             add(&shared.stats.shard_map_refreshes, 1);
                             aggregator::install_map(&shared, map);
                         }
-                        Err(e) => tracing::warn!(error = %e, "shard map reload failed"),
+                        Err(e) => {
+                            failures += 1;
+                            shared.refresh_wanted.store(true, Ordering::SeqCst);
+                            tracing::warn!(error = %e, failures, "shard map reload failed");
+                        }
                     }
                     shared.send(Inbound::MapRefreshed);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let pause =
+                        Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30));
+                    tokio::time::sleep(pause).await;
+                    if shared.closed.load(Ordering::SeqCst) && failures > 0 {
+                        // Stopping, and the service keeps refusing: give up the retries.
+                        shared.refresh_wanted.store(false, Ordering::SeqCst);
+                        break;
+                    }
                 }
                 shared.refreshing.store(false, Ordering::SeqCst);
                 // A request that arrived just before `refreshing` was cleared found it set and
@@ -228,8 +243,22 @@ impl ProducerBuilder {
     /// Must run inside a tokio runtime.
     pub async fn build(self) -> Result<Producer, BuildError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
-        let (config, stream, client) = self.resolve().await?;
+        let (mut config, stream, client) = self.resolve().await?;
         let map = load_shard_map(&client, &stream).await?;
+        let summary = match &stream {
+            StreamId::Name(name) => client.describe_stream_summary().stream_name(name),
+            StreamId::Arn(arn) => client.describe_stream_summary().stream_arn(arn),
+        };
+        match summary.send().await {
+            Ok(out) => config.adopt_stream_record_size(
+                out.stream_description_summary()
+                    .and_then(|s| s.max_record_size_in_kib()),
+            ),
+            // Not fatal: a producer may lack the permission; the configured size stays.
+            Err(e) => {
+                tracing::debug!(error = %crate::retry::describe_sdk_error(&e), "DescribeStreamSummary failed; keeping max_record_size")
+            }
+        }
         let (inbound, inbound_rx) = mpsc::unbounded_channel();
         let limits = AggregateLimits {
             max_size: config.aggregation_max_size,

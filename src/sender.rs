@@ -2,12 +2,18 @@
 //! sends up to `max_in_flight` of them at once, and decides the fate of every entry of every
 //! result: acknowledged, retried after a backoff, or failed.
 //!
-//! A request goes out when it is full (500 records or `collection_max_size` bytes) or when its
-//! oldest user record has waited `record_max_buffered_time`. Only the failed entries of a
-//! request are retried; see [`crate::retry`] for which errors qualify.
+//! Kinesis records wait in one *lane* per shard, each with its rate limiter
+//! ([`crate::limiter`]). A request takes records from the lanes that may send, in turn, and goes
+//! out when it is full (500 records or `collection_max_size` bytes) or when its oldest user
+//! record has waited `record_max_buffered_time`. Only the failed entries of a request are
+//! retried; see [`crate::retry`] for which errors qualify.
+//!
+//! With `preserve_order`, a lane sends one Kinesis record per request and nothing more while
+//! that record is outstanding (in flight, or waiting to be retried): Kinesis does not order the
+//! records of one PutRecords request, so this is the only way to keep a shard's order.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use crate::aggregator::{self, Outgoing};
 use crate::config::Config;
 use crate::error::{DeliveryError, FailureKind};
+use crate::limiter::Limiter;
 use crate::producer::{Inbound, Shared};
 use crate::retry::{classify_sdk_error, entry_error_is_transient, AttemptError};
 use crate::shard_map::StreamId;
@@ -28,12 +35,17 @@ use crate::stats::add;
 /// Runs the sender until `stop` has ended with every record acknowledged or failed.
 pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<Inbound>) {
     let (results_tx, results_rx) = mpsc::unbounded_channel();
+    let next_refresh = Instant::now() + shared.config.shard_map_refresh_interval;
     let mut sender = Sender {
         shared,
         inbound,
-        pending: VecDeque::new(),
+        lanes: HashMap::new(),
+        ready: VecDeque::new(),
+        waking: BinaryHeap::new(),
+        unrouted: Arc::from(""),
+        pending_count: 0,
         pending_bytes: 0,
-        pending_oldest: None,
+        queued_puts: BTreeMap::new(),
         parked: Vec::new(),
         isolating: VecDeque::new(),
         deadlines: BinaryHeap::new(),
@@ -45,6 +57,7 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<In
         flush_requested: false,
         stop_deadline: None,
         cancel: watch::Sender::new(false),
+        next_refresh,
     };
     sender.run().await;
 }
@@ -52,12 +65,20 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<In
 struct Sender {
     shared: Arc<Shared>,
     inbound: mpsc::UnboundedReceiver<Inbound>,
-    /// Kinesis records waiting for a request, oldest first (retries go back to the front).
-    pending: VecDeque<Outgoing>,
+    /// Kinesis records waiting for a request, one lane per shard.
+    lanes: HashMap<Arc<str>, Lane>,
+    /// Lanes that may have something to send now, in turn.
+    ready: VecDeque<Arc<str>>,
+    /// Lanes waiting for their limiter (or, in order mode, a retry's backoff) until a time.
+    waking: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
+    /// The lane of records no open shard covered.
+    unrouted: Arc<str>,
+    /// Totals over all lanes.
+    pending_count: usize,
     pending_bytes: usize,
-    /// The earliest `put` among pending records: the next request is due at this plus
-    /// `record_max_buffered_time`.
-    pending_oldest: Option<Instant>,
+    /// The `put` time of the oldest user record of each queued Kinesis record, as a multiset:
+    /// its first key is when the next request is due (plus `record_max_buffered_time`).
+    queued_puts: BTreeMap<Instant, u32>,
     /// Aggregates written to a shard the map did not predict, waiting for the reloaded map to
     /// tell whether that shard owns all their records.
     parked: Vec<(Outgoing, Arc<str>)>,
@@ -66,7 +87,8 @@ struct Sender {
     isolating: VecDeque<Vec<Outgoing>>,
     /// Aggregator deadlines: (when, routing generation, slot, cycle).
     deadlines: BinaryHeap<Reverse<(Instant, u64, usize, u64)>>,
-    /// Records waiting out their backoff.
+    /// Records waiting out their backoff (without `preserve_order`; with it they wait at the
+    /// front of their lane).
     retries: BinaryHeap<Reverse<Retry>>,
     retry_seq: u64,
     in_flight: usize,
@@ -76,6 +98,19 @@ struct Sender {
     stop_deadline: Option<Instant>,
     /// Set at the stop deadline: requests in flight give up.
     cancel: watch::Sender<bool>,
+    next_refresh: Instant,
+}
+
+/// One shard's queue.
+struct Lane {
+    queue: VecDeque<Outgoing>,
+    limiter: Option<Limiter>,
+    /// Records taken from this lane and not yet ended or returned to it.
+    outstanding: usize,
+    /// Listed in `ready`.
+    listed: bool,
+    /// With `preserve_order`: the record at the front is a retry not to be sent before this.
+    not_before: Option<Instant>,
 }
 
 struct Retry {
@@ -113,18 +148,33 @@ enum Outcome {
     Cancelled,
 }
 
+/// Why a lane stopped giving records to the request being built.
+enum Blocked {
+    /// Nothing left, or (order mode) a record of the lane is outstanding.
+    No,
+    /// The request is full; the lane still has records.
+    RequestFull,
+    /// The lane may send again at this time.
+    Until(Instant),
+}
+
 impl Sender {
     async fn run(&mut self) {
         loop {
             let now = Instant::now();
             self.fire_deadlines(now);
             self.release_retries(now);
+            self.wake_lanes(now);
+            if now >= self.next_refresh {
+                self.next_refresh = now + self.shared.config.shard_map_refresh_interval;
+                self.shared.request_refresh();
+            }
             if self.stop_deadline.is_some_and(|deadline| now >= deadline) {
                 self.abandon_all();
             }
             self.dispatch(now);
             if self.stop_deadline.is_some()
-                && self.pending.is_empty()
+                && self.pending_count == 0
                 && self.isolating.is_empty()
                 && self.parked.is_empty()
                 && self.retries.is_empty()
@@ -149,7 +199,7 @@ impl Sender {
 
     fn handle(&mut self, message: Inbound) {
         match message {
-            Inbound::Record(outgoing) => self.enqueue_pending(outgoing, false),
+            Inbound::Record(outgoing) => self.enqueue(outgoing, false),
             Inbound::Deadline {
                 at,
                 generation,
@@ -164,19 +214,95 @@ impl Sender {
                 for (outgoing, actual) in std::mem::take(&mut self.parked) {
                     self.settle_misplaced(outgoing, actual, false);
                 }
+                self.resplit_closed_lanes();
             }
         }
     }
 
-    /// Queues a Kinesis record for the next request; a retry goes to the front.
-    fn enqueue_pending(&mut self, outgoing: Outgoing, front: bool) {
+    fn lane_of(&self, outgoing: &Outgoing) -> Arc<str> {
+        outgoing
+            .shard_id
+            .clone()
+            .unwrap_or_else(|| Arc::clone(&self.unrouted))
+    }
+
+    /// Queues a Kinesis record in its shard's lane (a retry at the front). A record for a shard
+    /// the current map no longer has is re-split under the new map instead: it was never
+    /// written, so this loses and duplicates nothing.
+    fn enqueue(&mut self, outgoing: Outgoing, front: bool) {
+        if let Some(shard) = &outgoing.shard_id {
+            if !self.shared.routing().has_shard(shard) {
+                self.resplit(outgoing);
+                return;
+            }
+        }
+        let key = self.lane_of(&outgoing);
+        let (limit, now) = (self.shared.config.rate_limit, Instant::now());
+        let routed = outgoing.shard_id.is_some();
+        let lane = self.lanes.entry(Arc::clone(&key)).or_insert_with(|| Lane {
+            queue: VecDeque::new(),
+            limiter: (limit > 0 && routed).then(|| Limiter::new(limit, now)),
+            outstanding: 0,
+            listed: false,
+            not_before: None,
+        });
+        self.pending_count += 1;
         self.pending_bytes += outgoing.request_size();
-        let put = outgoing.oldest_put;
-        self.pending_oldest = Some(self.pending_oldest.map_or(put, |oldest| oldest.min(put)));
+        *self.queued_puts.entry(outgoing.oldest_put).or_default() += 1;
         if front {
-            self.pending.push_front(outgoing);
+            lane.queue.push_front(outgoing);
         } else {
-            self.pending.push_back(outgoing);
+            lane.queue.push_back(outgoing);
+        }
+        if !lane.listed {
+            lane.listed = true;
+            self.ready.push_back(key);
+        }
+    }
+
+    /// Routes a not-yet-written Kinesis record's user records again, under the current map.
+    fn resplit(&mut self, outgoing: Outgoing) {
+        aggregator::reroute(&self.shared, outgoing.records, outgoing.metas);
+        if self.stop_deadline.is_some() {
+            // Stopping: the aggregators are not waited for, so send them out now.
+            aggregator::flush_all(&self.shared);
+        }
+    }
+
+    /// After a map reload: the records queued for shards that closed are re-split.
+    fn resplit_closed_lanes(&mut self) {
+        let routing = self.shared.routing();
+        let closed: Vec<Arc<str>> = self
+            .lanes
+            .keys()
+            .filter(|key| key.as_ref() != self.unrouted.as_ref() && !routing.has_shard(key))
+            .cloned()
+            .collect();
+        for key in closed {
+            if let Some(lane) = self.lanes.remove(&key) {
+                for outgoing in lane.queue {
+                    unqueue(
+                        &mut self.queued_puts,
+                        &mut self.pending_count,
+                        &mut self.pending_bytes,
+                        &outgoing,
+                    );
+                    self.resplit(outgoing);
+                }
+            }
+        }
+    }
+
+    /// A record taken from its lane has ended or gone back to it: in order mode, the lane may
+    /// send again.
+    fn release(&mut self, outgoing: &Outgoing) {
+        let key = self.lane_of(outgoing);
+        if let Some(lane) = self.lanes.get_mut(&key) {
+            lane.outstanding = lane.outstanding.saturating_sub(1);
+            if lane.outstanding == 0 && !lane.queue.is_empty() && !lane.listed {
+                lane.listed = true;
+                self.ready.push_back(key);
+            }
         }
     }
 
@@ -194,21 +320,42 @@ impl Sender {
     fn release_retries(&mut self, now: Instant) {
         while self.retries.peek().is_some_and(|Reverse(r)| r.at <= now) {
             if let Some(Reverse(retry)) = self.retries.pop() {
-                self.enqueue_pending(retry.outgoing, true);
+                self.enqueue(retry.outgoing, true);
+            }
+        }
+    }
+
+    fn wake_lanes(&mut self, now: Instant) {
+        while self
+            .waking
+            .peek()
+            .is_some_and(|Reverse((at, _))| *at <= now)
+        {
+            if let Some(Reverse((_, key))) = self.waking.pop() {
+                if let Some(lane) = self.lanes.get_mut(&key) {
+                    if !lane.listed && !lane.queue.is_empty() {
+                        lane.listed = true;
+                        self.ready.push_back(key);
+                    }
+                }
             }
         }
     }
 
     fn next_wake(&self, now: Instant) -> Instant {
         let mut wake = now + Duration::from_secs(3600);
+        wake = wake.min(self.next_refresh);
         if let Some(Reverse((at, ..))) = self.deadlines.peek() {
             wake = wake.min(*at);
         }
         if let Some(Reverse(retry)) = self.retries.peek() {
             wake = wake.min(retry.at);
         }
-        if let Some(oldest) = self.pending_oldest {
-            if self.in_flight < self.shared.config.max_in_flight {
+        if let Some(Reverse((at, _))) = self.waking.peek() {
+            wake = wake.min(*at);
+        }
+        if let Some(&oldest) = self.queued_puts.keys().next() {
+            if self.in_flight < self.shared.config.max_in_flight && !self.ready.is_empty() {
                 wake = wake.min(oldest + self.shared.config.record_max_buffered_time);
             }
         }
@@ -220,67 +367,146 @@ impl Sender {
 
     fn should_send(&self, now: Instant) -> bool {
         let config = &self.shared.config;
-        let Some(oldest) = self.pending_oldest else {
+        let Some(&oldest) = self.queued_puts.keys().next() else {
             return false;
         };
-        self.flush_requested
-            || self.stop_deadline.is_some()
-            || self.pending.len() >= config.collection_max_count
-            || self.pending_bytes >= config.collection_max_size
-            || oldest + config.record_max_buffered_time <= now
+        !self.ready.is_empty()
+            && (self.flush_requested
+                || self.stop_deadline.is_some()
+                || self.pending_count >= config.collection_max_count
+                || self.pending_bytes >= config.collection_max_size
+                || oldest + config.record_max_buffered_time <= now)
     }
 
     fn dispatch(&mut self, now: Instant) {
         while self.in_flight < self.shared.config.max_in_flight {
-            let Some(mut batch) = self.isolating.pop_front() else {
+            let Some(batch) = self.isolating.pop_front() else {
                 break;
             };
-            let ttl = self.shared.config.record_ttl;
-            for outgoing in std::mem::take(&mut batch) {
-                if now >= outgoing.oldest_put + ttl {
+            let mut live = Vec::with_capacity(batch.len());
+            for outgoing in batch {
+                if now >= outgoing.oldest_put + self.shared.config.record_ttl {
+                    self.release(&outgoing);
                     self.expire(outgoing);
                 } else {
-                    batch.push(outgoing);
+                    live.push(outgoing);
                 }
             }
-            if !batch.is_empty() {
-                self.spawn_request(batch);
+            if !live.is_empty() {
+                self.spawn_request(live);
             }
         }
         while self.in_flight < self.shared.config.max_in_flight && self.should_send(now) {
             let batch = self.take_batch(now);
-            if !batch.is_empty() {
-                self.spawn_request(batch);
+            if batch.is_empty() {
+                break;
             }
+            self.spawn_request(batch);
         }
-        if self.pending.is_empty() {
+        if self.pending_count == 0 {
             self.flush_requested = false;
         }
     }
 
-    /// Takes the next request's worth of records, failing those whose TTL has passed.
+    /// Takes the next request's worth of records from the lanes that may send, in turn, failing
+    /// those whose TTL has passed.
     fn take_batch(&mut self, now: Instant) -> Vec<Outgoing> {
-        let config = &self.shared.config;
         let mut batch = Vec::new();
         let mut bytes = 0;
-        while let Some(front) = self.pending.front() {
-            let size = front.request_size();
-            if !joins_request(batch.len(), bytes, size, config) {
-                break;
-            }
-            let Some(outgoing) = self.pending.pop_front() else {
+        let mut full = false;
+        let mut again = Vec::new();
+        while !full {
+            let Some(key) = self.ready.pop_front() else {
                 break;
             };
-            self.pending_bytes -= size;
-            if now >= outgoing.oldest_put + config.record_ttl {
-                self.expire(outgoing);
+            match self.take_from_lane(&key, now, &mut batch, &mut bytes) {
+                Blocked::No => {
+                    if let Some(lane) = self.lanes.get_mut(&key) {
+                        lane.listed = false;
+                    }
+                }
+                Blocked::RequestFull => {
+                    full = true;
+                    again.push(key);
+                }
+                Blocked::Until(at) => {
+                    if let Some(lane) = self.lanes.get_mut(&key) {
+                        lane.listed = false;
+                    }
+                    self.waking.push(Reverse((at, key)));
+                }
+            }
+        }
+        // A lane cut short by a full request keeps its turn.
+        for key in again.into_iter().rev() {
+            self.ready.push_front(key);
+        }
+        batch
+    }
+
+    fn take_from_lane(
+        &mut self,
+        key: &Arc<str>,
+        now: Instant,
+        batch: &mut Vec<Outgoing>,
+        bytes: &mut usize,
+    ) -> Blocked {
+        let config = &self.shared.config;
+        let Some(lane) = self.lanes.get_mut(key) else {
+            return Blocked::No;
+        };
+        let mut taken = 0;
+        let mut expired = Vec::new();
+        let blocked = loop {
+            if config.preserve_order && (lane.outstanding > 0 || taken > 0) {
+                break Blocked::No;
+            }
+            if let Some(at) = lane.not_before.filter(|at| *at > now) {
+                break Blocked::Until(at);
+            }
+            let Some(front) = lane.queue.front() else {
+                break Blocked::No;
+            };
+            let size = front.request_size();
+            if now >= front.oldest_put + config.record_ttl {
+                if let Some(outgoing) = lane.queue.pop_front() {
+                    unqueue(
+                        &mut self.queued_puts,
+                        &mut self.pending_count,
+                        &mut self.pending_bytes,
+                        &outgoing,
+                    );
+                    expired.push(outgoing);
+                }
                 continue;
             }
-            bytes += size;
+            if !joins_request(batch.len(), *bytes, size, config) {
+                break Blocked::RequestFull;
+            }
+            if let Some(limiter) = &mut lane.limiter {
+                if !limiter.try_take(size, now) {
+                    break Blocked::Until(limiter.ready_at(size, now));
+                }
+            }
+            let Some(outgoing) = lane.queue.pop_front() else {
+                break Blocked::No;
+            };
+            lane.not_before = None;
+            lane.outstanding += 1;
+            taken += 1;
+            unqueue(
+                &mut self.queued_puts,
+                &mut self.pending_count,
+                &mut self.pending_bytes,
+                &outgoing,
+            );
+            *bytes += size;
             batch.push(outgoing);
+        };
+        for outgoing in expired {
+            self.expire(outgoing);
         }
-        self.pending_oldest = self.pending.iter().map(|o| o.oldest_put).min();
-        batch
+        blocked
     }
 
     fn spawn_request(&mut self, mut batch: Vec<Outgoing>) {
@@ -335,16 +561,19 @@ impl Sender {
                                 .as_deref()
                                 .is_some_and(|expected| !actual.is_empty() && expected != actual);
                             stale_map |= misplaced;
+                            self.with_limiter(&outgoing, Limiter::acknowledged);
                             if misplaced && outgoing.entry.aggregated {
                                 self.settle_misplaced(outgoing, Arc::from(actual), true);
                             } else {
                                 // A plain record is wherever Kinesis routed its own key: fine.
+                                self.release(&outgoing);
                                 self.shared.acknowledge(outgoing);
                             }
                         }
                         Some(code) => {
                             if code == "ProvisionedThroughputExceededException" {
                                 add(&self.shared.stats.throttled_entries, 1);
+                                self.with_limiter(&outgoing, Limiter::throttled);
                             }
                             let error = AttemptError {
                                 code: code.to_owned(),
@@ -376,6 +605,7 @@ impl Sender {
             Outcome::Failed(error) => self.fail_request(batch, error),
             Outcome::Cancelled => {
                 for outgoing in batch {
+                    self.release(&outgoing);
                     self.shared.fail(
                         outgoing,
                         DeliveryError::stopped(
@@ -384,6 +614,13 @@ impl Sender {
                     );
                 }
             }
+        }
+    }
+
+    fn with_limiter(&mut self, outgoing: &Outgoing, f: impl FnOnce(&mut Limiter)) {
+        let key = self.lane_of(outgoing);
+        if let Some(limiter) = self.lanes.get_mut(&key).and_then(|l| l.limiter.as_mut()) {
+            f(limiter);
         }
     }
 
@@ -406,6 +643,7 @@ impl Sender {
                     .iter()
                     .all(|m| (shard.start..=shard.end).contains(&m.hash_key)) =>
             {
+                self.release(&outgoing);
                 self.shared.acknowledge(outgoing);
             }
             None if may_wait => self.parked.push((outgoing, actual)),
@@ -415,11 +653,8 @@ impl Sender {
                     outgoing.records.len() as u64,
                 );
                 tracing::debug!(shard = %actual, records = outgoing.records.len(), "re-sending an aggregate written to a shard that does not own all its records");
-                aggregator::reroute(&self.shared, outgoing.records, outgoing.metas);
-                if self.stop_deadline.is_some() {
-                    // Stopping: the aggregators are not waited for, so send them out now.
-                    aggregator::flush_all(&self.shared);
-                }
+                self.release(&outgoing);
+                self.resplit(outgoing);
             }
         }
     }
@@ -441,7 +676,9 @@ impl Sender {
         }
     }
 
+    /// Decides the fate of a record back from a request (it leaves its lane's count here).
     fn retry_or_fail(&mut self, mut outgoing: Outgoing, error: AttemptError) {
+        self.release(&outgoing);
         if !error.transient {
             let failure = DeliveryError {
                 code: error.code.into(),
@@ -459,6 +696,15 @@ impl Sender {
             return;
         }
         add(&self.shared.stats.entry_retries, 1);
+        if self.shared.config.preserve_order {
+            // Back to the front of its lane, which sends nothing newer until it has gone.
+            let key = self.lane_of(&outgoing);
+            self.enqueue(outgoing, true);
+            if let Some(lane) = self.lanes.get_mut(&key) {
+                lane.not_before = Some(at);
+            }
+            return;
+        }
         self.retry_seq += 1;
         self.retries.push(Reverse(Retry {
             at,
@@ -483,13 +729,12 @@ impl Sender {
     /// The stop deadline passed: everything not yet in flight fails now, and requests in flight
     /// are told to give up.
     fn abandon_all(&mut self) {
-        for outgoing in self.pending.drain(..) {
+        for outgoing in self.drain_lanes() {
             self.shared.fail(
                 outgoing,
                 DeliveryError::stopped("the stop deadline passed before the record was sent"),
             );
         }
-        self.pending_bytes = 0;
         for Reverse(retry) in self.retries.drain() {
             self.shared.fail(
                 retry.outgoing,
@@ -508,8 +753,22 @@ impl Sender {
             let message = format!("the stop deadline passed before the records could be re-sent; they were written to {shard}, which may not own all of them");
             self.shared.fail(outgoing, DeliveryError::stopped(&message));
         }
-        self.pending_oldest = None;
         self.cancel.send_replace(true);
+    }
+
+    /// Empties every lane (the stop deadline passed, or the task is ending).
+    fn drain_lanes(&mut self) -> Vec<Outgoing> {
+        self.ready.clear();
+        self.pending_count = 0;
+        self.pending_bytes = 0;
+        self.queued_puts.clear();
+        self.lanes
+            .values_mut()
+            .flat_map(|lane| {
+                lane.listed = false;
+                lane.queue.drain(..)
+            })
+            .collect()
     }
 }
 
@@ -519,7 +778,7 @@ impl Drop for Sender {
     fn drop(&mut self) {
         let error =
             DeliveryError::stopped("the producer's sender task ended before the record was sent");
-        for outgoing in self.pending.drain(..) {
+        for outgoing in self.drain_lanes() {
             self.shared.fail(outgoing, error.clone());
         }
         for Reverse(retry) in self.retries.drain() {
@@ -538,6 +797,23 @@ impl Drop for Sender {
             }
         }
         self.shared.finish();
+    }
+}
+
+/// Takes a Kinesis record leaving a lane off the totals.
+fn unqueue(
+    queued_puts: &mut BTreeMap<Instant, u32>,
+    count: &mut usize,
+    bytes: &mut usize,
+    outgoing: &Outgoing,
+) {
+    *count -= 1;
+    *bytes -= outgoing.request_size();
+    if let Some(n) = queued_puts.get_mut(&outgoing.oldest_put) {
+        *n -= 1;
+        if *n == 0 {
+            queued_puts.remove(&outgoing.oldest_put);
+        }
     }
 }
 

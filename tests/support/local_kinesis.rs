@@ -24,6 +24,8 @@ pub struct RawRecord {
     pub sequence_number: String,
     pub partition_key: String,
     pub data: Vec<u8>,
+    /// Milliseconds since the epoch, as the server stamped the record.
+    pub arrived_ms: i64,
 }
 
 /// One user record as a consumer reads it.
@@ -119,11 +121,16 @@ impl LocalKinesis {
                     .send()
                     .await
                     .expect("GetRecords");
-                out.extend(page.records().iter().map(|record| RawRecord {
-                    shard_id: shard_id.clone(),
-                    sequence_number: record.sequence_number().to_owned(),
-                    partition_key: record.partition_key().unwrap_or_default().to_owned(),
-                    data: record.data().as_ref().to_vec(),
+                out.extend(page.records().iter().map(|record| {
+                    RawRecord {
+                        shard_id: shard_id.clone(),
+                        sequence_number: record.sequence_number().to_owned(),
+                        partition_key: record.partition_key().unwrap_or_default().to_owned(),
+                        data: record.data().as_ref().to_vec(),
+                        arrived_ms: record
+                            .approximate_arrival_timestamp()
+                            .map_or(0, |t| t.to_millis().unwrap_or(0)),
+                    }
                 }));
                 match page.next_shard_iterator() {
                     Some(next) if !page.records().is_empty() => iterator = next.to_owned(),

@@ -1,0 +1,227 @@
+//! The whole producer, end to end through the real SDK (JSON, base64, SigV4, HTTP), against a
+//! null sink: a minimal Kinesis endpoint on 127.0.0.1 that answers ListShards,
+//! DescribeStreamSummary and PutRecords (every entry succeeds, on the shard owning its hash
+//! key) and stores nothing. Prints records/s for each case.
+//!
+//! `cargo bench --bench pipeline` (release). The sink shares the process and its 2 cores, so
+//! figures compare cases with each other; they are not a ceiling.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use kinesis_producer::record::{parse_explicit_hash_key, partition_key_hash};
+use kinesis_producer::{Producer, ProducerBuilder, ShardMap, ShardRange};
+use serde::Deserialize;
+use serde_json::json;
+
+fn uniform_map(shards: usize) -> ShardMap {
+    let width = u128::MAX / shards as u128;
+    ShardMap::new(
+        (0..shards)
+            .map(|i| ShardRange {
+                shard_id: Arc::from(format!("shardId-{i:012}")),
+                start: width * i as u128,
+                end: if i + 1 == shards {
+                    u128::MAX
+                } else {
+                    width * (i as u128 + 1) - 1
+                },
+            })
+            .collect(),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct PutRecordsBody {
+    records: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Entry {
+    partition_key: String,
+    explicit_hash_key: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+struct ListShardsBody {
+    next_token: Option<String>,
+}
+
+async fn sink(
+    State(map): State<Arc<ShardMap>>,
+    headers: HeaderMap,
+    body: String,
+) -> impl IntoResponse {
+    let target = headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let answer = match target.rsplit('.').next().unwrap_or_default() {
+        "PutRecords" => {
+            let body: PutRecordsBody = serde_json::from_str(&body).expect("PutRecords JSON");
+            let records: Vec<_> = body
+                .records
+                .iter()
+                .map(|e| {
+                    let hash = match &e.explicit_hash_key {
+                        Some(ehk) => parse_explicit_hash_key(ehk).unwrap_or(0),
+                        None => partition_key_hash(&e.partition_key),
+                    };
+                    let shard = map.shard_for(hash).expect("covered");
+                    json!({"SequenceNumber": "1", "ShardId": &*shard.shard_id})
+                })
+                .collect();
+            json!({"FailedRecordCount": 0, "Records": records})
+        }
+        "ListShards" => {
+            let body: ListShardsBody = serde_json::from_str(&body).unwrap_or_default();
+            let from: usize = body.next_token.and_then(|t| t.parse().ok()).unwrap_or(0);
+            let page: Vec<_> = map.shards()[from..]
+                .iter()
+                .take(1000)
+                .map(|s| {
+                    json!({
+                        "ShardId": &*s.shard_id,
+                        "HashKeyRange": {"StartingHashKey": s.start.to_string(), "EndingHashKey": s.end.to_string()},
+                        "SequenceNumberRange": {"StartingSequenceNumber": "0"},
+                    })
+                })
+                .collect();
+            let next = from + page.len();
+            if next < map.len() {
+                json!({"Shards": page, "NextToken": next.to_string()})
+            } else {
+                json!({"Shards": page})
+            }
+        }
+        _ => json!({"StreamDescriptionSummary": {
+            "StreamName": "bench", "StreamARN": "arn:aws:kinesis:us-east-1:000000000000:stream/bench",
+            "StreamStatus": "ACTIVE", "RetentionPeriodHours": 24, "StreamCreationTimestamp": 0,
+            "EnhancedMonitoring": [], "OpenShardCount": map.len()}}),
+    };
+    (
+        [("content-type", "application/x-amz-json-1.1")],
+        answer.to_string(),
+    )
+}
+
+async fn start_sink(shards: usize) -> String {
+    let app = axum::Router::new()
+        .fallback(sink)
+        .with_state(Arc::new(uniform_map(shards)))
+        .layer(DefaultBodyLimit::max(16 << 20));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    endpoint
+}
+
+struct Case {
+    shards: usize,
+    size: usize,
+    records: usize,
+    label: &'static str,
+    tune: fn(ProducerBuilder) -> ProducerBuilder,
+}
+
+async fn run(case: &Case) -> f64 {
+    let endpoint = start_sink(case.shards).await;
+    let config = aws_sdk_kinesis::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(&endpoint)
+        .credentials_provider(Credentials::new("bench", "bench", None, None, "bench"))
+        .build();
+    let producer = (case.tune)(
+        Producer::builder()
+            .stream_name("bench")
+            .client(aws_sdk_kinesis::Client::from_conf(config)),
+    )
+    .build()
+    .await
+    .unwrap();
+    assert_eq!(producer.shard_map().len(), case.shards);
+    let data = vec![b'x'; case.size];
+    let started = Instant::now();
+    for _ in 0..case.records {
+        producer.put_data(data.clone()).await.unwrap();
+    }
+    producer.stop().await;
+    let secs = started.elapsed().as_secs_f64();
+    let stats = producer.stats();
+    assert_eq!(stats.user_records_put, case.records as u64, "{stats:?}");
+    let rate = case.records as f64 / secs;
+    println!(
+        "{:<28} shards={:<6} size={:<5} records={:<8} seconds={:<7.2} records_per_s={:<9.0} per_kinesis_record={:.1}",
+        case.label,
+        case.shards,
+        case.size,
+        case.records,
+        secs,
+        rate,
+        stats.user_records_put as f64 / stats.kinesis_records_put.max(1) as f64,
+    );
+    rate
+}
+
+fn main() {
+    // `cargo test --benches` runs bench binaries with `--bench` absent: keep that quick.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let scale = if quick { 50 } else { 1 };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let off = |b: ProducerBuilder| b.rate_limit(0);
+    let mut cases = Vec::new();
+    for shards in [1, 64, 1_024, 10_000] {
+        for (size, records) in [(100, 1_000_000), (1_024, 300_000)] {
+            cases.push(Case {
+                shards,
+                size,
+                records: records / scale,
+                label: "scale (limiter off)",
+                tune: off,
+            });
+        }
+    }
+    cases.push(Case {
+        shards: 10_000,
+        size: 100,
+        records: 1_000_000 / scale,
+        label: "10k shards, buffered 1 s",
+        tune: |b| {
+            b.rate_limit(0)
+                .record_max_buffered_time(std::time::Duration::from_secs(1))
+        },
+    });
+    cases.push(Case {
+        shards: 64,
+        size: 100,
+        records: 1_000_000 / scale,
+        label: "limiter on, not binding",
+        tune: |b| b.rate_limit(10_000),
+    });
+    cases.push(Case {
+        shards: 64,
+        size: 100,
+        records: 1_000_000 / scale,
+        label: "order mode (limiter off)",
+        tune: |b| b.rate_limit(0).preserve_order(true),
+    });
+    // BENCH_FILTER=text runs only the cases whose label contains it.
+    let filter = std::env::var("BENCH_FILTER").unwrap_or_default();
+    runtime.block_on(async {
+        for case in cases.iter().filter(|c| c.label.contains(filter.as_str())) {
+            run(case).await;
+        }
+    });
+}

@@ -1,0 +1,153 @@
+//! Step 5a: per-shard rate limiting. Kinesis takes 1,000 records and 1 MiB per second per shard
+//! (an aggregate counts as one record). Each shard gets a token bucket for records and one for
+//! bytes, filled at `rate_limit` percent of those limits, so a hot shard backs off locally
+//! instead of burning requests on throttling errors.
+//!
+//! The allowance adapts: a throttled entry halves the shard's allowance (multiplicative
+//! decrease, down to 10% of the shard limit); each acknowledged entry gives back 1% of the limit
+//! (additive increase, up to `rate_limit`). Buckets hold one second's worth, so an idle shard
+//! can send a burst.
+
+use std::time::{Duration, Instant};
+
+/// Kinesis' per-shard write limits.
+const SHARD_RECORDS_PER_SECOND: f64 = 1_000.0;
+const SHARD_BYTES_PER_SECOND: f64 = 1_048_576.0;
+/// The allowance never falls below this share of the shard limit.
+const FLOOR: f64 = 0.1;
+/// What one acknowledged entry gives back.
+const STEP: f64 = 0.01;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Limiter {
+    /// Share of the shard limit allowed now.
+    allowance: f64,
+    /// Share allowed at most (`rate_limit` / 100).
+    ceiling: f64,
+    records: f64,
+    bytes: f64,
+    refilled: Instant,
+}
+
+impl Limiter {
+    /// A full bucket at `rate_limit` percent of the shard limits.
+    pub fn new(rate_limit_percent: u32, now: Instant) -> Self {
+        let ceiling = f64::from(rate_limit_percent) / 100.0;
+        Limiter {
+            allowance: ceiling,
+            ceiling,
+            records: ceiling * SHARD_RECORDS_PER_SECOND,
+            bytes: ceiling * SHARD_BYTES_PER_SECOND,
+            refilled: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        let (record_cap, byte_cap) = self.capacity();
+        self.records =
+            (self.records + elapsed * self.allowance * SHARD_RECORDS_PER_SECOND).min(record_cap);
+        self.bytes = (self.bytes + elapsed * self.allowance * SHARD_BYTES_PER_SECOND).min(byte_cap);
+    }
+
+    fn capacity(&self) -> (f64, f64) {
+        (
+            self.allowance * SHARD_RECORDS_PER_SECOND,
+            self.allowance * SHARD_BYTES_PER_SECOND,
+        )
+    }
+
+    /// Takes room for one Kinesis record of `bytes` bytes if the bucket has it. A record larger
+    /// than the whole byte bucket goes when the bucket is full, leaving it in debt.
+    pub fn try_take(&mut self, bytes: usize, now: Instant) -> bool {
+        self.refill(now);
+        let (_, byte_cap) = self.capacity();
+        let bytes = bytes as f64;
+        let enough_bytes = self.bytes >= bytes || self.bytes >= byte_cap;
+        if self.records >= 1.0 && enough_bytes {
+            self.records -= 1.0;
+            self.bytes -= bytes;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When a record of `bytes` bytes can next be taken.
+    pub fn ready_at(&self, bytes: usize, now: Instant) -> Instant {
+        let (_, byte_cap) = self.capacity();
+        let record_wait =
+            (1.0 - self.records).max(0.0) / (self.allowance * SHARD_RECORDS_PER_SECOND);
+        let byte_need = (bytes as f64).min(byte_cap) - self.bytes;
+        let byte_wait = byte_need.max(0.0) / (self.allowance * SHARD_BYTES_PER_SECOND);
+        now + Duration::from_secs_f64(record_wait.max(byte_wait))
+    }
+
+    /// Kinesis throttled an entry of this shard.
+    pub fn throttled(&mut self) {
+        self.allowance = (self.allowance / 2.0).max(FLOOR.min(self.ceiling));
+        let (record_cap, byte_cap) = self.capacity();
+        self.records = self.records.min(record_cap);
+        self.bytes = self.bytes.min(byte_cap);
+    }
+
+    /// Kinesis acknowledged an entry of this shard.
+    pub fn acknowledged(&mut self) {
+        self.allowance = (self.allowance + STEP).min(self.ceiling);
+    }
+
+    /// The current allowance, as a percentage of the shard limit.
+    #[cfg(test)]
+    pub fn allowance_percent(&self) -> f64 {
+        self.allowance * 100.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_bucket_allows_one_seconds_worth_then_refills_at_the_rate() {
+        let start = Instant::now();
+        let mut limiter = Limiter::new(100, start);
+        let taken = (0..2_000).filter(|_| limiter.try_take(10, start)).count();
+        assert_eq!(taken, 1_000);
+        assert!(!limiter.try_take(10, start));
+        let later = start + Duration::from_millis(100);
+        let more = (0..2_000).filter(|_| limiter.try_take(10, later)).count();
+        assert!((99..=101).contains(&more), "{more}");
+        assert!(limiter.ready_at(10, later) > later);
+    }
+
+    #[test]
+    fn bytes_are_limited_too_and_an_oversize_record_waits_for_a_full_bucket() {
+        let start = Instant::now();
+        let mut limiter = Limiter::new(100, start);
+        assert!(limiter.try_take(1 << 20, start));
+        assert!(!limiter.try_take(1, start));
+        // A 3 MiB record (bigger than the bucket) goes once the bucket is full again.
+        let full = start + Duration::from_secs(1);
+        assert!(limiter.try_take(3 << 20, full));
+        assert!(!limiter.try_take(1, full + Duration::from_secs(1)));
+        assert!(limiter.try_take(1, full + Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn throttling_halves_the_allowance_and_success_brings_it_back_slowly() {
+        let start = Instant::now();
+        let mut limiter = Limiter::new(150, start);
+        assert_eq!(limiter.allowance_percent(), 150.0);
+        limiter.throttled();
+        assert_eq!(limiter.allowance_percent(), 75.0);
+        for _ in 0..10 {
+            limiter.throttled();
+        }
+        assert!((limiter.allowance_percent() - 10.0).abs() < 1e-9, "floor");
+        for _ in 0..1_000 {
+            limiter.acknowledged();
+        }
+        assert_eq!(limiter.allowance_percent(), 150.0, "ceiling");
+    }
+}

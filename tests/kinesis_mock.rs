@@ -1,0 +1,230 @@
+//! A reshard against a second, independent server: kinesis-local (kinesis-mock, npm), whose
+//! UpdateShardCount has a real UPDATING phase. It answers about one request a second, so the
+//! volume is modest and aggregation stays on. `./scripts/test.sh` installs it (npm ci in
+//! tests/interop); this test starts it on 127.0.0.1 and stops it.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::types::{ScalingType, ShardIteratorType, StreamStatus};
+use kinesis_producer::record::{parse_explicit_hash_key, partition_key_hash};
+use kinesis_producer::{deaggregate, Producer};
+
+/// The kinesis-local process; killed on drop.
+struct KinesisMock {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for KinesisMock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts kinesis-local on loopback. Its bundle binds 0.0.0.0 with no setting to change it, so
+/// it runs from a copy with that one address replaced by 127.0.0.1.
+async fn start_kinesis_mock() -> KinesisMock {
+    let package =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/node_modules/kinesis-local");
+    let bundle = std::fs::read_to_string(package.join("main.js")).unwrap_or_else(|e| {
+        panic!("kinesis-local is not installed ({e}); ./scripts/test.sh installs it (npm ci in tests/interop)")
+    });
+    let loopback = bundle.replace("em(\"0.0.0.0\")", "em(\"127.0.0.1\")");
+    assert_ne!(loopback, bundle, "the bind address was found and replaced");
+    let script =
+        std::env::temp_dir().join(format!("kinesis-local-loopback-{}.js", std::process::id()));
+    std::fs::write(&script, loopback).unwrap();
+    let (plain, tls) = (free_port(), free_port());
+    let child = Command::new("node")
+        .arg(&script)
+        .env("KINESIS_MOCK_CERT_PATH", package.join("server.json"))
+        .env("KINESIS_MOCK_PLAIN_PORT", plain.to_string())
+        .env("KINESIS_MOCK_TLS_PORT", tls.to_string())
+        .env("SHARD_LIMIT", "100")
+        .env("CREATE_STREAM_DURATION", "0ms")
+        .env("UPDATE_SHARD_COUNT_DURATION", "2s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("node runs");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", plain)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "kinesis-local did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    KinesisMock {
+        child,
+        endpoint: format!("http://127.0.0.1:{plain}"),
+    }
+}
+
+async fn wait_status(client: &aws_sdk_kinesis::Client, stream: &str, status: StreamStatus) {
+    let started = Instant::now();
+    loop {
+        let summary = client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .expect("DescribeStreamSummary");
+        if summary
+            .stream_description_summary()
+            .map(|s| s.stream_status())
+            == Some(&status)
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{stream} never became {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reshard_on_kinesis_mock_loses_nothing() {
+    const RECORDS: usize = 3_000;
+    let mock = start_kinesis_mock().await;
+    let client = support::local_kinesis::client_for(&mock.endpoint);
+    client
+        .create_stream()
+        .stream_name("mock")
+        .shard_count(2)
+        .send()
+        .await
+        .expect("CreateStream");
+    wait_status(&client, "mock", StreamStatus::Active).await;
+    let producer = Producer::builder()
+        .stream_name("mock")
+        .client(client.clone())
+        .record_max_buffered_time(Duration::from_millis(500))
+        .build()
+        .await
+        .expect("builds");
+    let mut failures = producer.notify_failures();
+    for i in 0..RECORDS / 2 {
+        producer
+            .put(format!("{i:06}"), format!("key-{i}"))
+            .await
+            .unwrap();
+    }
+    producer.flush().await;
+    client
+        .update_shard_count()
+        .stream_name("mock")
+        .target_shard_count(4)
+        .scaling_type(ScalingType::UniformScaling)
+        .send()
+        .await
+        .expect("UpdateShardCount");
+    // Puts go on while the stream is UPDATING.
+    for i in RECORDS / 2..RECORDS {
+        producer
+            .put(format!("{i:06}"), format!("key-{i}"))
+            .await
+            .unwrap();
+    }
+    wait_status(&client, "mock", StreamStatus::Active).await;
+    producer.stop().await;
+    assert!(failures.recv().await.is_none(), "nothing failed");
+    assert_eq!(producer.stats().user_records_put, RECORDS as u64);
+
+    // Read every shard back as the KCL would, and find every record.
+    let shards = client
+        .list_shards()
+        .stream_name("mock")
+        .send()
+        .await
+        .unwrap();
+    let mut seen = vec![0u32; RECORDS];
+    for shard in shards.shards() {
+        let range = shard.hash_key_range().unwrap();
+        let (start, end): (u128, u128) = (
+            range.starting_hash_key().parse().unwrap(),
+            range.ending_hash_key().parse().unwrap(),
+        );
+        let mut iterator = client
+            .get_shard_iterator()
+            .stream_name("mock")
+            .shard_id(shard.shard_id())
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap()
+            .shard_iterator
+            .unwrap();
+        loop {
+            let page = client
+                .get_records()
+                .shard_iterator(&iterator)
+                .send()
+                .await
+                .unwrap();
+            for record in page.records() {
+                let users = deaggregate(
+                    record.data().as_ref().to_vec(),
+                    record.partition_key().unwrap_or_default(),
+                )
+                .unwrap();
+                let intact = users.iter().all(|u| {
+                    let hash = match &u.explicit_hash_key {
+                        Some(ehk) => parse_explicit_hash_key(ehk).unwrap(),
+                        None => partition_key_hash(&u.partition_key),
+                    };
+                    !u.aggregated || (start..=end).contains(&hash)
+                });
+                if intact {
+                    for u in users {
+                        let i: usize = std::str::from_utf8(&u.data).unwrap().parse().unwrap();
+                        seen[i] += 1;
+                    }
+                }
+            }
+            match page.next_shard_iterator() {
+                Some(next) if !page.records().is_empty() => iterator = next.to_owned(),
+                _ => break,
+            }
+        }
+    }
+    let missing: Vec<_> = (0..RECORDS).filter(|i| seen[*i] == 0).collect();
+    assert!(
+        missing.is_empty(),
+        "{} records missing, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    let duplicates: u64 = seen.iter().map(|n| u64::from(n.saturating_sub(1))).sum();
+    assert!(duplicates <= producer.stats().records_resent_after_reshard);
+    let open = shards
+        .shards()
+        .iter()
+        .filter(|s| {
+            s.sequence_number_range()
+                .and_then(|r| r.ending_sequence_number())
+                .is_none()
+        })
+        .count();
+    assert_eq!(open, 4, "the stream was resharded");
+    println!(
+        "kinesis-mock: {:?}, map now {} shards",
+        producer.stats(),
+        producer.shard_map().len()
+    );
+}

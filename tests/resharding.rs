@@ -1,0 +1,328 @@
+//! Resharding under load, per-shard rate limiting and order mode, against the embedded server
+//! through the real SDK.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use kinesis_producer::record::{parse_explicit_hash_key, partition_key_hash};
+use kinesis_producer::{deaggregate, FailedRecord, Producer, ProducerBuilder};
+use support::local_kinesis::LocalKinesis;
+
+async fn producer(
+    kinesis: &LocalKinesis,
+    stream: &str,
+    tune: impl FnOnce(ProducerBuilder) -> ProducerBuilder,
+) -> Producer {
+    tune(
+        Producer::builder()
+            .stream_name(stream)
+            .client(kinesis.client.clone()),
+    )
+    .build()
+    .await
+    .expect("builds")
+}
+
+async fn drain(mut failures: kinesis_producer::FailureStream) -> Vec<FailedRecord> {
+    let mut out = Vec::new();
+    while let Some(f) = failures.recv().await {
+        out.push(f);
+    }
+    out
+}
+
+/// What a KCL consumer reads: aggregates holding any record outside the shard they were read
+/// from are thrown away whole. Returns the data of every user record it delivers, and how many
+/// aggregates it threw away.
+async fn read_as_kcl(kinesis: &LocalKinesis, stream: &str) -> (Vec<Vec<u8>>, usize) {
+    let ranges = kinesis.hash_ranges(stream).await;
+    let mut delivered = Vec::new();
+    let mut discarded = 0;
+    for raw in kinesis.read_raw(stream).await {
+        let (start, end) = ranges[&raw.shard_id];
+        let users = deaggregate(raw.data, &raw.partition_key).expect("decodes");
+        let intact = users.iter().all(|u| {
+            let hash = match &u.explicit_hash_key {
+                Some(ehk) => parse_explicit_hash_key(ehk).expect("valid"),
+                None => partition_key_hash(&u.partition_key),
+            };
+            !u.aggregated || (start..=end).contains(&hash)
+        });
+        if intact {
+            delivered.extend(users.into_iter().map(|u| u.data.to_vec()));
+        } else {
+            discarded += 1;
+        }
+    }
+    (delivered, discarded)
+}
+
+async fn reshard(kinesis: &LocalKinesis, stream: &str, shards: i32) {
+    kinesis
+        .client
+        .update_shard_count()
+        .stream_name(stream)
+        .target_shard_count(shards)
+        .scaling_type(aws_sdk_kinesis::types::ScalingType::UniformScaling)
+        .send()
+        .await
+        .expect("UpdateShardCount");
+    kinesis.wait_active(stream).await;
+}
+
+async fn open_shards(kinesis: &LocalKinesis, stream: &str) -> Vec<(String, u128, u128)> {
+    let out = kinesis
+        .client
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await
+        .unwrap();
+    let mut open: Vec<_> = out
+        .shards()
+        .iter()
+        .filter(|s| {
+            s.sequence_number_range()
+                .and_then(|r| r.ending_sequence_number())
+                .is_none()
+        })
+        .map(|s| {
+            let r = s.hash_key_range().unwrap();
+            (
+                s.shard_id().to_owned(),
+                r.starting_hash_key().parse().unwrap(),
+                r.ending_hash_key().parse().unwrap(),
+            )
+        })
+        .collect();
+    open.sort_by_key(|s| s.1);
+    open
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_under_load_loses_nothing_and_a_kcl_reader_sees_every_record() {
+    const RECORDS: u32 = 500_000;
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("reshard", 4).await;
+    let producer = producer(&kinesis, "reshard", |b| {
+        b.shard_map_refresh_interval(Duration::from_secs(2))
+    })
+    .await;
+    let failures = producer.notify_failures();
+    let putting = {
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            for i in 0..RECORDS {
+                producer
+                    .put(
+                        format!("{i:08}").into_bytes(),
+                        format!("key-{}", i % 10_007),
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    // Reshape the stream while records flow: 4 → 8 → 3, then a split and a merge.
+    let stats = || producer.stats().user_records_received;
+    wait_until(|| stats() >= 60_000).await;
+    reshard(&kinesis, "reshard", 8).await;
+    wait_until(|| stats() >= 180_000).await;
+    reshard(&kinesis, "reshard", 3).await;
+    wait_until(|| stats() >= 300_000).await;
+    let open = open_shards(&kinesis, "reshard").await;
+    let (first, start, end) = open[0].clone();
+    kinesis
+        .client
+        .split_shard()
+        .stream_name("reshard")
+        .shard_to_split(&first)
+        .new_starting_hash_key((start + (end - start) / 2).to_string())
+        .send()
+        .await
+        .unwrap();
+    kinesis.wait_active("reshard").await;
+    wait_until(|| stats() >= 400_000).await;
+    let open = open_shards(&kinesis, "reshard").await;
+    kinesis
+        .client
+        .merge_shards()
+        .stream_name("reshard")
+        .shard_to_merge(&open[1].0)
+        .adjacent_shard_to_merge(&open[2].0)
+        .send()
+        .await
+        .unwrap();
+    kinesis.wait_active("reshard").await;
+    putting.await.unwrap();
+    producer.stop().await;
+
+    assert!(drain(failures).await.is_empty(), "nothing failed");
+    let stats = producer.stats();
+    assert_eq!(stats.user_records_put, u64::from(RECORDS));
+    assert!(stats.shard_map_refreshes >= 4, "{stats:?}");
+    assert_eq!(
+        producer.shard_map().len(),
+        open_shards(&kinesis, "reshard").await.len()
+    );
+
+    let (delivered, discarded) = read_as_kcl(&kinesis, "reshard").await;
+    let mut seen = vec![0u32; RECORDS as usize];
+    for data in &delivered {
+        let i: usize = std::str::from_utf8(data).unwrap().parse().unwrap();
+        seen[i] += 1;
+    }
+    let missing = seen.iter().filter(|n| **n == 0).count();
+    let duplicates: u64 = seen.iter().map(|n| u64::from(n.saturating_sub(1))).sum();
+    assert_eq!(missing, 0, "a KCL reader gets every record");
+    assert!(
+        duplicates <= stats.records_resent_after_reshard,
+        "duplicates ({duplicates}) only where counted ({stats:?})"
+    );
+    println!(
+        "reshard under load: {} aggregates thrown away by the KCL rule, {} records re-sent, {duplicates} duplicates seen, {} map reloads",
+        discarded, stats.records_resent_after_reshard, stats.shard_map_refreshes
+    );
+}
+
+async fn wait_until(mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < Duration::from_secs(120), "timed out");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The shard owning a partition key, among `open`.
+fn shard_of(open: &[(String, u128, u128)], key: &str) -> String {
+    let hash = partition_key_hash(key);
+    open.iter()
+        .find(|(_, start, end)| (*start..=*end).contains(&hash))
+        .map(|s| s.0.clone())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_is_limited_locally_while_other_shards_keep_their_pace() {
+    let kinesis = LocalKinesis::start(true).await; // the server enforces 1 MiB/s per shard
+    kinesis.create_stream("hot", 4).await;
+    let open = open_shards(&kinesis, "hot").await;
+    let producer = producer(&kinesis, "hot", |b| b).await;
+    let failures = producer.notify_failures();
+    // 4 MiB for one key: four seconds of that shard's capacity.
+    let hot_shard = shard_of(&open, "hot-key");
+    let started = Instant::now();
+    let hot = {
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            for i in 0..4_096 {
+                producer.put(vec![b'h'; 1_000], "hot-key").await.unwrap();
+                if i % 256 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meanwhile, a trickle on keys of the other shards.
+    let cold_keys: Vec<String> = (0..)
+        .map(|i| format!("cold-{i}"))
+        .filter(|k| shard_of(&open, k) != hot_shard)
+        .take(50)
+        .collect();
+    for round in 0..10 {
+        for key in &cold_keys {
+            producer
+                .put(format!("cold {round}"), key.clone())
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 700 ms later the other shards hold every cold record, while the hot shard is still
+    // working through its backlog.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let landed = kinesis
+        .read_all("hot")
+        .await
+        .iter()
+        .filter(|r| r.record.data.starts_with(b"cold"))
+        .count();
+    let hot_still_busy = producer.stats().user_records_pending > 0;
+    assert!(hot_still_busy, "the hot shard is still backlogged");
+    assert_eq!(landed, 500, "the other shards kept their pace");
+    hot.await.unwrap();
+    producer.stop().await;
+    let hot_took = started.elapsed();
+    assert!(drain(failures).await.is_empty(), "nothing lost");
+    let stats = producer.stats();
+    assert_eq!(stats.user_records_put, 4_096 + 500);
+    assert!(
+        hot_took >= Duration::from_secs(2),
+        "the hot shard was held to its limit ({hot_took:?})"
+    );
+    println!(
+        "hot key: {hot_took:?} for 4 MiB on one shard; {} entries throttled by the server, {} retried; all cold records landed within 700 ms",
+        stats.throttled_entries, stats.entry_retries
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_mode_keeps_each_keys_records_in_order_under_throttling() {
+    let kinesis = LocalKinesis::start(true).await;
+    kinesis.create_stream("ordered", 4).await;
+    let producer = producer(&kinesis, "ordered", |b| {
+        b.preserve_order(true)
+            // Above the server's limit, so that it throttles and records are retried.
+            .rate_limit(400)
+            .retry_base_delay(Duration::from_millis(20))
+    })
+    .await;
+    let failures = producer.notify_failures();
+    const KEYS: usize = 20;
+    const PER_KEY: usize = 800;
+    for seq in 0..PER_KEY {
+        for key in 0..KEYS {
+            let mut data = format!("{key}:{seq}:").into_bytes();
+            data.resize(500, b'.');
+            producer.put(data, format!("key-{key}")).await.unwrap();
+        }
+    }
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty());
+    let stats = producer.stats();
+    assert!(
+        stats.throttled_entries > 0,
+        "the server throttled: {stats:?}"
+    );
+
+    // Per shard, in sequence order, each key's numbers must strictly increase.
+    let mut raw = kinesis.read_raw("ordered").await; // sorted by shard, then sequence number
+    raw.sort_by(|a, b| {
+        (&a.shard_id, a.sequence_number.len(), &a.sequence_number).cmp(&(
+            &b.shard_id,
+            b.sequence_number.len(),
+            &b.sequence_number,
+        ))
+    });
+    let mut last: HashMap<usize, i64> = HashMap::new();
+    let mut count = 0;
+    for r in raw {
+        for user in deaggregate(r.data, &r.partition_key).unwrap() {
+            let text = String::from_utf8_lossy(&user.data).into_owned();
+            let mut parts = text.split(':');
+            let key: usize = parts.next().unwrap().parse().unwrap();
+            let seq: i64 = parts.next().unwrap().parse().unwrap();
+            let previous = last.insert(key, seq).unwrap_or(-1);
+            assert!(seq > previous, "key {key}: {seq} after {previous}");
+            count += 1;
+        }
+    }
+    assert_eq!(count, KEYS * PER_KEY);
+    println!(
+        "order mode: {} entries throttled, {} retried, order held",
+        stats.throttled_entries, stats.entry_retries
+    );
+}
