@@ -3,13 +3,11 @@
 //!
 //! `cargo bench --bench aggregation` prints records/s (elements) and MB/s (bytes).
 
-use std::hint::black_box;
-use std::sync::Arc;
-
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use kinesis_producer::aggregation::{AggregateBuilder, AggregateLimits};
 use kinesis_producer::record::partition_key_hash;
-use kinesis_producer::{ShardMap, ShardRange, UserRecord};
+use kinesis_producer::{ShardMap, UserRecord};
+use std::hint::black_box;
 
 const RECORDS: usize = 20_000;
 
@@ -85,30 +83,13 @@ fn aggregation(c: &mut Criterion) {
     }
 }
 
-fn uniform_map(shards: usize) -> ShardMap {
-    let width = u128::MAX / shards as u128;
-    ShardMap::new(
-        (0..shards)
-            .map(|i| ShardRange {
-                shard_id: Arc::from(format!("shardId-{i:012}")),
-                start: width * i as u128,
-                end: if i + 1 == shards {
-                    u128::MAX
-                } else {
-                    width * (i as u128 + 1) - 1
-                },
-            })
-            .collect(),
-    )
-}
-
 fn hash_and_route(c: &mut Criterion) {
     let mut rng = Rng(7);
     let keys: Vec<String> = (0..RECORDS).map(|_| rng.uuid_key()).collect();
     let mut group = c.benchmark_group("hash-and-route");
     group.throughput(Throughput::Elements(RECORDS as u64));
     for shards in [1, 4, 500, 10_000] {
-        let map = uniform_map(shards);
+        let map = ShardMap::uniform(shards);
         group.bench_function(format!("{shards}-shards"), |b| {
             b.iter(|| {
                 let mut sum = 0usize;

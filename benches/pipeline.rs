@@ -14,26 +14,9 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use kinesis_producer::record::{parse_explicit_hash_key, partition_key_hash};
-use kinesis_producer::{Producer, ProducerBuilder, ShardMap, ShardRange};
+use kinesis_producer::{Producer, ProducerBuilder, ShardMap};
 use serde::Deserialize;
 use serde_json::json;
-
-fn uniform_map(shards: usize) -> ShardMap {
-    let width = u128::MAX / shards as u128;
-    ShardMap::new(
-        (0..shards)
-            .map(|i| ShardRange {
-                shard_id: Arc::from(format!("shardId-{i:012}")),
-                start: width * i as u128,
-                end: if i + 1 == shards {
-                    u128::MAX
-                } else {
-                    width * (i as u128 + 1) - 1
-                },
-            })
-            .collect(),
-    )
-}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -115,7 +98,7 @@ async fn sink(
 async fn start_sink(shards: usize) -> String {
     let app = axum::Router::new()
         .fallback(sink)
-        .with_state(Arc::new(uniform_map(shards)))
+        .with_state(Arc::new(ShardMap::uniform(shards)))
         .layer(DefaultBodyLimit::max(16 << 20));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());

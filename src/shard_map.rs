@@ -32,6 +32,26 @@ impl ShardMap {
         ShardMap { shards }
     }
 
+    /// `count` shards splitting the hash key space evenly, named as Kinesis names them
+    /// (`shardId-000000000000`, …): what a new stream with `count` shards has.
+    pub fn uniform(count: usize) -> Self {
+        let count = count.max(1);
+        let width = u128::MAX / count as u128;
+        ShardMap::new(
+            (0..count)
+                .map(|i| ShardRange {
+                    shard_id: Arc::from(format!("shardId-{i:012}")),
+                    start: width * i as u128,
+                    end: if i + 1 == count {
+                        u128::MAX
+                    } else {
+                        width * (i as u128 + 1) - 1
+                    },
+                })
+                .collect(),
+        )
+    }
+
     pub fn shards(&self) -> &[ShardRange] {
         &self.shards
     }
@@ -163,6 +183,19 @@ mod tests {
         assert_eq!(&*map.shard_for(half).unwrap().shard_id, "a");
         assert_eq!(&*map.shard_for(half + 1).unwrap().shard_id, "b");
         assert_eq!(&*map.shard_for(u128::MAX).unwrap().shard_id, "b");
+    }
+
+    #[test]
+    fn a_uniform_map_covers_the_whole_space_without_gaps() {
+        for count in [1, 3, 4, 10_000] {
+            let map = ShardMap::uniform(count);
+            assert_eq!(map.len(), count);
+            assert_eq!(map.shards()[0].start, 0);
+            assert_eq!(map.shards()[count - 1].end, u128::MAX);
+            for pair in map.shards().windows(2) {
+                assert_eq!(pair[0].end + 1, pair[1].start);
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use kinesis_producer::record::{parse_explicit_hash_key, partition_key_hash};
+use kinesis_producer::record::partition_key_hash;
 use kinesis_producer::{deaggregate, FailedRecord, Producer, ProducerBuilder};
 use support::local_kinesis::LocalKinesis;
 
@@ -31,32 +31,6 @@ async fn drain(mut failures: kinesis_producer::FailureStream) -> Vec<FailedRecor
         out.push(f);
     }
     out
-}
-
-/// What a KCL consumer reads: aggregates holding any record outside the shard they were read
-/// from are thrown away whole. Returns the data of every user record it delivers, and how many
-/// aggregates it threw away.
-async fn read_as_kcl(kinesis: &LocalKinesis, stream: &str) -> (Vec<Vec<u8>>, usize) {
-    let ranges = kinesis.hash_ranges(stream).await;
-    let mut delivered = Vec::new();
-    let mut discarded = 0;
-    for raw in kinesis.read_raw(stream).await {
-        let (start, end) = ranges[&raw.shard_id];
-        let users = deaggregate(raw.data, &raw.partition_key).expect("decodes");
-        let intact = users.iter().all(|u| {
-            let hash = match &u.explicit_hash_key {
-                Some(ehk) => parse_explicit_hash_key(ehk).expect("valid"),
-                None => partition_key_hash(&u.partition_key),
-            };
-            !u.aggregated || (start..=end).contains(&hash)
-        });
-        if intact {
-            delivered.extend(users.into_iter().map(|u| u.data.to_vec()));
-        } else {
-            discarded += 1;
-        }
-    }
-    (delivered, discarded)
 }
 
 async fn reshard(kinesis: &LocalKinesis, stream: &str, shards: i32) {
@@ -168,10 +142,13 @@ async fn resharding_under_load_loses_nothing_and_a_kcl_reader_sees_every_record(
         open_shards(&kinesis, "reshard").await.len()
     );
 
-    let (delivered, discarded) = read_as_kcl(&kinesis, "reshard").await;
+    let (delivered, discarded) = kinesis.read_as_kcl("reshard").await;
     let mut seen = vec![0u32; RECORDS as usize];
-    for data in &delivered {
-        let i: usize = std::str::from_utf8(data).unwrap().parse().unwrap();
+    for r in &delivered {
+        let i: usize = std::str::from_utf8(&r.record.data)
+            .unwrap()
+            .parse()
+            .unwrap();
         seen[i] += 1;
     }
     let missing = seen.iter().filter(|n| **n == 0).count();

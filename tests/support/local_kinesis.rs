@@ -9,7 +9,7 @@ use aws_sdk_kinesis::types::{ShardIteratorType, StreamStatus};
 use aws_sdk_kinesis::Client;
 use axum::extract::DefaultBodyLimit;
 use ferrokinesis::store::StoreOptions;
-use kinesis_producer::{deaggregate, DeaggregatedRecord};
+use kinesis_producer::{deaggregate, DeaggregatedRecord, Deaggregator};
 
 pub struct LocalKinesis {
     pub endpoint: String,
@@ -99,53 +99,12 @@ impl LocalKinesis {
 
     /// Every Kinesis record in the stream, from every shard (open or closed), as stored.
     pub async fn read_raw(&self, stream: &str) -> Vec<RawRecord> {
-        let mut out = Vec::new();
-        for shard_id in self.hash_ranges(stream).await.into_keys() {
-            let mut iterator = self
-                .client
-                .get_shard_iterator()
-                .stream_name(stream)
-                .shard_id(&shard_id)
-                .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                .send()
-                .await
-                .expect("GetShardIterator")
-                .shard_iterator
-                .expect("an iterator");
-            loop {
-                let page = self
-                    .client
-                    .get_records()
-                    .shard_iterator(&iterator)
-                    .limit(10_000)
-                    .send()
-                    .await
-                    .expect("GetRecords");
-                out.extend(page.records().iter().map(|record| {
-                    RawRecord {
-                        shard_id: shard_id.clone(),
-                        sequence_number: record.sequence_number().to_owned(),
-                        partition_key: record.partition_key().unwrap_or_default().to_owned(),
-                        data: record.data().as_ref().to_vec(),
-                        arrived_ms: record
-                            .approximate_arrival_timestamp()
-                            .map_or(0, |t| t.to_millis().unwrap_or(0)),
-                    }
-                }));
-                match page.next_shard_iterator() {
-                    Some(next) if !page.records().is_empty() => iterator = next.to_owned(),
-                    _ => break,
-                }
-            }
-        }
-        out.sort_by(|a, b| {
-            (&a.shard_id, a.sequence_number.len(), &a.sequence_number).cmp(&(
-                &b.shard_id,
-                b.sequence_number.len(),
-                &b.sequence_number,
-            ))
-        });
-        out
+        read_raw(&self.client, stream).await
+    }
+
+    /// What a KCL consumer of the stream receives: see [`read_as_kcl`].
+    pub async fn read_as_kcl(&self, stream: &str) -> (Vec<ReadRecord>, usize) {
+        read_as_kcl(&self.client, stream).await
     }
 
     /// Every user record in the stream, from every shard (open or closed), de-aggregated.
@@ -165,27 +124,7 @@ impl LocalKinesis {
 
     /// Hash key ranges of every shard, by shard id.
     pub async fn hash_ranges(&self, stream: &str) -> HashMap<String, (u128, u128)> {
-        let shards = self
-            .client
-            .list_shards()
-            .stream_name(stream)
-            .send()
-            .await
-            .expect("ListShards");
-        shards
-            .shards()
-            .iter()
-            .map(|s| {
-                let range = s.hash_key_range().expect("range");
-                (
-                    s.shard_id().to_owned(),
-                    (
-                        range.starting_hash_key().parse().expect("decimal"),
-                        range.ending_hash_key().parse().expect("decimal"),
-                    ),
-                )
-            })
-            .collect()
+        hash_ranges(&self.client, stream).await
     }
 }
 
@@ -193,6 +132,103 @@ impl Drop for LocalKinesis {
     fn drop(&mut self) {
         self.server.abort();
     }
+}
+
+/// Every Kinesis record in the stream, from every shard (open or closed), as stored.
+pub async fn read_raw(client: &Client, stream: &str) -> Vec<RawRecord> {
+    let mut out = Vec::new();
+    for shard_id in hash_ranges(client, stream).await.into_keys() {
+        let mut iterator = client
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(&shard_id)
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .expect("GetShardIterator")
+            .shard_iterator
+            .expect("an iterator");
+        loop {
+            let page = client
+                .get_records()
+                .shard_iterator(&iterator)
+                .limit(10_000)
+                .send()
+                .await
+                .expect("GetRecords");
+            out.extend(page.records().iter().map(|record| {
+                RawRecord {
+                    shard_id: shard_id.clone(),
+                    sequence_number: record.sequence_number().to_owned(),
+                    partition_key: record.partition_key().unwrap_or_default().to_owned(),
+                    data: record.data().as_ref().to_vec(),
+                    arrived_ms: record
+                        .approximate_arrival_timestamp()
+                        .map_or(0, |t| t.to_millis().unwrap_or(0)),
+                }
+            }));
+            match page.next_shard_iterator() {
+                Some(next) if !page.records().is_empty() => iterator = next.to_owned(),
+                _ => break,
+            }
+        }
+    }
+    out.sort_by(|a, b| {
+        (&a.shard_id, a.sequence_number.len(), &a.sequence_number).cmp(&(
+            &b.shard_id,
+            b.sequence_number.len(),
+            &b.sequence_number,
+        ))
+    });
+    out
+}
+
+/// Hash key ranges of every shard, by shard id.
+pub async fn hash_ranges(client: &Client, stream: &str) -> HashMap<String, (u128, u128)> {
+    let shards = client
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await
+        .expect("ListShards");
+    shards
+        .shards()
+        .iter()
+        .map(|s| {
+            let range = s.hash_key_range().expect("range");
+            (
+                s.shard_id().to_owned(),
+                (
+                    range.starting_hash_key().parse().expect("decimal"),
+                    range.ending_hash_key().parse().expect("decimal"),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// What a KCL consumer of the stream receives, using the crate's KCL-compatible reader: every
+/// aggregate holding a record outside the shard it was read from is thrown away whole. Returns
+/// the user records delivered and the number of aggregates thrown away.
+pub async fn read_as_kcl(client: &Client, stream: &str) -> (Vec<ReadRecord>, usize) {
+    let ranges = hash_ranges(client, stream).await;
+    let mut delivered = Vec::new();
+    let mut discarded = 0;
+    for raw in read_raw(client, stream).await {
+        let (start, end) = ranges[&raw.shard_id];
+        let users = Deaggregator::kcl(start, end)
+            .deaggregate(raw.data, &raw.partition_key)
+            .expect("the KCL reader never errors");
+        if users.is_empty() {
+            discarded += 1;
+        }
+        delivered.extend(users.into_iter().map(|record| ReadRecord {
+            shard_id: raw.shard_id.clone(),
+            sequence_number: raw.sequence_number.clone(),
+            record,
+        }));
+    }
+    (delivered, discarded)
 }
 
 /// A real aws-sdk-kinesis client for a local endpoint, with static test credentials.
