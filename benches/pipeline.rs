@@ -142,7 +142,7 @@ async fn run(case: &Case) -> f64 {
     assert_eq!(stats.user_records_put, case.records as u64, "{stats:?}");
     let rate = case.records as f64 / secs;
     println!(
-        "{:<28} shards={:<6} size={:<5} records={:<8} seconds={:<7.2} records_per_s={:<9.0} per_kinesis_record={:.1}",
+        "{:<28} shards={:<6} size={:<5} records={:<8} seconds={:<7.2} records_per_s={:<9.0} per_kinesis_record={:<6.1} per_request={:.0}",
         case.label,
         case.shards,
         case.size,
@@ -150,6 +150,7 @@ async fn run(case: &Case) -> f64 {
         secs,
         rate,
         stats.user_records_put as f64 / stats.kinesis_records_put.max(1) as f64,
+        stats.user_records_put as f64 / stats.requests.max(1) as f64,
     );
     rate
 }

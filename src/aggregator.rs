@@ -224,7 +224,10 @@ fn add_to_slot(
     {
         slot.earliest_put = Some(meta.put_at);
         shared.send(Inbound::Deadline {
-            at: meta.put_at + shared.config.record_max_buffered_time,
+            // Half the buffered time: the sender sends a request when its oldest record has
+            // waited the whole time, so aggregates flushed in the second half of that window
+            // share one request instead of each leaving alone in a tiny one.
+            at: meta.put_at + shared.config.record_max_buffered_time / 2,
             generation: routing.generation,
             slot: index,
             cycle: slot.cycle,

@@ -32,6 +32,9 @@ use crate::retry::{classify_sdk_error, entry_error_is_transient, AttemptError};
 use crate::shard_map::StreamId;
 use crate::stats::add;
 
+/// Requests sent before they were full that may be in flight at once (see `should_send`).
+const MAX_PARTIAL_IN_FLIGHT: usize = 2;
+
 /// Runs the sender until `stop` has ended with every record acknowledged or failed.
 pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<Inbound>) {
     let (results_tx, results_rx) = mpsc::unbounded_channel();
@@ -52,6 +55,7 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<In
         retries: BinaryHeap::new(),
         retry_seq: 0,
         in_flight: 0,
+        partial_in_flight: 0,
         results_tx,
         results_rx,
         flush_requested: false,
@@ -92,6 +96,8 @@ struct Sender {
     retries: BinaryHeap<Reverse<Retry>>,
     retry_seq: u64,
     in_flight: usize,
+    /// Requests in flight that were sent before they were full.
+    partial_in_flight: usize,
     results_tx: mpsc::UnboundedSender<Completed>,
     results_rx: mpsc::UnboundedReceiver<Completed>,
     flush_requested: bool,
@@ -139,6 +145,8 @@ impl Ord for Retry {
 /// A request's batch back from its task, with what happened to it.
 struct Completed {
     batch: Vec<Outgoing>,
+    /// Sent before it was full (on a deadline, a flush or a stop).
+    partial: bool,
     outcome: Outcome,
 }
 
@@ -355,7 +363,10 @@ impl Sender {
             wake = wake.min(*at);
         }
         if let Some(&oldest) = self.queued_puts.keys().next() {
-            if self.in_flight < self.shared.config.max_in_flight && !self.ready.is_empty() {
+            if self.in_flight < self.shared.config.max_in_flight
+                && self.partial_in_flight < MAX_PARTIAL_IN_FLIGHT
+                && !self.ready.is_empty()
+            {
                 wake = wake.min(oldest + self.shared.config.record_max_buffered_time);
             }
         }
@@ -370,12 +381,17 @@ impl Sender {
         let Some(&oldest) = self.queued_puts.keys().next() else {
             return false;
         };
+        let full = self.pending_count >= config.collection_max_count
+            || self.pending_bytes >= config.collection_max_size;
+        // A request that is not full goes out on its deadline only while fewer than
+        // MAX_PARTIAL_IN_FLIGHT such requests are in flight: under load, records keep gathering
+        // behind them into fuller requests instead of leaving a few at a time (each request
+        // costs a signature and a round trip). At low rates nothing is in flight and the
+        // deadline holds.
+        let due = oldest + config.record_max_buffered_time <= now
+            && self.partial_in_flight < MAX_PARTIAL_IN_FLIGHT;
         !self.ready.is_empty()
-            && (self.flush_requested
-                || self.stop_deadline.is_some()
-                || self.pending_count >= config.collection_max_count
-                || self.pending_bytes >= config.collection_max_size
-                || oldest + config.record_max_buffered_time <= now)
+            && (full || due || self.flush_requested || self.stop_deadline.is_some())
     }
 
     fn dispatch(&mut self, now: Instant) {
@@ -393,15 +409,15 @@ impl Sender {
                 }
             }
             if !live.is_empty() {
-                self.spawn_request(live);
+                self.spawn_request(live, false);
             }
         }
         while self.in_flight < self.shared.config.max_in_flight && self.should_send(now) {
-            let batch = self.take_batch(now);
+            let (batch, full) = self.take_batch(now);
             if batch.is_empty() {
                 break;
             }
-            self.spawn_request(batch);
+            self.spawn_request(batch, !full);
         }
         if self.pending_count == 0 {
             self.flush_requested = false;
@@ -410,7 +426,7 @@ impl Sender {
 
     /// Takes the next request's worth of records from the lanes that may send, in turn, failing
     /// those whose TTL has passed.
-    fn take_batch(&mut self, now: Instant) -> Vec<Outgoing> {
+    fn take_batch(&mut self, now: Instant) -> (Vec<Outgoing>, bool) {
         let mut batch = Vec::new();
         let mut bytes = 0;
         let mut full = false;
@@ -441,7 +457,7 @@ impl Sender {
         for key in again.into_iter().rev() {
             self.ready.push_front(key);
         }
-        batch
+        (batch, full)
     }
 
     fn take_from_lane(
@@ -509,8 +525,11 @@ impl Sender {
         blocked
     }
 
-    fn spawn_request(&mut self, mut batch: Vec<Outgoing>) {
+    fn spawn_request(&mut self, mut batch: Vec<Outgoing>, partial: bool) {
         self.in_flight += 1;
+        if partial {
+            self.partial_in_flight += 1;
+        }
         for outgoing in &mut batch {
             outgoing.attempts += 1;
         }
@@ -537,9 +556,11 @@ impl Sender {
                 _ = cancelled.wait_for(|cancelled| *cancelled) => Outcome::Cancelled,
             };
             let batch = std::mem::take(&mut in_flight.batch);
-            if let Err(mpsc::error::SendError(completed)) =
-                results.send(Completed { batch, outcome })
-            {
+            if let Err(mpsc::error::SendError(completed)) = results.send(Completed {
+                batch,
+                partial,
+                outcome,
+            }) {
                 // The sender is gone: the guard reports these records as it drops.
                 in_flight.batch.extend(completed.batch);
             }
@@ -548,7 +569,14 @@ impl Sender {
 
     fn complete(&mut self, completed: Completed) {
         self.in_flight -= 1;
-        let Completed { batch, outcome } = completed;
+        let Completed {
+            batch,
+            partial,
+            outcome,
+        } = completed;
+        if partial {
+            self.partial_in_flight -= 1;
+        }
         match outcome {
             Outcome::Answered(output) if output.records().len() == batch.len() => {
                 let mut stale_map = false;
