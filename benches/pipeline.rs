@@ -132,27 +132,46 @@ async fn run(case: &Case) -> f64 {
     .unwrap();
     assert_eq!(producer.shard_map().len(), case.shards);
     let data = vec![b'x'; case.size];
+    let cpu_before = process_cpu_seconds();
     let started = Instant::now();
     for _ in 0..case.records {
         producer.put_data(data.clone()).await.unwrap();
     }
     producer.stop().await;
     let secs = started.elapsed().as_secs_f64();
+    let cpu = process_cpu_seconds() - cpu_before;
     let stats = producer.stats();
     assert_eq!(stats.user_records_put, case.records as u64, "{stats:?}");
     let rate = case.records as f64 / secs;
     println!(
-        "{:<28} shards={:<6} size={:<5} records={:<8} seconds={:<7.2} records_per_s={:<9.0} per_kinesis_record={:<6.1} per_request={:.0}",
+        "{:<28} shards={:<6} size={:<5} records={:<8} seconds={:<6.2} records_per_s={:<8.0} cpu_us_per_record={:<5.2} per_kinesis_record={:<6.1} per_request={:.0}",
         case.label,
         case.shards,
         case.size,
         case.records,
         secs,
         rate,
+        cpu * 1e6 / case.records as f64,
         stats.user_records_put as f64 / stats.kinesis_records_put.max(1) as f64,
         stats.user_records_put as f64 / stats.requests.max(1) as f64,
     );
     rate
+}
+
+/// User + system CPU seconds of this process (producer, SDK and sink together), from
+/// /proc/self/stat (clock ticks of 1/100 s).
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of the file (utime, stime) are 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn main() {
@@ -187,20 +206,31 @@ fn main() {
                 .record_max_buffered_time(std::time::Duration::from_secs(1))
         },
     });
-    cases.push(Case {
-        shards: 64,
-        size: 100,
-        records: 1_000_000 / scale,
-        label: "limiter on, not binding",
-        tune: |b| b.rate_limit(10_000),
-    });
-    cases.push(Case {
-        shards: 64,
-        size: 100,
-        records: 1_000_000 / scale,
-        label: "order mode (limiter off)",
-        tune: |b| b.rate_limit(0).preserve_order(true),
-    });
+    // A/B at 64 shards, each case three times, interleaved: wall figures vary by ±15% from
+    // run to run on this machine, CPU per record much less.
+    for _ in 0..3 {
+        cases.push(Case {
+            shards: 64,
+            size: 100,
+            records: 1_000_000 / scale,
+            label: "A/B: limiter off",
+            tune: off,
+        });
+        cases.push(Case {
+            shards: 64,
+            size: 100,
+            records: 1_000_000 / scale,
+            label: "A/B: limiter on, not binding",
+            tune: |b| b.rate_limit(10_000),
+        });
+        cases.push(Case {
+            shards: 64,
+            size: 100,
+            records: 1_000_000 / scale,
+            label: "A/B: order mode, limiter off",
+            tune: |b| b.rate_limit(0).preserve_order(true),
+        });
+    }
     // BENCH_FILTER=text runs only the cases whose label contains it.
     let filter = std::env::var("BENCH_FILTER").unwrap_or_default();
     runtime.block_on(async {
