@@ -31,9 +31,10 @@
 //! 3. [`shard_map`] and `aggregator`: it is routed to the aggregator of the shard that owns its
 //!    hash key, under that shard's lock only, and packed by the [`aggregation`] format code.
 //!    A full aggregate is encoded on the spot.
-//! 4. `sender`: one task collects finished aggregates from all shards into PutRecords
-//!    requests, sends up to `max_in_flight` at once, retries failed entries per the `retry`
-//!    policy, and ends each record: acknowledged, or reported on the [`FailureStream`].
+//! 4. `sender`: one task keeps finished aggregates in one lane per shard, each behind its
+//!    `limiter`, collects them into PutRecords requests, sends up to `max_in_flight` at once,
+//!    retries failed entries per the `retry` policy, and ends each record: acknowledged, or
+//!    reported on the [`FailureStream`].
 //! 5. `producer`: the [`Producer`] handle ties it together, with `flush` and `stop`.
 //!
 //! Every record handed to the producer ends in exactly one of two ways: acknowledged by
