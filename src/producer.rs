@@ -34,8 +34,9 @@ pub(crate) enum Inbound {
     Flush,
     /// Send everything, then end; at `deadline`, report what is left as failed.
     Stop { deadline: Instant },
-    /// A shard map reload finished (whether or not the map changed, or the reload failed).
-    MapRefreshed,
+    /// A shard map reload finished: `loaded` says whether ListShards answered (the map may or
+    /// may not have changed).
+    MapRefreshed { loaded: bool },
 }
 
 /// State shared by the handle, the put path, the sender task and request tasks.
@@ -161,24 +162,26 @@ impl Shared {
             let mut failures = 0u32;
             loop {
                 while shared.refresh_wanted.swap(false, Ordering::SeqCst) {
-                    match load_shard_map(&shared.client, &shared.stream).await {
+                    let loaded = match load_shard_map(&shared.client, &shared.stream).await {
                         Ok(map) => {
                             failures = 0;
                             add(&shared.stats.shard_map_refreshes, 1);
                             aggregator::install_map(&shared, map);
+                            true
                         }
                         Err(e) => {
                             failures += 1;
                             shared.refresh_wanted.store(true, Ordering::SeqCst);
                             tracing::warn!(error = %e, failures, "shard map reload failed");
+                            false
                         }
-                    }
-                    shared.send(Inbound::MapRefreshed);
+                    };
+                    shared.send(Inbound::MapRefreshed { loaded });
                     let pause =
                         Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30));
                     tokio::time::sleep(pause).await;
-                    if shared.closed.load(Ordering::SeqCst) && failures > 0 {
-                        // Stopping, and the service keeps refusing: give up the retries.
+                    if *shared.done.borrow() {
+                        // The sender has ended: nobody waits for a map any more.
                         shared.refresh_wanted.store(false, Ordering::SeqCst);
                         break;
                     }

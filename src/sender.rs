@@ -32,6 +32,9 @@ use crate::retry::{classify_sdk_error, entry_error_is_transient, AttemptError};
 use crate::shard_map::StreamId;
 use crate::stats::add;
 
+/// Successful map reloads a parked aggregate waits for the shard it landed on to appear.
+const PARKED_RELOADS: u32 = 3;
+
 /// Requests sent before they were full that may be in flight at once (see `should_send`).
 const MAX_PARTIAL_IN_FLIGHT: usize = 2;
 
@@ -85,7 +88,7 @@ struct Sender {
     queued_puts: BTreeMap<Instant, u32>,
     /// Aggregates written to a shard the map did not predict, waiting for the reloaded map to
     /// tell whether that shard owns all their records.
-    parked: Vec<(Outgoing, Arc<str>)>,
+    parked: Vec<(Outgoing, Arc<str>, u32)>,
     /// Halves of requests refused as a whole for invalid input, sent on their own to find the
     /// entry at fault.
     isolating: VecDeque<Vec<Outgoing>>,
@@ -188,6 +191,9 @@ impl Sender {
                 && self.retries.is_empty()
                 && self.in_flight == 0
             {
+                // Records re-routed into aggregators just before the stop was seen would
+                // otherwise wait for a deadline nobody fires: send them now.
+                aggregator::flush_all(&self.shared);
                 match self.inbound.try_recv() {
                     Ok(message) => {
                         self.handle(message);
@@ -218,9 +224,23 @@ impl Sender {
             Inbound::Stop { deadline } => {
                 self.stop_deadline = Some(self.stop_deadline.map_or(deadline, |d| d.min(deadline)));
             }
-            Inbound::MapRefreshed => {
-                for (outgoing, actual) in std::mem::take(&mut self.parked) {
-                    self.settle_misplaced(outgoing, actual, false);
+            Inbound::MapRefreshed { loaded: false } => {}
+            Inbound::MapRefreshed { loaded: true } => {
+                // A parked aggregate waits for a map that knows the shard it landed on; a reload
+                // that raced the reshard may not yet, so it gets a few more before the records
+                // are re-sent.
+                let routing = self.shared.routing();
+                let mut wait_more = false;
+                for (outgoing, actual, reloads) in std::mem::take(&mut self.parked) {
+                    if routing.has_shard(&actual) || reloads + 1 >= PARKED_RELOADS {
+                        self.settle_misplaced(outgoing, actual, false);
+                    } else {
+                        self.parked.push((outgoing, actual, reloads + 1));
+                        wait_more = true;
+                    }
+                }
+                if wait_more {
+                    self.shared.request_refresh();
                 }
                 self.resplit_closed_lanes();
             }
@@ -370,7 +390,7 @@ impl Sender {
                 wake = wake.min(oldest + self.shared.config.record_max_buffered_time);
             }
         }
-        if let Some(deadline) = self.stop_deadline {
+        if let Some(deadline) = self.stop_deadline.filter(|d| *d > now) {
             wake = wake.min(deadline);
         }
         wake
@@ -674,7 +694,7 @@ impl Sender {
                 self.release(&outgoing);
                 self.shared.acknowledge(outgoing);
             }
-            None if may_wait => self.parked.push((outgoing, actual)),
+            None if may_wait => self.parked.push((outgoing, actual, 0)),
             _ => {
                 add(
                     &self.shared.stats.records_resent_after_reshard,
@@ -725,11 +745,15 @@ impl Sender {
         }
         add(&self.shared.stats.entry_retries, 1);
         if self.shared.config.preserve_order {
-            // Back to the front of its lane, which sends nothing newer until it has gone.
+            // Back to the front of its lane, which sends nothing newer until it has gone (a
+            // record for a shard that has closed is re-split instead, in `enqueue`).
             let key = self.lane_of(&outgoing);
+            let still_open = self.shared.routing().has_shard(&key) || key == self.unrouted;
             self.enqueue(outgoing, true);
-            if let Some(lane) = self.lanes.get_mut(&key) {
-                lane.not_before = Some(at);
+            if still_open {
+                if let Some(lane) = self.lanes.get_mut(&key) {
+                    lane.not_before = Some(at);
+                }
             }
             return;
         }
@@ -777,7 +801,7 @@ impl Sender {
                 DeliveryError::stopped("the stop deadline passed before the record was sent"),
             );
         }
-        for (outgoing, shard) in self.parked.drain(..) {
+        for (outgoing, shard, _) in self.parked.drain(..) {
             let message = format!("the stop deadline passed before the records could be re-sent; they were written to {shard}, which may not own all of them");
             self.shared.fail(outgoing, DeliveryError::stopped(&message));
         }
@@ -815,7 +839,7 @@ impl Drop for Sender {
         for outgoing in self.isolating.drain(..).flatten() {
             self.shared.fail(outgoing, error.clone());
         }
-        for (outgoing, _) in self.parked.drain(..) {
+        for (outgoing, ..) in self.parked.drain(..) {
             self.shared.fail(outgoing, error.clone());
         }
         self.inbound.close();
