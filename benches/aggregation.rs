@@ -9,30 +9,24 @@ use kinesis_producer::record::partition_key_hash;
 use kinesis_producer::{ShardMap, UserRecord};
 use std::hint::black_box;
 
+#[path = "../tests/support/rng.rs"]
+mod rng;
+
+use rng::Rng;
+
 const RECORDS: usize = 20_000;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A random key shaped like a UUID (36 characters), as the default partitioner makes.
-    fn uuid_key(&mut self) -> String {
-        let hex = format!("{:016x}{:016x}", self.next(), self.next());
-        format!(
-            "{}-{}-{}-{}-{}",
-            &hex[..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..32]
-        )
-    }
+/// A random key shaped like a UUID (36 characters), as the default partitioner makes.
+fn uuid_key(rng: &mut Rng) -> String {
+    let hex = format!("{:016x}{:016x}", rng.next(), rng.next());
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 fn workload(size: usize) -> Vec<UserRecord> {
@@ -40,7 +34,7 @@ fn workload(size: usize) -> Vec<UserRecord> {
     (0..RECORDS)
         .map(|_| {
             let data: Vec<u8> = (0..size).map(|_| rng.next() as u8).collect();
-            UserRecord::new(data, rng.uuid_key())
+            UserRecord::new(data, uuid_key(&mut rng))
         })
         .collect()
 }
@@ -85,7 +79,7 @@ fn aggregation(c: &mut Criterion) {
 
 fn hash_and_route(c: &mut Criterion) {
     let mut rng = Rng(7);
-    let keys: Vec<String> = (0..RECORDS).map(|_| rng.uuid_key()).collect();
+    let keys: Vec<String> = (0..RECORDS).map(|_| uuid_key(&mut rng)).collect();
     let mut group = c.benchmark_group("hash-and-route");
     group.throughput(Throughput::Elements(RECORDS as u64));
     for shards in [1, 4, 500, 10_000] {

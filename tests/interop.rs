@@ -14,6 +14,7 @@ use kinesis_producer::{deaggregate, Producer, UserRecord};
 use prost::Message;
 use serde_json::{json, Value};
 use support::local_kinesis::LocalKinesis;
+use support::rng::Rng;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -56,20 +57,6 @@ fn run_peer(language: &str, script: &str, input: &Value) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).expect("the peer prints JSON")
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// A mixed workload: Unicode keys, shared keys, explicit hash keys on some records, data from

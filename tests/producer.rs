@@ -9,29 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kinesis_producer::record::partition_key_hash;
-use kinesis_producer::{
-    FailedRecord, FailureKind, Producer, PutRefusal, RecordProblem, UserRecord,
-};
+use kinesis_producer::{FailureKind, Producer, PutRefusal, RecordProblem, UserRecord};
+use support::drain;
 use support::local_kinesis::LocalKinesis;
 use support::proxy::Proxy;
-
-/// A small deterministic generator, so a failing run can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-}
+use support::rng::Rng;
 
 async fn producer_for(
     endpoint: &str,
@@ -46,14 +28,6 @@ async fn producer_for(
     .build()
     .await
     .expect("producer builds")
-}
-
-async fn drain(mut failures: kinesis_producer::FailureStream) -> Vec<FailedRecord> {
-    let mut out = Vec::new();
-    while let Some(failed) = failures.recv().await {
-        out.push(failed);
-    }
-    out
 }
 
 type Key = (String, Option<String>, Vec<u8>);

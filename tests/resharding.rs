@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use kinesis_producer::record::partition_key_hash;
-use kinesis_producer::{deaggregate, FailedRecord, Producer, ProducerBuilder};
+use kinesis_producer::{deaggregate, Producer, ProducerBuilder};
+use support::drain;
 use support::local_kinesis::LocalKinesis;
 
 async fn producer(
@@ -23,14 +24,6 @@ async fn producer(
     .build()
     .await
     .expect("builds")
-}
-
-async fn drain(mut failures: kinesis_producer::FailureStream) -> Vec<FailedRecord> {
-    let mut out = Vec::new();
-    while let Some(f) = failures.recv().await {
-        out.push(f);
-    }
-    out
 }
 
 async fn reshard(kinesis: &LocalKinesis, stream: &str, shards: i32) {
