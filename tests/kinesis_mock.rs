@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_sdk_kinesis::types::{ScalingType, StreamStatus};
+use aws_sdk_kinesis::types::ScalingType;
 use kinesis_producer::Producer;
+use support::local_kinesis::{count_by_index, open_shards, read_as_kcl, wait_active};
 
 /// The kinesis-local process; killed on drop.
 struct KinesisMock {
@@ -73,30 +74,6 @@ async fn start_kinesis_mock() -> KinesisMock {
     }
 }
 
-async fn wait_status(client: &aws_sdk_kinesis::Client, stream: &str, status: StreamStatus) {
-    let started = Instant::now();
-    loop {
-        let summary = client
-            .describe_stream_summary()
-            .stream_name(stream)
-            .send()
-            .await
-            .expect("DescribeStreamSummary");
-        if summary
-            .stream_description_summary()
-            .map(|s| s.stream_status())
-            == Some(&status)
-        {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "{stream} never became {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reshard_on_kinesis_mock_loses_nothing() {
     const RECORDS: usize = 3_000;
@@ -109,7 +86,7 @@ async fn a_reshard_on_kinesis_mock_loses_nothing() {
         .send()
         .await
         .expect("CreateStream");
-    wait_status(&client, "mock", StreamStatus::Active).await;
+    wait_active(&client, "mock").await;
     let producer = Producer::builder()
         .stream_name("mock")
         .client(client.clone())
@@ -140,21 +117,14 @@ async fn a_reshard_on_kinesis_mock_loses_nothing() {
             .await
             .unwrap();
     }
-    wait_status(&client, "mock", StreamStatus::Active).await;
+    wait_active(&client, "mock").await;
     producer.stop().await;
     assert!(failures.recv().await.is_none(), "nothing failed");
     assert_eq!(producer.stats().user_records_put, RECORDS as u64);
 
     // Read every shard back as the KCL would, and find every record.
-    let (delivered, _) = support::local_kinesis::read_as_kcl(&client, "mock").await;
-    let mut seen = vec![0u32; RECORDS];
-    for r in &delivered {
-        let i: usize = std::str::from_utf8(&r.record.data)
-            .unwrap()
-            .parse()
-            .unwrap();
-        seen[i] += 1;
-    }
+    let (delivered, _) = read_as_kcl(&client, "mock").await;
+    let seen = count_by_index(&delivered, RECORDS);
     let missing: Vec<_> = (0..RECORDS).filter(|i| seen[*i] == 0).collect();
     assert!(
         missing.is_empty(),
@@ -164,21 +134,7 @@ async fn a_reshard_on_kinesis_mock_loses_nothing() {
     );
     let duplicates: u64 = seen.iter().map(|n| u64::from(n.saturating_sub(1))).sum();
     assert!(duplicates <= producer.stats().records_resent_after_reshard);
-    let shards = client
-        .list_shards()
-        .stream_name("mock")
-        .send()
-        .await
-        .unwrap();
-    let open = shards
-        .shards()
-        .iter()
-        .filter(|s| {
-            s.sequence_number_range()
-                .and_then(|r| r.ending_sequence_number())
-                .is_none()
-        })
-        .count();
+    let open = open_shards(&client, "mock").await.len();
     assert_eq!(open, 4, "the stream was resharded");
     println!(
         "kinesis-mock: {:?}, map now {} shards",

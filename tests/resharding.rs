@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use kinesis_producer::record::partition_key_hash;
 use kinesis_producer::{deaggregate, Producer, ProducerBuilder};
 use support::drain;
-use support::local_kinesis::LocalKinesis;
+use support::local_kinesis::{count_by_index, LocalKinesis};
 
 async fn producer(
     kinesis: &LocalKinesis,
@@ -37,35 +37,6 @@ async fn reshard(kinesis: &LocalKinesis, stream: &str, shards: i32) {
         .await
         .expect("UpdateShardCount");
     kinesis.wait_active(stream).await;
-}
-
-async fn open_shards(kinesis: &LocalKinesis, stream: &str) -> Vec<(String, u128, u128)> {
-    let out = kinesis
-        .client
-        .list_shards()
-        .stream_name(stream)
-        .send()
-        .await
-        .unwrap();
-    let mut open: Vec<_> = out
-        .shards()
-        .iter()
-        .filter(|s| {
-            s.sequence_number_range()
-                .and_then(|r| r.ending_sequence_number())
-                .is_none()
-        })
-        .map(|s| {
-            let r = s.hash_key_range().unwrap();
-            (
-                s.shard_id().to_owned(),
-                r.starting_hash_key().parse().unwrap(),
-                r.ending_hash_key().parse().unwrap(),
-            )
-        })
-        .collect();
-    open.sort_by_key(|s| s.1);
-    open
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +70,7 @@ async fn resharding_under_load_loses_nothing_and_a_kcl_reader_sees_every_record(
     wait_until(|| stats() >= 180_000).await;
     reshard(&kinesis, "reshard", 3).await;
     wait_until(|| stats() >= 300_000).await;
-    let open = open_shards(&kinesis, "reshard").await;
+    let open = kinesis.open_shards("reshard").await;
     let (first, start, end) = open[0].clone();
     kinesis
         .client
@@ -112,7 +83,7 @@ async fn resharding_under_load_loses_nothing_and_a_kcl_reader_sees_every_record(
         .unwrap();
     kinesis.wait_active("reshard").await;
     wait_until(|| stats() >= 400_000).await;
-    let open = open_shards(&kinesis, "reshard").await;
+    let open = kinesis.open_shards("reshard").await;
     kinesis
         .client
         .merge_shards()
@@ -132,18 +103,11 @@ async fn resharding_under_load_loses_nothing_and_a_kcl_reader_sees_every_record(
     assert!(stats.shard_map_refreshes >= 4, "{stats:?}");
     assert_eq!(
         producer.shard_map().len(),
-        open_shards(&kinesis, "reshard").await.len()
+        kinesis.open_shards("reshard").await.len()
     );
 
     let (delivered, discarded) = kinesis.read_as_kcl("reshard").await;
-    let mut seen = vec![0u32; RECORDS as usize];
-    for r in &delivered {
-        let i: usize = std::str::from_utf8(&r.record.data)
-            .unwrap()
-            .parse()
-            .unwrap();
-        seen[i] += 1;
-    }
+    let seen = count_by_index(&delivered, RECORDS as usize);
     let missing = seen.iter().filter(|n| **n == 0).count();
     let duplicates: u64 = seen.iter().map(|n| u64::from(n.saturating_sub(1))).sum();
     assert_eq!(missing, 0, "a KCL reader gets every record");
@@ -178,7 +142,7 @@ fn shard_of(open: &[(String, u128, u128)], key: &str) -> String {
 async fn a_hot_key_is_limited_locally_while_other_shards_keep_their_pace() {
     let kinesis = LocalKinesis::start(true).await; // the server enforces 1 MiB/s per shard
     kinesis.create_stream("hot", 4).await;
-    let open = open_shards(&kinesis, "hot").await;
+    let open = kinesis.open_shards("hot").await;
     let producer = producer(&kinesis, "hot", |b| b).await;
     let failures = producer.notify_failures();
     // 4 MiB for one key: four seconds of that shard's capacity.
@@ -269,14 +233,7 @@ async fn order_mode_keeps_each_keys_records_in_order_under_throttling() {
     );
 
     // Per shard, in sequence order, each key's numbers must strictly increase.
-    let mut raw = kinesis.read_raw("ordered").await; // sorted by shard, then sequence number
-    raw.sort_by(|a, b| {
-        (&a.shard_id, a.sequence_number.len(), &a.sequence_number).cmp(&(
-            &b.shard_id,
-            b.sequence_number.len(),
-            &b.sequence_number,
-        ))
-    });
+    let raw = kinesis.read_raw("ordered").await; // sorted by shard, then sequence number
     let mut last: HashMap<usize, i64> = HashMap::new();
     let mut count = 0;
     for r in raw {

@@ -77,24 +77,12 @@ impl LocalKinesis {
     }
 
     pub async fn wait_active(&self, name: &str) {
-        for _ in 0..200 {
-            let summary = self
-                .client
-                .describe_stream_summary()
-                .stream_name(name)
-                .send()
-                .await
-                .expect("DescribeStreamSummary");
-            if summary
-                .stream_description_summary()
-                .map(|s| s.stream_status() == &StreamStatus::Active)
-                .unwrap_or(false)
-            {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        panic!("stream {name} never became ACTIVE");
+        wait_active(&self.client, name).await;
+    }
+
+    /// The open shards, sorted by starting hash key: (shard id, start, end).
+    pub async fn open_shards(&self, stream: &str) -> Vec<(String, u128, u128)> {
+        open_shards(&self.client, stream).await
     }
 
     /// Every Kinesis record in the stream, from every shard (open or closed), as stored.
@@ -205,6 +193,73 @@ pub async fn hash_ranges(client: &Client, stream: &str) -> HashMap<String, (u128
             )
         })
         .collect()
+}
+
+/// Waits until the stream is ACTIVE (two minutes at most: some servers are slow).
+pub async fn wait_active(client: &Client, stream: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let summary = client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .expect("DescribeStreamSummary");
+        if summary
+            .stream_description_summary()
+            .is_some_and(|s| s.stream_status() == &StreamStatus::Active)
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "stream {stream} never became ACTIVE"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The open shards, sorted by starting hash key: (shard id, start, end).
+pub async fn open_shards(client: &Client, stream: &str) -> Vec<(String, u128, u128)> {
+    let out = client
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await
+        .expect("ListShards");
+    let mut open: Vec<_> = out
+        .shards()
+        .iter()
+        .filter(|s| {
+            s.sequence_number_range()
+                .and_then(|r| r.ending_sequence_number())
+                .is_none()
+        })
+        .map(|s| {
+            let r = s.hash_key_range().expect("range");
+            (
+                s.shard_id().to_owned(),
+                r.starting_hash_key().parse().expect("decimal"),
+                r.ending_hash_key().parse().expect("decimal"),
+            )
+        })
+        .collect();
+    open.sort_by_key(|s| s.1);
+    open
+}
+
+/// How many times each record numbered `0..count` was read, for records whose data is their
+/// number in decimal.
+pub fn count_by_index(read: &[ReadRecord], count: usize) -> Vec<u32> {
+    let mut seen = vec![0u32; count];
+    for r in read {
+        let index: usize = std::str::from_utf8(&r.record.data)
+            .expect("UTF-8")
+            .parse()
+            .expect("a record number");
+        seen[index] += 1;
+    }
+    seen
 }
 
 /// What a KCL consumer of the stream receives, using the crate's KCL-compatible reader: every
