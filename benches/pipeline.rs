@@ -184,16 +184,33 @@ fn main() {
         .build()
         .unwrap();
     let off = |b: ProducerBuilder| b.rate_limit(0);
+    // Buffering sized for many shards, the same for every shard count: records aggregate only
+    // with others of their shard, so at 10,000 shards an aggregate needs a longer window (and a
+    // backlog that can hold that window) to gather more than a few records.
+    let sized = |b: ProducerBuilder| {
+        b.rate_limit(0)
+            .record_max_buffered_time(std::time::Duration::from_secs(1))
+            .max_backlog_records(2_000_000)
+            .max_backlog_bytes(1 << 30)
+    };
     let mut cases = Vec::new();
-    for shards in [1, 64, 1_024, 10_000] {
-        for (size, records) in [(100, 1_000_000), (1_024, 300_000)] {
-            cases.push(Case {
-                shards,
-                size,
-                records: records / scale,
-                label: "scale (limiter off)",
-                tune: off,
-            });
+    for (label, tune) in [
+        (
+            "scale (limiter off)",
+            off as fn(ProducerBuilder) -> ProducerBuilder,
+        ),
+        ("scale, sized buffer", sized),
+    ] {
+        for shards in [1, 64, 1_024, 10_000] {
+            for (size, records) in [(100, 1_000_000), (1_024, 300_000)] {
+                cases.push(Case {
+                    shards,
+                    size,
+                    records: records / scale,
+                    label,
+                    tune,
+                });
+            }
         }
     }
     cases.push(Case {
@@ -231,10 +248,17 @@ fn main() {
             tune: |b| b.rate_limit(0).preserve_order(true),
         });
     }
-    // BENCH_FILTER=text runs only the cases whose label contains it.
+    // BENCH_FILTER=text runs only the cases whose label contains it; BENCH_SHARDS=n only
+    // those with n shards.
     let filter = std::env::var("BENCH_FILTER").unwrap_or_default();
+    let shards: Option<usize> = std::env::var("BENCH_SHARDS")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let selected = cases
+        .iter()
+        .filter(|c| c.label.contains(filter.as_str()) && shards.is_none_or(|n| n == c.shards));
     runtime.block_on(async {
-        for case in cases.iter().filter(|c| c.label.contains(filter.as_str())) {
+        for case in selected {
             run(case).await;
         }
     });

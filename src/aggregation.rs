@@ -81,6 +81,10 @@ pub struct AggregateBuilder {
     explicit_hash_keys: KeyTable,
     /// Encoded protobuf length (without magic and checksum).
     body_len: usize,
+    /// Records in the previous aggregate. The record list leaves with each aggregate, so the
+    /// next one reserves this much at its first record instead of regrowing step by step (and
+    /// an idle builder holds no memory).
+    last_len: usize,
 }
 
 impl AggregateBuilder {
@@ -92,7 +96,13 @@ impl AggregateBuilder {
             partition_keys: KeyTable::default(),
             explicit_hash_keys: KeyTable::default(),
             body_len: 0,
+            last_len: 0,
         }
+    }
+
+    /// Room reserved for records: what the previous aggregate held, once one has started.
+    pub fn capacity(&self) -> usize {
+        self.records.capacity()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -161,6 +171,9 @@ impl AggregateBuilder {
             self.explicit_hash_keys.insert(k, position);
         }
         self.body_len += added;
+        if self.records.capacity() == 0 {
+            self.records.reserve_exact(self.last_len.max(1));
+        }
         self.indices.push((pk_index, ehk.map(|(i, _)| i)));
         self.records.push(record);
         Ok(())
@@ -184,11 +197,7 @@ impl AggregateBuilder {
                 }
             }
         };
-        self.indices.clear();
-        self.partition_keys.clear();
-        self.explicit_hash_keys.clear();
-        self.body_len = 0;
-        Some((entry, std::mem::take(&mut self.records)))
+        Some((entry, self.take_records()))
     }
 
     /// Removes and returns the records without encoding them (used to re-route them).
@@ -197,6 +206,7 @@ impl AggregateBuilder {
         self.partition_keys.clear();
         self.explicit_hash_keys.clear();
         self.body_len = 0;
+        self.last_len = self.records.len();
         std::mem::take(&mut self.records)
     }
 

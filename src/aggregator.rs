@@ -74,16 +74,23 @@ impl Outgoing {
         self.entry.data.len() + self.entry.partition_key.len()
     }
 
-    /// The records' flush epochs, as (epoch, count) runs.
-    pub fn epoch_runs(&self) -> Vec<(u64, u64)> {
-        let mut runs: Vec<(u64, u64)> = Vec::with_capacity(1);
+    /// Calls `f(epoch, count)` for each run of records sharing a flush epoch (usually one).
+    pub fn for_each_epoch_run(&self, mut f: impl FnMut(u64, u64)) {
+        let mut run: Option<(u64, u64)> = None;
         for meta in &self.metas {
-            match runs.last_mut() {
+            match &mut run {
                 Some((epoch, count)) if *epoch == meta.epoch => *count += 1,
-                _ => runs.push((meta.epoch, 1)),
+                _ => {
+                    if let Some((epoch, count)) = run {
+                        f(epoch, count);
+                    }
+                    run = Some((meta.epoch, 1));
+                }
             }
         }
-        runs
+        if let Some((epoch, count)) = run {
+            f(epoch, count);
+        }
     }
 }
 
@@ -215,6 +222,9 @@ fn add_to_slot(
             )));
             return;
         }
+    }
+    if slot.metas.capacity() == 0 {
+        slot.metas.reserve_exact(slot.builder.capacity());
     }
     slot.metas.push(meta);
     // A deadline for the first record, and again for a re-routed record older than those held.

@@ -23,6 +23,18 @@ pub const MAX_RECORDS_PER_REQUEST: usize = 500;
 /// Supplies a partition key for records put without one.
 pub type Partitioner = Arc<dyn Fn(&[u8]) -> String + Send + Sync>;
 
+/// The default partitioner's key: a random version 4 UUID. Its bytes come from a per-thread
+/// generator rather than the kernel (as `Uuid::new_v4` does, one system call per key): a key
+/// only has to spread records evenly over the hash space.
+fn random_partition_key() -> String {
+    let high = u128::from(crate::retry::random_u64()) << 64;
+    let bytes = (high | u128::from(crate::retry::random_u64())).to_be_bytes();
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
+}
+
 /// The producer's settings; validated by `ProducerBuilder::resolve`. See [`ProducerBuilder`]
 /// for what each one means.
 #[derive(Clone)]
@@ -103,7 +115,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(6),
             retry: RetryPolicy::default(),
             stop_timeout: Duration::from_secs(30),
-            partitioner: Arc::new(|_: &[u8]| uuid::Uuid::new_v4().to_string()),
+            partitioner: Arc::new(|_: &[u8]| random_partition_key()),
             shard_map_refresh_interval: Duration::from_secs(60),
             rate_limit: 150,
             preserve_order: false,
@@ -478,5 +490,24 @@ mod tests {
         assert_eq!(config.request_timeout, Duration::from_secs(6));
         let key = (config.partitioner)(b"x");
         assert_eq!(key.len(), 36);
+    }
+
+    #[test]
+    fn default_keys_are_distinct_v4_uuids_spread_evenly_over_the_shards() {
+        let map = crate::ShardMap::uniform(16);
+        let mut per_shard = [0u32; 16];
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..160_000 {
+            let key = random_partition_key();
+            let uuid = uuid::Uuid::parse_str(&key).expect("a UUID");
+            assert_eq!(uuid.get_version_num(), 4, "{key}");
+            let hash = crate::record::partition_key_hash(&key);
+            per_shard[map.shard_index(hash).expect("covered")] += 1;
+            assert!(seen.insert(key), "a repeated key");
+        }
+        // 10,000 expected per shard; a fair generator stays within a few percent.
+        for count in per_shard {
+            assert!((9_500..=10_500).contains(&count), "{per_shard:?}");
+        }
     }
 }

@@ -142,9 +142,7 @@ impl Shared {
     fn release(&self, outgoing: &Outgoing) {
         self.backlog
             .release(outgoing.records.len(), outgoing.backlog_bytes);
-        for (epoch, count) in outgoing.epoch_runs() {
-            self.backlog.leave_epoch(epoch, count);
-        }
+        outgoing.for_each_epoch_run(|epoch, count| self.backlog.leave_epoch(epoch, count));
     }
 
     /// Reloads the shard map in the background. Requests made while a reload runs are served

@@ -6,6 +6,7 @@
 //! entries of a request are sent again. Control-plane calls (ListShards) keep the client's own
 //! retry configuration.
 
+use std::cell::Cell;
 use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
@@ -46,9 +47,23 @@ impl RetryPolicy {
     }
 }
 
-fn random_u64() -> u64 {
-    // Each RandomState is freshly keyed: enough randomness for jitter without another crate.
-    RandomState::new().hash_one(std::time::Instant::now())
+/// A fast per-thread pseudo-random number (splitmix64), seeded once per thread from std's
+/// randomly keyed hasher. Good enough to spread retries (jitter) and records (random partition
+/// keys) evenly; not for secrets. Asking the kernel for randomness on every call would cost
+/// more than the rest of a `put`.
+pub(crate) fn random_u64() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(
+            RandomState::new().hash_one((std::time::Instant::now(), std::thread::current().id())),
+        );
+    }
+    STATE.with(|state| {
+        let mut z = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        state.set(z);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    })
 }
 
 /// An error as the producer records it: code, message, and whether another attempt may succeed.
