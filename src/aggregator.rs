@@ -16,16 +16,19 @@ use std::time::Instant;
 use crate::aggregation::{AggregateBuilder, AggregateLimits, KinesisEntry};
 use crate::backlog::lock;
 use crate::producer::{Inbound, Shared};
+use crate::receipt::ReceiptTx;
 use crate::record::UserRecord;
 use crate::shard_map::ShardMap;
 
 /// What the producer knows about a user record besides the record itself.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(crate) struct RecordMeta {
     pub hash_key: u128,
     pub put_at: Instant,
     pub epoch: u64,
     pub backlog_bytes: u32,
+    /// Where the outcome goes when the record was put with a receipt.
+    pub receipt: Option<ReceiptTx>,
 }
 
 /// One finished Kinesis record on its way through the sender, with the user records it carries.
@@ -42,6 +45,11 @@ pub(crate) struct Outgoing {
     pub shard_id: Option<Arc<str>>,
     pub attempts: u32,
     pub last_error: Option<crate::retry::AttemptError>,
+    /// When the last attempt ended (its answer, or its failure): later buffering counts from
+    /// here.
+    pub last_attempt_end: Option<Instant>,
+    /// Set when Kinesis acknowledged it: the shard it was written to and its sequence number.
+    pub landed: Option<(Arc<str>, String)>,
 }
 
 impl Outgoing {
@@ -66,6 +74,8 @@ impl Outgoing {
             shard_id,
             attempts: 0,
             last_error: None,
+            last_attempt_end: None,
+            landed: None,
         }
     }
 
@@ -163,7 +173,7 @@ pub(crate) fn enqueue(
     record: UserRecord,
     mut meta: RecordMeta,
     admission: Admission,
-) -> Result<(), UserRecord> {
+) -> Result<(), Box<(UserRecord, RecordMeta)>> {
     loop {
         let routing = shared.routing();
         let index = routing
@@ -176,7 +186,7 @@ pub(crate) fn enqueue(
         }
         if admission == Admission::New {
             if shared.closed.load(Ordering::SeqCst) {
-                return Err(record);
+                return Err(Box::new((record, meta)));
             }
             meta.epoch = shared.backlog.enter_epoch();
         }
@@ -226,18 +236,16 @@ fn add_to_slot(
     if slot.metas.capacity() == 0 {
         slot.metas.reserve_exact(slot.builder.capacity());
     }
+    let put_at = meta.put_at;
     slot.metas.push(meta);
     // A deadline for the first record, and again for a re-routed record older than those held.
-    if slot
-        .earliest_put
-        .is_none_or(|earliest| meta.put_at < earliest)
-    {
-        slot.earliest_put = Some(meta.put_at);
+    if slot.earliest_put.is_none_or(|earliest| put_at < earliest) {
+        slot.earliest_put = Some(put_at);
         shared.send(Inbound::Deadline {
             // Half the buffered time: the sender sends a request when its oldest record has
             // waited the whole time, so aggregates flushed in the second half of that window
             // share one request instead of each leaving alone in a tiny one.
-            at: meta.put_at + shared.config.record_max_buffered_time / 2,
+            at: put_at + shared.config.record_max_buffered_time / 2,
             generation: routing.generation,
             slot: index,
             cycle: slot.cycle,
@@ -314,7 +322,8 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
 /// Routes records the producer already holds again, under the current map (after a reshard).
 pub(crate) fn reroute(shared: &Shared, records: Vec<UserRecord>, metas: Vec<RecordMeta>) {
     for (record, meta) in records.into_iter().zip(metas) {
-        if let Err(record) = enqueue(shared, record, meta, Admission::Reroute) {
+        if let Err(refused) = enqueue(shared, record, meta, Admission::Reroute) {
+            let (record, meta) = *refused;
             // Unreachable by construction (re-routing ignores `stop`), but never drop a record.
             let entry = KinesisEntry::plain(&record);
             shared.send(Inbound::Record(Outgoing::new(

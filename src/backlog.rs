@@ -13,6 +13,7 @@ use tokio::sync::{watch, Semaphore, TryAcquireError};
 pub(crate) struct Backlog {
     records: Semaphore,
     bytes: Semaphore,
+    max_bytes: usize,
     epochs: Mutex<EpochBook>,
     /// The oldest flush epoch that still has records outstanding (or the current epoch when
     /// none has): every epoch below it is finished.
@@ -37,6 +38,7 @@ impl Backlog {
         Backlog {
             records: Semaphore::new(max_records),
             bytes: Semaphore::new(max_bytes),
+            max_bytes,
             epochs: Mutex::new(EpochBook {
                 current: 0,
                 outstanding: VecDeque::new(),
@@ -69,6 +71,12 @@ impl Backlog {
         record.forget();
         room.forget();
         Ok(())
+    }
+
+    /// Bytes of the records held now.
+    pub fn bytes_held(&self) -> usize {
+        self.max_bytes
+            .saturating_sub(self.bytes.available_permits())
     }
 
     /// Gives back the room of `records` records totalling `bytes` bytes.

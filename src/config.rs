@@ -10,6 +10,7 @@ use std::time::Duration;
 use aws_sdk_kinesis::Client;
 
 use crate::error::BuildError;
+use crate::metrics::{MetricsGranularity, MetricsLevel};
 use crate::retry::RetryPolicy;
 use crate::shard_map::StreamId;
 
@@ -58,6 +59,8 @@ pub(crate) struct Config {
     /// Percent of the per-shard limits; 0 turns the limiter off.
     pub rate_limit: u32,
     pub preserve_order: bool,
+    pub metrics_level: MetricsLevel,
+    pub metrics_granularity: MetricsGranularity,
     /// Whether `max_record_size` was set by the user (else the stream's own is adopted).
     pub max_record_size_explicit: bool,
 }
@@ -87,6 +90,8 @@ pub(crate) struct Config {
 /// | `shard_map_refresh_interval` | 60 s | 1 s ..= 1 day |
 /// | `rate_limit` | 150 (%) | 0 (off) ..= 10,000 |
 /// | `preserve_order` | off | |
+/// | `metrics_level` | detailed | none, summary, detailed |
+/// | `metrics_granularity` | shard | global, stream, shard |
 #[must_use]
 #[derive(Default)]
 pub struct ProducerBuilder {
@@ -119,6 +124,8 @@ impl Default for Config {
             shard_map_refresh_interval: Duration::from_secs(60),
             rate_limit: 150,
             preserve_order: false,
+            metrics_level: MetricsLevel::Detailed,
+            metrics_granularity: MetricsGranularity::Shard,
             max_record_size_explicit: false,
         }
     }
@@ -199,6 +206,12 @@ impl ProducerBuilder {
         /// Keeps the order of records per shard (so per partition key): one request in flight
         /// per shard, one Kinesis record per shard per request, retries before anything newer.
         preserve_order: bool,
+        /// Which metrics [`Producer::metrics`](crate::Producer::metrics) keeps: none, the
+        /// KPL's summary ones, or all (default, as the KPL).
+        metrics_level: MetricsLevel,
+        /// Dimensions metrics are kept at: global, also per stream, also per shard (default,
+        /// as the KPL).
+        metrics_granularity: MetricsGranularity,
     }
 
     /// Largest record (data + partition key) accepted at `put`. Unset, the producer adopts the

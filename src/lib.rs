@@ -68,7 +68,11 @@ mod error;
 #[cfg(feature = "producer")]
 mod limiter;
 #[cfg(feature = "producer")]
+pub mod metrics;
+#[cfg(feature = "producer")]
 mod producer;
+#[cfg(feature = "producer")]
+mod receipt;
 #[cfg(feature = "producer")]
 mod retry;
 #[cfg(feature = "producer")]
@@ -87,7 +91,11 @@ pub use config::{Partitioner, ProducerBuilder};
 #[cfg(feature = "producer")]
 pub use error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
 #[cfg(feature = "producer")]
+pub use metrics::{MetricName, MetricsGranularity, MetricsLevel, MetricsSnapshot};
+#[cfg(feature = "producer")]
 pub use producer::{FailureStream, Producer};
+#[cfg(feature = "producer")]
+pub use receipt::{Delivered, Receipt};
 #[cfg(feature = "producer")]
 pub use retry::RetryPolicy;
 #[cfg(feature = "producer")]

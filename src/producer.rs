@@ -15,11 +15,16 @@ use crate::aggregation::AggregateLimits;
 use crate::aggregator::{self, Admission, Outgoing, RecordMeta, Routing};
 use crate::backlog::{lock, Backlog, NoRoom};
 use crate::config::{Config, ProducerBuilder};
-use crate::error::{BuildError, DeliveryError, FailedRecord, PutError, PutRefusal};
+use crate::error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
+use crate::metrics::{MetricName, MetricsSnapshot, Recorder, Statistics};
+use crate::receipt::{Delivered, Receipt};
 use crate::shard_map::{load_shard_map, ShardMap, StreamId};
 use crate::stats::{add, Counters, Stats};
 
 /// What reaches the sender task.
+// `Record` is by far the most common message: boxing it would cost an allocation per Kinesis
+// record to save bytes on the rare ones.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Inbound {
     /// A finished Kinesis record.
     Record(Outgoing),
@@ -52,6 +57,9 @@ pub(crate) struct Shared {
     /// Set by `stop`: new records are refused.
     pub closed: AtomicBool,
     pub stats: Counters,
+    /// KPL-style metrics; `metrics_on` is false at level none, and nothing is recorded then.
+    pub metrics: Mutex<Recorder>,
+    pub metrics_on: bool,
     inbound: mpsc::UnboundedSender<Inbound>,
     failures: Mutex<Option<mpsc::UnboundedSender<FailedRecord>>>,
     /// A reload task is running.
@@ -91,7 +99,7 @@ impl Shared {
     }
 
     /// A Kinesis record was acknowledged: its user records are done.
-    pub fn acknowledge(&self, outgoing: Outgoing) {
+    pub fn acknowledge(&self, mut outgoing: Outgoing) {
         let data_bytes: usize = outgoing.records.iter().map(|r| r.data().len()).sum();
         add(&self.stats.user_records_put, outgoing.records.len() as u64);
         add(&self.stats.user_record_bytes_put, data_bytes as u64);
@@ -100,26 +108,89 @@ impl Shared {
             &self.stats.kinesis_bytes_put,
             outgoing.request_size() as u64,
         );
+        let landed = outgoing.landed.take();
+        if self.metrics_on {
+            let shard = landed.as_ref().map(|(shard, _)| shard);
+            let mut data = Statistics::default();
+            for record in &outgoing.records {
+                data.add(record.data().len() as f64);
+            }
+            let mut metrics = lock(&self.metrics);
+            self.record_ends(&mut metrics, &outgoing, 1.0, shard);
+            metrics.record(MetricName::UserRecordsDataPut, data, shard);
+        }
+        if let Some((shard_id, sequence_number)) = landed {
+            let aggregated = outgoing.entry.aggregated;
+            for (position, meta) in outgoing.metas.iter_mut().enumerate() {
+                if let Some(receipt) = meta.receipt.take() {
+                    receipt.send(Ok(Delivered {
+                        shard_id: Arc::clone(&shard_id),
+                        sequence_number: sequence_number.clone(),
+                        sub_sequence_number: if aggregated { position as u64 } else { 0 },
+                        aggregated,
+                        attempts: outgoing.attempts,
+                    }));
+                }
+            }
+        }
         self.release(&outgoing);
     }
 
+    /// The per-user-record metrics of a Kinesis record's records ending: `UserRecordsPut` (1
+    /// acknowledged, 0 failed) and `RetriesPerRecord`.
+    fn record_ends(
+        &self,
+        metrics: &mut Recorder,
+        outgoing: &Outgoing,
+        put: f64,
+        shard: Option<&Arc<str>>,
+    ) {
+        let n = outgoing.records.len() as u64;
+        metrics.record(
+            MetricName::UserRecordsPut,
+            Statistics::repeated(put, n),
+            shard,
+        );
+        let retries = f64::from(outgoing.attempts.saturating_sub(1));
+        metrics.record(
+            MetricName::RetriesPerRecord,
+            Statistics::repeated(retries, n),
+            shard,
+        );
+    }
+
     /// A Kinesis record failed for good: each of its user records is reported.
-    pub fn fail(&self, outgoing: Outgoing, error: DeliveryError) {
+    pub fn fail(&self, mut outgoing: Outgoing, error: DeliveryError) {
         let count = outgoing.records.len();
         add(&self.stats.user_records_failed, count as u64);
+        if self.metrics_on {
+            let shard = outgoing.shard_id.as_ref();
+            let mut metrics = lock(&self.metrics);
+            self.record_ends(&mut metrics, &outgoing, 0.0, shard);
+            if error.kind == FailureKind::Expired {
+                let expired = Statistics::repeated(1.0, count as u64);
+                metrics.record(MetricName::UserRecordExpired, expired, shard);
+            }
+        }
         let subscriber = lock(&self.failures).clone();
         let mut unobserved = 0;
-        for record in &outgoing.records {
+        for (record, meta) in outgoing.records.iter().zip(outgoing.metas.iter_mut()) {
             let failed = FailedRecord {
                 record: record.clone(),
                 error: error.clone(),
                 attempts: outgoing.attempts,
                 shard_id: outgoing.shard_id.clone(),
             };
-            if subscriber
+            // The receipt gets the failure, and so does the stream: it is where every
+            // failure can be watched, whether or not its receipt is still read.
+            let receipt_read = meta
+                .receipt
+                .take()
+                .is_some_and(|receipt| receipt.send(Err(failed.clone())));
+            let stream_read = subscriber
                 .as_ref()
-                .is_none_or(|tx| tx.send(failed).is_err())
-            {
+                .is_some_and(|tx| tx.send(failed).is_ok());
+            if !receipt_read && !stream_read {
                 unobserved += 1;
             }
         }
@@ -272,6 +343,11 @@ impl ProducerBuilder {
             routing_change: Mutex::new(()),
             closed: AtomicBool::new(false),
             stats: Counters::default(),
+            metrics: Mutex::new(Recorder::new(
+                config.metrics_level,
+                config.metrics_granularity,
+            )),
+            metrics_on: Recorder::enabled(config.metrics_level),
             inbound,
             failures: Mutex::new(None),
             refreshing: AtomicBool::new(false),
@@ -329,6 +405,23 @@ impl Producer {
         }
     }
 
+    /// Puts a record, waiting while the backlog is full, and returns a [`Receipt`]: a future of
+    /// where the record was written (shard, sequence number, sub-sequence number, attempts) or
+    /// of its failure. A receipt dropped unread loses nothing. Plain `put` pays nothing for
+    /// this.
+    pub async fn put_with_receipt(&self, record: crate::UserRecord) -> Result<Receipt, PutError> {
+        let mut meta = match self.admit(&record) {
+            Ok(meta) => meta,
+            Err(refusal) => return Err(PutError::new(record, refusal)),
+        };
+        let (tx, receipt) = Receipt::new(&record);
+        meta.receipt = Some(tx);
+        match self.shared().backlog.acquire(meta.backlog_bytes).await {
+            Ok(()) => self.place(record, meta).map(|()| receipt),
+            Err(_) => Err(PutError::new(record, PutRefusal::Stopped)),
+        }
+    }
+
     /// Puts a record if the backlog has room now; never waits.
     pub fn try_put(&self, record: crate::UserRecord) -> Result<(), PutError> {
         let meta = match self.admit(&record) {
@@ -364,6 +457,7 @@ impl Producer {
             epoch: 0,
             // Validation bounds data + key by max_record_size (≤ 10 MiB) and the EHK by 39.
             backlog_bytes: record.backlog_size() as u32,
+            receipt: None,
         })
     }
 
@@ -376,7 +470,8 @@ impl Producer {
                 add(&shared.stats.user_records_received, 1);
                 Ok(())
             }
-            Err(record) => {
+            Err(refused) => {
+                let (record, meta) = *refused;
                 shared.backlog.release(1, meta.backlog_bytes as usize);
                 Err(PutError::new(record, PutRefusal::Stopped))
             }
@@ -429,6 +524,28 @@ impl Producer {
     /// Counters of what the producer has done so far.
     pub fn stats(&self) -> Stats {
         self.shared().stats.snapshot()
+    }
+
+    /// The KPL's metrics (and ours), accumulated since the producer started, at the configured
+    /// level and granularity. Cheap enough to call every second: one short lock.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let shared = self.shared();
+        let stats = shared.stats.snapshot();
+        let gauges = [
+            (
+                MetricName::UserRecordsReceived,
+                Statistics::repeated(1.0, stats.user_records_received),
+            ),
+            (
+                MetricName::UserRecordsPending,
+                Statistics::repeated(stats.user_records_pending as f64, 1),
+            ),
+            (
+                MetricName::BacklogBytes,
+                Statistics::repeated(shared.backlog.bytes_held() as f64, 1),
+            ),
+        ];
+        lock(&shared.metrics).snapshot(shared.stream.name(), &gauges)
     }
 
     /// The shard map records are currently routed by.

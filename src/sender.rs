@@ -24,9 +24,11 @@ use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use tokio::sync::{mpsc, watch};
 
 use crate::aggregator::{self, Outgoing};
+use crate::backlog::lock;
 use crate::config::Config;
 use crate::error::{DeliveryError, FailureKind};
 use crate::limiter::Limiter;
+use crate::metrics::{MetricName, Recorder, Statistics};
 use crate::producer::{Inbound, Shared};
 use crate::retry::{classify_sdk_error, entry_error_is_transient, AttemptError};
 use crate::shard_map::StreamId;
@@ -120,6 +122,8 @@ struct Lane {
     listed: bool,
     /// With `preserve_order`: the record at the front is a retry not to be sent before this.
     not_before: Option<Instant>,
+    /// Since when the limiter has held the lane back (for `LimiterWaitTime`).
+    limited_since: Option<Instant>,
 }
 
 struct Retry {
@@ -150,6 +154,8 @@ struct Completed {
     batch: Vec<Outgoing>,
     /// Sent before it was full (on a deadline, a flush or a stop).
     partial: bool,
+    /// When the request was sent.
+    started: Instant,
     outcome: Outcome,
 }
 
@@ -273,6 +279,7 @@ impl Sender {
             outstanding: 0,
             listed: false,
             not_before: None,
+            limited_since: None,
         });
         self.pending_count += 1;
         self.pending_bytes += outgoing.request_size();
@@ -493,6 +500,7 @@ impl Sender {
         };
         let mut taken = 0;
         let mut expired = Vec::new();
+        let mut limiter_wait = None;
         let blocked = loop {
             if config.preserve_order && (lane.outstanding > 0 || taken > 0) {
                 break Blocked::No;
@@ -521,8 +529,12 @@ impl Sender {
             }
             if let Some(limiter) = &mut lane.limiter {
                 if !limiter.try_take(size, now) {
+                    lane.limited_since.get_or_insert(now);
                     break Blocked::Until(limiter.ready_at(size, now));
                 }
+            }
+            if let Some(since) = lane.limited_since.take() {
+                limiter_wait = Some((now.saturating_duration_since(since), key));
             }
             let Some(outgoing) = lane.queue.pop_front() else {
                 break Blocked::No;
@@ -542,6 +554,13 @@ impl Sender {
         for outgoing in expired {
             self.expire(outgoing);
         }
+        if let Some((waited, shard)) = limiter_wait.filter(|_| self.shared.metrics_on) {
+            lock(&self.shared.metrics).add(
+                MetricName::LimiterWaitTime,
+                millis(waited),
+                Some(shard),
+            );
+        }
         blocked
     }
 
@@ -552,6 +571,10 @@ impl Sender {
         }
         for outgoing in &mut batch {
             outgoing.attempts += 1;
+        }
+        let started = Instant::now();
+        if self.shared.metrics_on {
+            record_sent(&mut lock(&self.shared.metrics), &batch, started);
         }
         add(&self.shared.stats.requests, 1);
         let results = self.results_tx.clone();
@@ -579,6 +602,7 @@ impl Sender {
             if let Err(mpsc::error::SendError(completed)) = results.send(Completed {
                 batch,
                 partial,
+                started,
                 outcome,
             }) {
                 // The sender is gone: the guard reports these records as it drops.
@@ -590,20 +614,37 @@ impl Sender {
     fn complete(&mut self, completed: Completed) {
         self.in_flight -= 1;
         let Completed {
-            batch,
+            mut batch,
             partial,
+            started,
             outcome,
         } = completed;
         if partial {
             self.partial_in_flight -= 1;
         }
+        let ended = Instant::now();
+        for outgoing in &mut batch {
+            outgoing.last_attempt_end = Some(ended);
+        }
+        if self.shared.metrics_on {
+            record_answered(
+                &mut lock(&self.shared.metrics),
+                &batch,
+                &outcome,
+                ended - started,
+            );
+        }
         match outcome {
             Outcome::Answered(output) if output.records().len() == batch.len() => {
                 let mut stale_map = false;
-                for (outgoing, result) in batch.into_iter().zip(output.records()) {
+                for (mut outgoing, result) in batch.into_iter().zip(output.records()) {
                     match result.error_code() {
                         None => {
                             let actual = result.shard_id().unwrap_or_default();
+                            outgoing.landed = Some((
+                                Arc::from(actual),
+                                result.sequence_number().unwrap_or_default().to_owned(),
+                            ));
                             let misplaced = outgoing
                                 .shard_id
                                 .as_deref()
@@ -700,6 +741,13 @@ impl Sender {
                     &self.shared.stats.records_resent_after_reshard,
                     outgoing.records.len() as u64,
                 );
+                if self.shared.metrics_on {
+                    lock(&self.shared.metrics).record(
+                        MetricName::UserRecordsResentAfterReshard,
+                        Statistics::repeated(1.0, outgoing.records.len() as u64),
+                        Some(&actual),
+                    );
+                }
                 tracing::debug!(shard = %actual, records = outgoing.records.len(), "re-sending an aggregate written to a shard that does not own all its records");
                 self.release(&outgoing);
                 self.resplit(outgoing);
@@ -935,6 +983,66 @@ async fn put_records(
         .send()
         .await
         .map_err(|e| classify_sdk_error(&e))
+}
+
+/// Metrics of a request as it goes out: the buffering before this attempt of each user
+/// record, and how many records each Kinesis record and the request carry.
+fn record_sent(metrics: &mut Recorder, batch: &[Outgoing], now: Instant) {
+    let mut user_records = 0;
+    for outgoing in batch {
+        let mut buffering = Statistics::default();
+        for meta in &outgoing.metas {
+            let since = outgoing.last_attempt_end.unwrap_or(meta.put_at);
+            buffering.add(millis(now.saturating_duration_since(since)));
+        }
+        let shard = outgoing.shard_id.as_ref();
+        metrics.record(MetricName::BufferingTime, buffering, shard);
+        let n = outgoing.records.len();
+        user_records += n;
+        metrics.add(MetricName::UserRecordsPerKinesisRecord, n as f64, shard);
+    }
+    metrics.add(
+        MetricName::KinesisRecordsPerPutRecordsRequest,
+        batch.len() as f64,
+        None,
+    );
+    metrics.add(
+        MetricName::UserRecordsPerPutRecordsRequest,
+        user_records as f64,
+        None,
+    );
+}
+
+/// Metrics of a request's answer: its duration, and each Kinesis record's outcome (as the KPL
+/// counts them: by the shard it was routed to).
+fn record_answered(metrics: &mut Recorder, batch: &[Outgoing], outcome: &Outcome, took: Duration) {
+    metrics.add(MetricName::RequestTime, millis(took), None);
+    match outcome {
+        Outcome::Answered(output) if output.records().len() == batch.len() => {
+            for (outgoing, result) in batch.iter().zip(output.records()) {
+                let shard = outgoing.shard_id.as_ref();
+                match result.error_code() {
+                    None => {
+                        metrics.add(MetricName::KinesisRecordsPut, 1.0, shard);
+                        let size = outgoing.request_size() as f64;
+                        metrics.add(MetricName::KinesisRecordsDataPut, size, shard);
+                        metrics.add(MetricName::AllErrors, 0.0, shard);
+                    }
+                    Some(code) => {
+                        metrics.add(MetricName::KinesisRecordsPut, 0.0, shard);
+                        metrics.error(code, shard);
+                    }
+                }
+            }
+        }
+        Outcome::Answered(_) => metrics.error("ResponseMismatch", None),
+        Outcome::Failed(error) => metrics.error(&error.code, None),
+        Outcome::Cancelled => {}
+    }
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1_000.0
 }
 
 #[cfg(test)]

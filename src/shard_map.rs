@@ -87,6 +87,17 @@ pub enum StreamId {
 }
 
 #[cfg(feature = "producer")]
+impl StreamId {
+    /// The stream's name (from the ARN's last part when only the ARN is known).
+    pub fn name(&self) -> &str {
+        match self {
+            StreamId::Name(name) => name,
+            StreamId::Arn(arn) => arn.rsplit('/').next().unwrap_or(arn),
+        }
+    }
+}
+
+#[cfg(feature = "producer")]
 impl std::fmt::Display for StreamId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

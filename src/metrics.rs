@@ -1,0 +1,533 @@
+//! Step 7: metrics. The KPL's metrics — its names, units, levels and granularities — so that
+//! dashboards and alarms built for the KPL read ours, plus three of our own.
+//!
+//! Every metric is a statistic set (sample count, sum, minimum, maximum), as CloudWatch keeps
+//! them, accumulated since the producer started. Counters such as `UserRecordsPut` take one
+//! sample per user record that ended: 1 when it was acknowledged, 0 when it failed, so `sum`
+//! counts successes and `count` counts ends. The sender records them under one lock per
+//! request; the callers' threads touch nothing here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// How many metrics are recorded, as the KPL's `MetricsLevel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum MetricsLevel {
+    /// Nothing is recorded.
+    None,
+    /// The metrics the KPL marks "summary": UserRecordsPut, KinesisRecordsPut, ErrorsByCode,
+    /// AllErrors, UserRecordExpired, BufferingTime.
+    Summary,
+    /// Every metric (the KPL's default).
+    #[default]
+    Detailed,
+}
+
+/// Which dimensions metrics are kept at, as the KPL's `MetricsGranularity`: each level adds to
+/// the coarser ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum MetricsGranularity {
+    /// No dimension.
+    Global,
+    /// Also with `StreamName`.
+    Stream,
+    /// Also with `StreamName` and `ShardId`, for metrics that concern a shard (the KPL's
+    /// default).
+    #[default]
+    Shard,
+}
+
+/// What a metric's values measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unit {
+    Count,
+    Bytes,
+    Milliseconds,
+}
+
+impl Unit {
+    /// The CloudWatch name of the unit.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Count => "Count",
+            Unit::Bytes => "Bytes",
+            Unit::Milliseconds => "Milliseconds",
+        }
+    }
+}
+
+/// The metrics. The first fifteen are the KPL's, with its meaning; the last three are ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum MetricName {
+    /// User records accepted by `put` (global and stream only, one sample each).
+    UserRecordsReceived,
+    /// User records accepted and not yet ended, when the snapshot was taken.
+    UserRecordsPending,
+    /// One sample per user record that ended: 1 acknowledged, 0 failed.
+    UserRecordsPut,
+    /// Data bytes of each acknowledged user record.
+    UserRecordsDataPut,
+    /// One sample per Kinesis record attempt: 1 acknowledged, 0 failed.
+    KinesisRecordsPut,
+    /// Bytes (data + partition key) of each acknowledged Kinesis record.
+    KinesisRecordsDataPut,
+    /// Errors, with an `ErrorCode` dimension: one per failed Kinesis record attempt (with the
+    /// shard) and one per failed PutRecords request (without).
+    ErrorsByCode,
+    /// Every attempt's outcome: 1 for each error counted in `ErrorsByCode`, 0 for each
+    /// acknowledged Kinesis record.
+    AllErrors,
+    /// Attempts minus one, per user record that ended.
+    RetriesPerRecord,
+    /// One sample per user record that failed because its TTL passed.
+    UserRecordExpired,
+    /// Per user record and attempt: the wait before the attempt was sent (from `put`, or from
+    /// the end of the previous attempt).
+    BufferingTime,
+    /// Duration of each PutRecords call.
+    RequestTime,
+    /// User records in each Kinesis record sent.
+    UserRecordsPerKinesisRecord,
+    /// Kinesis records in each PutRecords request.
+    KinesisRecordsPerPutRecordsRequest,
+    /// User records in each PutRecords request.
+    UserRecordsPerPutRecordsRequest,
+    /// Ours: user records sent again because their aggregate landed, after a reshard, on a
+    /// shard that does not own all of them (with the shard it landed on). Consumers that do
+    /// not apply the KCL's rule may read these records twice.
+    UserRecordsResentAfterReshard,
+    /// Ours: how long a shard's queue waited for its rate limiter before it could send again.
+    LimiterWaitTime,
+    /// Ours: bytes held in the backlog when the snapshot was taken.
+    BacklogBytes,
+}
+
+const METRIC_COUNT: usize = 18;
+
+const ALL_METRICS: [MetricName; METRIC_COUNT] = [
+    MetricName::UserRecordsReceived,
+    MetricName::UserRecordsPending,
+    MetricName::UserRecordsPut,
+    MetricName::UserRecordsDataPut,
+    MetricName::KinesisRecordsPut,
+    MetricName::KinesisRecordsDataPut,
+    MetricName::ErrorsByCode,
+    MetricName::AllErrors,
+    MetricName::RetriesPerRecord,
+    MetricName::UserRecordExpired,
+    MetricName::BufferingTime,
+    MetricName::RequestTime,
+    MetricName::UserRecordsPerKinesisRecord,
+    MetricName::KinesisRecordsPerPutRecordsRequest,
+    MetricName::UserRecordsPerPutRecordsRequest,
+    MetricName::UserRecordsResentAfterReshard,
+    MetricName::LimiterWaitTime,
+    MetricName::BacklogBytes,
+];
+
+impl MetricName {
+    /// The name as the KPL (and CloudWatch) spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricName::UserRecordsReceived => "UserRecordsReceived",
+            MetricName::UserRecordsPending => "UserRecordsPending",
+            MetricName::UserRecordsPut => "UserRecordsPut",
+            MetricName::UserRecordsDataPut => "UserRecordsDataPut",
+            MetricName::KinesisRecordsPut => "KinesisRecordsPut",
+            MetricName::KinesisRecordsDataPut => "KinesisRecordsDataPut",
+            MetricName::ErrorsByCode => "ErrorsByCode",
+            MetricName::AllErrors => "AllErrors",
+            MetricName::RetriesPerRecord => "RetriesPerRecord",
+            MetricName::UserRecordExpired => "UserRecordExpired",
+            MetricName::BufferingTime => "BufferingTime",
+            MetricName::RequestTime => "RequestTime",
+            MetricName::UserRecordsPerKinesisRecord => "UserRecordsPerKinesisRecord",
+            MetricName::KinesisRecordsPerPutRecordsRequest => "KinesisRecordsPerPutRecordsRequest",
+            MetricName::UserRecordsPerPutRecordsRequest => "UserRecordsPerPutRecordsRequest",
+            MetricName::UserRecordsResentAfterReshard => "UserRecordsResentAfterReshard",
+            MetricName::LimiterWaitTime => "LimiterWaitTime",
+            MetricName::BacklogBytes => "BacklogBytes",
+        }
+    }
+
+    pub fn unit(self) -> Unit {
+        match self {
+            MetricName::UserRecordsDataPut
+            | MetricName::KinesisRecordsDataPut
+            | MetricName::BacklogBytes => Unit::Bytes,
+            MetricName::BufferingTime | MetricName::RequestTime | MetricName::LimiterWaitTime => {
+                Unit::Milliseconds
+            }
+            _ => Unit::Count,
+        }
+    }
+
+    /// The level the metric belongs to (the KPL's assignment for its fifteen).
+    pub fn level(self) -> MetricsLevel {
+        match self {
+            MetricName::UserRecordsPut
+            | MetricName::KinesisRecordsPut
+            | MetricName::ErrorsByCode
+            | MetricName::AllErrors
+            | MetricName::UserRecordExpired
+            | MetricName::BufferingTime
+            | MetricName::UserRecordsResentAfterReshard => MetricsLevel::Summary,
+            _ => MetricsLevel::Detailed,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A statistic set: how many samples, their sum, smallest and largest.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Statistics {
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Statistics {
+    /// `n` samples of `value`.
+    pub(crate) fn repeated(value: f64, n: u64) -> Self {
+        Statistics {
+            count: n,
+            sum: value * n as f64,
+            min: value,
+            max: value,
+        }
+    }
+
+    /// Adds one sample.
+    pub(crate) fn add(&mut self, value: f64) {
+        self.merge(&Statistics::repeated(value, 1));
+    }
+
+    pub(crate) fn merge(&mut self, other: &Statistics) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = *other;
+            return;
+        }
+        self.count += other.count;
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+    }
+
+    /// Mean of the samples (0 without samples).
+    pub fn average(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum / self.count as f64
+        }
+    }
+}
+
+/// One metric at one set of dimensions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metric {
+    pub name: MetricName,
+    /// `(name, value)` pairs: none (global), `StreamName`, `StreamName` and `ShardId`; plus
+    /// `ErrorCode` for `ErrorsByCode`.
+    pub dimensions: Vec<(&'static str, String)>,
+    pub statistics: Statistics,
+}
+
+impl Metric {
+    fn dimension(&self, name: &str) -> Option<&str> {
+        self.dimensions
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What `Producer::metrics()` returns: every recorded metric at every kept granularity.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricsSnapshot {
+    pub metrics: Vec<Metric>,
+}
+
+impl MetricsSnapshot {
+    /// The metric without dimensions (for `ErrorsByCode`, summed over the codes).
+    pub fn global(&self, name: MetricName) -> Statistics {
+        let mut total = Statistics::default();
+        for metric in &self.metrics {
+            let global = metric.dimension("StreamName").is_none();
+            if metric.name == name && global {
+                total.merge(&metric.statistics);
+            }
+        }
+        total
+    }
+
+    /// The metric for one shard (summed over error codes for `ErrorsByCode`).
+    pub fn shard(&self, name: MetricName, shard_id: &str) -> Statistics {
+        let mut total = Statistics::default();
+        for metric in &self.metrics {
+            if metric.name == name && metric.dimension("ShardId") == Some(shard_id) {
+                total.merge(&metric.statistics);
+            }
+        }
+        total
+    }
+
+    /// `ErrorsByCode` for one code, without other dimensions.
+    pub fn errors(&self, code: &str) -> Statistics {
+        self.metrics
+            .iter()
+            .find(|m| {
+                m.name == MetricName::ErrorsByCode
+                    && m.dimension("ErrorCode") == Some(code)
+                    && m.dimension("StreamName").is_none()
+            })
+            .map(|m| m.statistics)
+            .unwrap_or_default()
+    }
+}
+
+/// Per-shard statistics, indexed by `MetricName::index`.
+type Row = [Statistics; METRIC_COUNT];
+
+/// The metrics as they are being recorded (behind a mutex in the producer's shared state).
+pub(crate) struct Recorder {
+    level: MetricsLevel,
+    granularity: MetricsGranularity,
+    global: Row,
+    shards: HashMap<Arc<str>, Row>,
+    /// `ErrorsByCode` per code.
+    errors: HashMap<Arc<str>, ErrorCount>,
+}
+
+/// One error code's count, in all and per shard.
+#[derive(Default)]
+struct ErrorCount {
+    total: Statistics,
+    per_shard: HashMap<Arc<str>, Statistics>,
+}
+
+impl Recorder {
+    pub fn new(level: MetricsLevel, granularity: MetricsGranularity) -> Self {
+        Recorder {
+            level,
+            granularity,
+            global: [Statistics::default(); METRIC_COUNT],
+            shards: HashMap::new(),
+            errors: HashMap::new(),
+        }
+    }
+
+    /// Whether anything is recorded at all (callers skip their work when not).
+    pub fn enabled(level: MetricsLevel) -> bool {
+        level > MetricsLevel::None
+    }
+
+    /// Merges samples of `name`, for `shard` when it concerns one.
+    pub fn record(&mut self, name: MetricName, samples: Statistics, shard: Option<&Arc<str>>) {
+        if name.level() > self.level || samples.count == 0 {
+            return;
+        }
+        self.global[name.index()].merge(&samples);
+        if let Some(shard) = shard.filter(|_| self.granularity == MetricsGranularity::Shard) {
+            let row = match self.shards.get_mut(shard.as_ref()) {
+                Some(row) => row,
+                None => self
+                    .shards
+                    .entry(Arc::clone(shard))
+                    .or_insert([Statistics::default(); METRIC_COUNT]),
+            };
+            row[name.index()].merge(&samples);
+        }
+    }
+
+    /// One sample of `name`.
+    pub fn add(&mut self, name: MetricName, value: f64, shard: Option<&Arc<str>>) {
+        self.record(name, Statistics::repeated(value, 1), shard);
+    }
+
+    /// An error: `ErrorsByCode` for its code and `AllErrors`, for `shard` when the error
+    /// concerns one Kinesis record.
+    pub fn error(&mut self, code: &str, shard: Option<&Arc<str>>) {
+        self.add(MetricName::AllErrors, 1.0, shard);
+        if MetricName::ErrorsByCode.level() > self.level {
+            return;
+        }
+        let count = self.errors.entry(Arc::from(code)).or_default();
+        count.total.add(1.0);
+        if let Some(shard) = shard.filter(|_| self.granularity == MetricsGranularity::Shard) {
+            count
+                .per_shard
+                .entry(Arc::clone(shard))
+                .or_default()
+                .add(1.0);
+        }
+    }
+
+    /// The snapshot, with the gauges and put-side counters the recorder does not hold.
+    pub fn snapshot(&self, stream: &str, gauges: &[(MetricName, Statistics)]) -> MetricsSnapshot {
+        let mut out = MetricsSnapshot::default();
+        if self.level == MetricsLevel::None {
+            return out;
+        }
+        let stream_dims = || vec![("StreamName", stream.to_owned())];
+        let shard_dims = |shard: &str| {
+            vec![
+                ("StreamName", stream.to_owned()),
+                ("ShardId", shard.to_owned()),
+            ]
+        };
+        let mut push = |name: MetricName, dimensions, statistics: Statistics| {
+            if statistics.count > 0 && name.level() <= self.level {
+                out.metrics.push(Metric {
+                    name,
+                    dimensions,
+                    statistics,
+                });
+            }
+        };
+        let mut global = self.global;
+        for (name, statistics) in gauges {
+            global[name.index()] = *statistics;
+        }
+        // One producer writes one stream: its stream-level figures are the global ones.
+        for name in ALL_METRICS {
+            if name == MetricName::ErrorsByCode {
+                continue;
+            }
+            push(name, Vec::new(), global[name.index()]);
+            if self.granularity >= MetricsGranularity::Stream {
+                push(name, stream_dims(), global[name.index()]);
+            }
+        }
+        let mut shards: Vec<_> = self.shards.iter().collect();
+        shards.sort_by(|a, b| a.0.cmp(b.0));
+        for (shard, row) in shards {
+            for name in ALL_METRICS {
+                push(name, shard_dims(shard), row[name.index()]);
+            }
+        }
+        let mut codes: Vec<_> = self.errors.iter().collect();
+        codes.sort_by(|a, b| a.0.cmp(b.0));
+        for (code, count) in codes {
+            let with_code = |mut dims: Vec<(&'static str, String)>| {
+                dims.push(("ErrorCode", code.to_string()));
+                dims
+            };
+            push(MetricName::ErrorsByCode, with_code(Vec::new()), count.total);
+            if self.granularity >= MetricsGranularity::Stream {
+                push(
+                    MetricName::ErrorsByCode,
+                    with_code(stream_dims()),
+                    count.total,
+                );
+            }
+            let mut per_shard: Vec<_> = count.per_shard.iter().collect();
+            per_shard.sort_by(|a, b| a.0.cmp(b.0));
+            for (shard, statistics) in per_shard {
+                push(
+                    MetricName::ErrorsByCode,
+                    with_code(shard_dims(shard)),
+                    *statistics,
+                );
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(id: &str) -> Arc<str> {
+        Arc::from(id)
+    }
+
+    #[test]
+    fn samples_roll_up_from_shard_to_stream_to_global() {
+        let mut recorder = Recorder::new(MetricsLevel::Detailed, MetricsGranularity::Shard);
+        let (a, b) = (shard("shardId-a"), shard("shardId-b"));
+        recorder.record(
+            MetricName::UserRecordsPut,
+            Statistics::repeated(1.0, 3),
+            Some(&a),
+        );
+        recorder.add(MetricName::UserRecordsPut, 0.0, Some(&b));
+        recorder.add(MetricName::RequestTime, 12.5, None);
+        recorder.error("ProvisionedThroughputExceededException", Some(&a));
+        recorder.error("ServiceUnavailable", None);
+        let snapshot = recorder.snapshot("s", &[]);
+
+        let put = snapshot.global(MetricName::UserRecordsPut);
+        assert_eq!((put.count, put.sum, put.min, put.max), (4, 3.0, 0.0, 1.0));
+        assert_eq!(
+            snapshot.shard(MetricName::UserRecordsPut, "shardId-a").sum,
+            3.0
+        );
+        assert_eq!(
+            snapshot
+                .shard(MetricName::UserRecordsPut, "shardId-b")
+                .count,
+            1
+        );
+        assert_eq!(snapshot.global(MetricName::RequestTime).average(), 12.5);
+        assert_eq!(snapshot.global(MetricName::AllErrors).sum, 2.0);
+        assert_eq!(snapshot.global(MetricName::ErrorsByCode).sum, 2.0);
+        assert_eq!(snapshot.errors("ServiceUnavailable").sum, 1.0);
+        assert_eq!(
+            snapshot.shard(MetricName::ErrorsByCode, "shardId-a").sum,
+            1.0
+        );
+        let stream_level = snapshot
+            .metrics
+            .iter()
+            .filter(|m| m.name == MetricName::UserRecordsPut)
+            .filter(|m| m.dimensions == vec![("StreamName", "s".to_owned())])
+            .count();
+        assert_eq!(stream_level, 1);
+    }
+
+    #[test]
+    fn level_and_granularity_filter_what_is_kept() {
+        let mut summary = Recorder::new(MetricsLevel::Summary, MetricsGranularity::Global);
+        let a = shard("shardId-a");
+        summary.add(MetricName::UserRecordsPut, 1.0, Some(&a));
+        summary.add(MetricName::RequestTime, 5.0, None); // detailed: dropped
+        let snapshot = summary.snapshot(
+            "s",
+            &[(MetricName::UserRecordsPending, Statistics::repeated(7.0, 1))],
+        );
+        assert_eq!(snapshot.global(MetricName::RequestTime).count, 0);
+        assert_eq!(snapshot.global(MetricName::UserRecordsPending).count, 0);
+        assert_eq!(snapshot.global(MetricName::UserRecordsPut).sum, 1.0);
+        assert!(snapshot.metrics.iter().all(|m| m.dimensions.is_empty()));
+
+        let mut none = Recorder::new(MetricsLevel::None, MetricsGranularity::Shard);
+        none.add(MetricName::UserRecordsPut, 1.0, Some(&a));
+        assert!(none.snapshot("s", &[]).metrics.is_empty());
+    }
+
+    #[test]
+    fn names_units_and_levels_match_the_kpl() {
+        assert_eq!(MetricName::UserRecordsDataPut.unit(), Unit::Bytes);
+        assert_eq!(MetricName::BufferingTime.unit(), Unit::Milliseconds);
+        assert_eq!(MetricName::RetriesPerRecord.unit(), Unit::Count);
+        assert_eq!(MetricName::BufferingTime.level(), MetricsLevel::Summary);
+        assert_eq!(MetricName::RequestTime.level(), MetricsLevel::Detailed);
+        assert_eq!(
+            MetricName::UserRecordsPerKinesisRecord.level(),
+            MetricsLevel::Detailed
+        );
+        for (i, name) in ALL_METRICS.iter().enumerate() {
+            assert_eq!(name.index(), i, "{}", name.as_str());
+        }
+    }
+}
