@@ -299,6 +299,11 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
     if old.map == map {
         return;
     }
+    tracing::info!(
+        shards_before = old.map.len(),
+        shards_after = map.len(),
+        "shard map changed; re-routing buffered records"
+    );
     let new = Arc::new(Routing::new(
         old.generation + 1,
         map,

@@ -271,6 +271,7 @@ impl Shared {
     /// `deadline`. Safe to call more than once: the earliest deadline wins.
     fn begin_stop(&self, deadline: Instant) {
         if !self.stop_begun.swap(true, Ordering::SeqCst) {
+            tracing::info!(stream = %self.stream, "producer stopping");
             self.closed.store(true, Ordering::SeqCst);
             self.backlog.close();
             aggregator::flush_all(self);
@@ -284,6 +285,13 @@ impl Shared {
         failures.take();
         // Under the same lock as `notify_failures`, so no subscriber slips in after the end.
         self.done.send_replace(true);
+        let stats = self.stats.snapshot();
+        tracing::info!(
+            stream = %self.stream,
+            put = stats.user_records_put,
+            failed = stats.user_records_failed,
+            "producer stopped"
+        );
     }
 }
 

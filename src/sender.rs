@@ -22,6 +22,7 @@ use aws_sdk_kinesis::operation::put_records::PutRecordsOutput;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 use crate::aggregator::{self, Outgoing};
 use crate::backlog::lock;
@@ -577,6 +578,12 @@ impl Sender {
             record_sent(&mut lock(&self.shared.metrics), &batch, started);
         }
         add(&self.shared.stats.requests, 1);
+        let span = tracing::debug_span!(
+            "put_records",
+            kinesis_records = batch.len(),
+            user_records = batch.iter().map(|o| o.records.len()).sum::<usize>(),
+            attempt = batch.iter().map(|o| o.attempts).max().unwrap_or(1),
+        );
         let results = self.results_tx.clone();
         let mut cancelled = self.cancel.subscribe();
         let mut in_flight = InFlight {
@@ -608,7 +615,7 @@ impl Sender {
                 // The sender is gone: the guard reports these records as it drops.
                 in_flight.batch.extend(completed.batch);
             }
-        });
+        }.instrument(span));
     }
 
     fn complete(&mut self, completed: Completed) {
@@ -636,6 +643,11 @@ impl Sender {
         }
         match outcome {
             Outcome::Answered(output) if output.records().len() == batch.len() => {
+                tracing::trace!(
+                    kinesis_records = batch.len(),
+                    failed = output.failed_record_count().unwrap_or(0),
+                    "PutRecords answered"
+                );
                 let mut stale_map = false;
                 for (mut outgoing, result) in batch.into_iter().zip(output.records()) {
                     match result.error_code() {

@@ -189,3 +189,251 @@ async fn an_unknown_stream_is_a_clear_error() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("ResourceNotFound"), "{stderr}");
 }
+
+async fn run_cli(endpoint: &str, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kinesis-producer"));
+    command
+        .args(args)
+        .args(["--endpoint-url", endpoint, "--region", "us-east-1"]);
+    run(command, Vec::new()).await
+}
+
+/// The JSON lines `tail` printed.
+fn tail_lines(output: &Output) -> Vec<serde_json::Value> {
+    assert!(output.status.success(), "{}", stderr_of(output));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+fn data_of(line: &serde_json::Value) -> Vec<u8> {
+    let data = line["data"].as_str().unwrap();
+    match line["data_encoding"].as_str().unwrap() {
+        "utf8" => data.as_bytes().to_vec(),
+        _ => base64::Engine::decode(&base64::engine::general_purpose::STANDARD, data).unwrap(),
+    }
+}
+
+/// `put` input lines: text and binary records over 40 keys, numbered per key.
+fn jsonl_batch(phase: usize, count: usize) -> (String, Vec<(String, Vec<u8>)>) {
+    let mut input = String::new();
+    let mut sent = Vec::new();
+    for i in 0..count {
+        let key = format!("key-{}", i % 40);
+        let mut data = format!("{phase}:{i}:").into_bytes();
+        if i % 3 == 0 {
+            data.extend_from_slice(&[0xff, 0x00, 0xfe, (i % 256) as u8]); // not UTF-8
+        }
+        let encoded = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &data);
+        input.push_str(&format!(
+            "{{\"partition_key\":\"{key}\",\"data_base64\":\"{encoded}\"}}\n"
+        ));
+        sent.push((key, data));
+    }
+    (input, sent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_round_trips_what_put_wrote_across_a_reshard_including_binary_data() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("cli-tail", 2).await;
+    let put_args = ["--stream-name", "cli-tail", "--input", "jsonl"];
+    let (input, mut sent) = jsonl_batch(0, 400);
+    let output = run_put(&kinesis.endpoint, &put_args, input.into_bytes()).await;
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    // Split the first shard in two: its keys continue in its children.
+    let parent = kinesis.open_shards("cli-tail").await[0].clone();
+    kinesis
+        .client
+        .split_shard()
+        .stream_name("cli-tail")
+        .shard_to_split(&parent.0)
+        .new_starting_hash_key((parent.1 / 2 + parent.2 / 2).to_string())
+        .send()
+        .await
+        .expect("SplitShard");
+    kinesis.wait_active("cli-tail").await;
+    let (input, more) = jsonl_batch(1, 400);
+    sent.extend(more);
+    let output = run_put(&kinesis.endpoint, &put_args, input.into_bytes()).await;
+    assert!(output.status.success(), "{}", stderr_of(&output));
+
+    let lines = tail_lines(
+        &run_cli(
+            &kinesis.endpoint,
+            &["tail", "--stream-name", "cli-tail", "--no-follow"],
+        )
+        .await,
+    );
+    let mut read: Vec<(String, Vec<u8>)> = lines
+        .iter()
+        .map(|l| (l["partition_key"].as_str().unwrap().to_owned(), data_of(l)))
+        .collect();
+    // Parents are read before their children: each key's records come out in put order.
+    let mut last: std::collections::HashMap<String, (usize, usize)> = Default::default();
+    for (key, data) in &read {
+        let text = String::from_utf8_lossy(data);
+        let mut parts = text.split(':');
+        let phase: usize = parts.next().unwrap().parse().unwrap();
+        let i: usize = parts.next().unwrap().parse().unwrap();
+        if let Some(previous) = last.insert(key.clone(), (phase, i)) {
+            assert!(
+                (phase, i) > previous,
+                "{key}: {phase}:{i} after {previous:?}"
+            );
+        }
+    }
+    let shards: std::collections::HashSet<&str> = lines
+        .iter()
+        .map(|l| l["shard_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        shards.len(),
+        4,
+        "the parent, its two children and the other shard"
+    );
+    assert!(lines
+        .iter()
+        .all(|l| l["sequence_number"].is_string() && l["sub_sequence_number"].is_u64()));
+    assert!(lines.iter().any(|l| l["data_encoding"] == "base64"));
+    assert!(lines.iter().any(|l| l["aggregated"] == true));
+    read.sort();
+    sent.sort();
+    assert_eq!(read, sent, "every record, once, byte for byte");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_new_records_until_its_limit() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("cli-follow", 2).await;
+    let endpoint = kinesis.endpoint.clone();
+    let tail = tokio::spawn(async move {
+        run_cli(
+            &endpoint,
+            &[
+                "tail",
+                "--stream-name",
+                "cli-follow",
+                "--limit",
+                "300",
+                "--poll-interval-ms",
+                "100",
+            ],
+        )
+        .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let input: String = (0..300).map(|i| format!("followed {i}\n")).collect();
+    let output = run_put(
+        &kinesis.endpoint,
+        &["--stream-name", "cli-follow"],
+        input.into_bytes(),
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let output = tokio::time::timeout(std::time::Duration::from_secs(60), tail)
+        .await
+        .expect("tail stops at its limit")
+        .unwrap();
+    let lines = tail_lines(&output);
+    assert_eq!(lines.len(), 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_reads_one_shard_from_a_sequence_number_and_refuses_bad_positions() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("cli-at", 2).await;
+    let input: String = (0..200).map(|i| format!("at {i}\n")).collect();
+    let output = run_put(
+        &kinesis.endpoint,
+        &["--stream-name", "cli-at", "--no-aggregation"],
+        input.into_bytes(),
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let raw = kinesis.read_raw("cli-at").await;
+    let shard = raw[0].shard_id.clone();
+    let in_shard: Vec<_> = raw.iter().filter(|r| r.shard_id == shard).collect();
+    let from = &in_shard[5];
+    let lines = tail_lines(
+        &run_cli(
+            &kinesis.endpoint,
+            &[
+                "tail",
+                "--stream-name",
+                "cli-at",
+                "--shard",
+                &shard,
+                "--from",
+                "at-sequence",
+                &from.sequence_number,
+                "--no-follow",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(lines.len(), in_shard.len() - 5);
+    assert_eq!(lines[0]["sequence_number"], from.sequence_number.as_str());
+    assert!(lines.iter().all(|l| l["shard_id"] == shard.as_str()));
+
+    for (args, expected) in [
+        (vec!["--from", "at-sequence", "1"], "needs --shard"),
+        (vec!["--from", "yesterday"], "expected trim-horizon"),
+        (vec!["--from", "at-timestamp", "noon"], "RFC 3339"),
+        (vec!["--shard", "shardId-999"], "no shard shardId-999"),
+    ] {
+        let mut all = vec!["tail", "--stream-name", "cli-at", "--no-follow"];
+        all.extend(args);
+        let output = run_cli(&kinesis.endpoint, &all).await;
+        assert_eq!(output.status.code(), Some(2));
+        assert!(
+            stderr_of(&output).contains(expected),
+            "{}",
+            stderr_of(&output)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_shows_progress_only_on_a_terminal_and_prints_metrics_on_request() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("cli-progress", 1).await;
+    // Not a terminal (a pipe): no progress line, and the metrics as JSON on stdout.
+    let input: String = (0..1_000).map(|i| format!("line {i}\n")).collect();
+    let output = run_put(
+        &kinesis.endpoint,
+        &["--stream-name", "cli-progress", "--metrics"],
+        input.clone().into_bytes(),
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert!(!stderr_of(&output).contains("records/s"));
+    let metrics: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let put = metrics["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "UserRecordsPut" && m["dimensions"].as_object().unwrap().is_empty())
+        .expect("UserRecordsPut");
+    assert_eq!(put["sum"], 1_000.0);
+    assert_eq!(put["unit"], "Count");
+
+    // A terminal: `script` runs the command under a pseudo-terminal.
+    let file = std::env::temp_dir().join(format!("kp-progress-{}.txt", std::process::id()));
+    std::fs::write(&file, &input).unwrap();
+    let command_line = format!(
+        "{} put --stream-name cli-progress --endpoint-url {} --region us-east-1 < {}",
+        env!("CARGO_BIN_EXE_kinesis-producer"),
+        kinesis.endpoint,
+        file.display()
+    );
+    let mut command = Command::new("script");
+    command.args(["-qec", &command_line, "/dev/null"]);
+    let output = run(command, Vec::new()).await;
+    let _ = std::fs::remove_file(&file);
+    let screen = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{screen}");
+    assert!(screen.contains("records/s"), "{screen}");
+    assert!(screen.contains("records=1000 "), "{screen}");
+}

@@ -1,50 +1,20 @@
 //! `kinesis-producer put`: ships stdin to a Kinesis stream through the producer, one record per
 //! line.
 
-use std::io::{BufRead, Write};
-use std::process::ExitCode;
+use std::io::{BufRead, IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
-use kinesis_producer::{Producer, UserRecord};
+use clap::ValueEnum;
+use kinesis_producer::{MetricsSnapshot, Producer, UserRecord};
 
-#[derive(Parser)]
-#[command(
-    name = "kinesis-producer",
-    version,
-    about = "A KPL-compatible Kinesis producer"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Reads stdin, one record per line, and puts every line into the stream.
-    Put(PutArgs),
-}
+use crate::{report, StreamArgs};
 
 #[derive(clap::Args)]
-struct PutArgs {
-    /// Name of the stream.
-    #[arg(
-        long,
-        required_unless_present = "stream_arn",
-        conflicts_with = "stream_arn"
-    )]
-    stream_name: Option<String>,
-    /// ARN of the stream.
-    #[arg(long)]
-    stream_arn: Option<String>,
-    /// AWS region (default: from the environment or profile).
-    #[arg(long)]
-    region: Option<String>,
-    /// Endpoint to send requests to (default: AWS_ENDPOINT_URL, else the region's endpoint).
-    #[arg(long)]
-    endpoint_url: Option<String>,
+pub struct PutArgs {
+    #[command(flatten)]
+    stream: StreamArgs,
     /// How to read each line.
     #[arg(long, value_enum, default_value_t = Input::Lines)]
     input: Input,
@@ -63,6 +33,9 @@ struct PutArgs {
     /// Largest record (data + partition key) in bytes.
     #[arg(long)]
     max_record_size: Option<usize>,
+    /// Prints the producer's metrics (the KPL's names) as one JSON object on stdout at the end.
+    #[arg(long)]
+    metrics: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -80,11 +53,6 @@ struct InputTally {
     lines: AtomicU64,
     malformed: AtomicU64,
     refused: AtomicU64,
-}
-
-fn report(value: serde_json::Value) {
-    let mut stderr = std::io::stderr().lock();
-    let _ = writeln!(stderr, "{value}");
 }
 
 /// Reads stdin on this (plain) thread and puts each record, blocking while the backlog is full.
@@ -136,19 +104,13 @@ fn read_input(producer: &Producer, args: &PutArgs, tally: &InputTally) -> std::i
     }
 }
 
-async fn put(args: PutArgs) -> Result<bool, String> {
-    let mut builder = Producer::builder();
-    builder = match (&args.stream_name, &args.stream_arn) {
+pub async fn run(args: PutArgs) -> Result<bool, String> {
+    let mut builder = Producer::builder().client(args.stream.client().await);
+    builder = match (&args.stream.stream_name, &args.stream.stream_arn) {
         (Some(name), _) => builder.stream_name(name),
         (None, Some(arn)) => builder.stream_arn(arn),
         (None, None) => return Err("give --stream-name or --stream-arn".into()),
     };
-    if let Some(region) = &args.region {
-        builder = builder.region(region);
-    }
-    if let Some(url) = &args.endpoint_url {
-        builder = builder.endpoint_url(url);
-    }
     if let Some(n) = args.max_in_flight {
         builder = builder.max_in_flight(n);
     }
@@ -184,6 +146,10 @@ async fn put(args: PutArgs) -> Result<bool, String> {
             }
         })
     };
+    let print_metrics = args.metrics;
+    let progress = std::io::stderr()
+        .is_terminal()
+        .then(|| tokio::spawn(show_progress(producer.clone(), started)));
     let tally = Arc::new(InputTally::default());
     let reader = {
         let (producer, tally) = (producer.clone(), Arc::clone(&tally));
@@ -194,6 +160,13 @@ async fn put(args: PutArgs) -> Result<bool, String> {
         .map_err(|e| e.to_string())?;
     producer.stop().await;
     let _ = printer.await;
+    if let Some(progress) = progress {
+        progress.abort();
+        eprintln!();
+    }
+    if print_metrics {
+        println!("{}", metrics_json(&producer.metrics()));
+    }
 
     let stats = producer.stats();
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -221,18 +194,49 @@ async fn put(args: PutArgs) -> Result<bool, String> {
         && stats.user_records_put == get(&tally.lines))
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let outcome = match cli.command {
-        Command::Put(args) => put(args).await,
-    };
-    match outcome {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(message) => {
-            eprintln!("kinesis-producer: {message}");
-            ExitCode::from(2)
-        }
+/// Rewrites one status line on the terminal four times a second: records acknowledged, their
+/// rate, and what is still pending.
+async fn show_progress(producer: Producer, started: Instant) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let stats = producer.stats();
+        let seconds = started.elapsed().as_secs_f64().max(1e-3);
+        let mut stderr = std::io::stderr().lock();
+        let _ = write!(
+            stderr,
+            "\r{} records put, {:.0} records/s, {} pending, {} failed\x1b[K",
+            stats.user_records_put,
+            stats.user_records_put as f64 / seconds,
+            stats.user_records_pending,
+            stats.user_records_failed
+        );
+        let _ = stderr.flush();
     }
+}
+
+/// The metrics snapshot as one JSON object: `{"metrics": [{name, unit, dimensions, count, sum,
+/// min, max}, …]}`.
+pub fn metrics_json(snapshot: &MetricsSnapshot) -> serde_json::Value {
+    let metrics: Vec<_> = snapshot
+        .metrics
+        .iter()
+        .map(|m| {
+            let dimensions: serde_json::Map<_, _> = m
+                .dimensions
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), value.clone().into()))
+                .collect();
+            serde_json::json!({
+                "name": m.name.as_str(),
+                "unit": m.name.unit().as_str(),
+                "dimensions": dimensions,
+                "count": m.statistics.count,
+                "sum": m.statistics.sum,
+                "min": m.statistics.min,
+                "max": m.statistics.max,
+            })
+        })
+        .collect();
+    serde_json::json!({ "metrics": metrics })
 }
