@@ -14,7 +14,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use kinesis_producer::record::{parse_explicit_hash_key, partition_key_hash};
-use kinesis_producer::{Producer, ProducerBuilder, ShardMap};
+use kinesis_producer::{MetricsLevel, Producer, ProducerBuilder, ShardMap, UserRecord};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -112,6 +112,18 @@ struct Case {
     records: usize,
     label: &'static str,
     tune: fn(ProducerBuilder) -> ProducerBuilder,
+    put: Put,
+}
+
+/// How the case puts its records.
+#[derive(Clone, Copy, PartialEq)]
+enum Put {
+    /// `put_data`: keys from the default partitioner (random UUIDs).
+    Data,
+    /// `put_record` with keys made here.
+    Record,
+    /// `put_with_receipt` with the same keys, each receipt dropped unread.
+    Receipt,
 }
 
 async fn run(case: &Case) -> f64 {
@@ -134,8 +146,13 @@ async fn run(case: &Case) -> f64 {
     let data = vec![b'x'; case.size];
     let cpu_before = process_cpu_seconds();
     let started = Instant::now();
-    for _ in 0..case.records {
-        producer.put_data(data.clone()).await.unwrap();
+    for i in 0..case.records {
+        let keyed = || UserRecord::new(data.clone(), format!("{:032x}", i * 7919));
+        match case.put {
+            Put::Data => producer.put_data(data.clone()).await.unwrap(),
+            Put::Record => producer.put_record(keyed()).await.unwrap(),
+            Put::Receipt => drop(producer.put_with_receipt(keyed()).await.unwrap()),
+        }
     }
     producer.stop().await;
     let secs = started.elapsed().as_secs_f64();
@@ -209,6 +226,7 @@ fn main() {
                     records: records / scale,
                     label,
                     tune,
+                    put: Put::Data,
                 });
             }
         }
@@ -222,31 +240,43 @@ fn main() {
             b.rate_limit(0)
                 .record_max_buffered_time(std::time::Duration::from_secs(1))
         },
+        put: Put::Data,
     });
     // A/B at 64 shards, each case three times, interleaved: wall figures vary by ±15% from
     // run to run on this machine, CPU per record much less.
+    // The baseline ("limiter off") keeps the default metrics (detailed, per shard).
+    type Tune = fn(ProducerBuilder) -> ProducerBuilder;
+    let ab: [(&str, Tune, Put); 6] = [
+        ("A/B: limiter off", off, Put::Data),
+        (
+            "A/B: limiter on, not binding",
+            |b| b.rate_limit(10_000),
+            Put::Data,
+        ),
+        (
+            "A/B: order mode, limiter off",
+            |b| b.rate_limit(0).preserve_order(true),
+            Put::Data,
+        ),
+        (
+            "A/B: metrics none, limiter off",
+            |b| b.rate_limit(0).metrics_level(MetricsLevel::None),
+            Put::Data,
+        ),
+        ("A/B: put_record, limiter off", off, Put::Record),
+        ("A/B: put_with_receipt, limiter off", off, Put::Receipt),
+    ];
     for _ in 0..3 {
-        cases.push(Case {
-            shards: 64,
-            size: 100,
-            records: 1_000_000 / scale,
-            label: "A/B: limiter off",
-            tune: off,
-        });
-        cases.push(Case {
-            shards: 64,
-            size: 100,
-            records: 1_000_000 / scale,
-            label: "A/B: limiter on, not binding",
-            tune: |b| b.rate_limit(10_000),
-        });
-        cases.push(Case {
-            shards: 64,
-            size: 100,
-            records: 1_000_000 / scale,
-            label: "A/B: order mode, limiter off",
-            tune: |b| b.rate_limit(0).preserve_order(true),
-        });
+        for (label, tune, put) in ab {
+            cases.push(Case {
+                shards: 64,
+                size: 100,
+                records: 1_000_000 / scale,
+                label,
+                tune,
+                put,
+            });
+        }
     }
     // BENCH_FILTER=text runs only the cases whose label contains it; BENCH_SHARDS=n only
     // those with n shards.

@@ -49,7 +49,7 @@ pub(crate) struct Outgoing {
     /// here.
     pub last_attempt_end: Option<Instant>,
     /// Set when Kinesis acknowledged it: the shard it was written to and its sequence number.
-    pub landed: Option<(Arc<str>, String)>,
+    pub landed: Option<(Arc<str>, Arc<str>)>,
 }
 
 impl Outgoing {

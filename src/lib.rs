@@ -35,7 +35,10 @@
 //!    `limiter`, collects them into PutRecords requests, sends up to `max_in_flight` at once,
 //!    retries failed entries per the `retry` policy, and ends each record: acknowledged, or
 //!    reported on the [`FailureStream`].
-//! 5. `producer`: the [`Producer`] handle ties it together, with `flush` and `stop`.
+//! 5. `producer`: the [`Producer`] handle ties it together, with `flush` and `stop`;
+//!    `receipt` gives one record's outcome to a caller who asks ([`Producer::put_with_receipt`]).
+//! 6. [`metrics`]: the KPL's metrics, recorded by the sender as requests go out and come back,
+//!    read with [`Producer::metrics`].
 //!
 //! Every record handed to the producer ends in exactly one of two ways: acknowledged by
 //! Kinesis, or reported failed with its data and reason. Delivery is at least once.

@@ -202,6 +202,27 @@ impl Statistics {
         }
     }
 
+    /// Samples given as integers (bytes, nanoseconds), each multiplied by `scale`: integer
+    /// arithmetic per sample, floating point once.
+    pub(crate) fn of_integers(values: impl Iterator<Item = u64>, scale: f64) -> Self {
+        let (mut count, mut sum, mut min, mut max) = (0u64, 0u64, u64::MAX, 0u64);
+        for value in values {
+            count += 1;
+            sum = sum.saturating_add(value);
+            min = min.min(value);
+            max = max.max(value);
+        }
+        if count == 0 {
+            return Statistics::default();
+        }
+        Statistics {
+            count,
+            sum: sum as f64 * scale,
+            min: min as f64 * scale,
+            max: max as f64 * scale,
+        }
+    }
+
     /// Adds one sample.
     pub(crate) fn add(&mut self, value: f64) {
         self.merge(&Statistics::repeated(value, 1));
@@ -493,6 +514,13 @@ mod tests {
             .filter(|m| m.dimensions == vec![("StreamName", "s".to_owned())])
             .count();
         assert_eq!(stream_level, 1);
+    }
+
+    #[test]
+    fn integer_samples_scale_once() {
+        let s = Statistics::of_integers([3_000_000u64, 1_000_000, 2_000_000].into_iter(), 1e-6);
+        assert_eq!((s.count, s.sum, s.min, s.max), (3, 6.0, 1.0, 3.0));
+        assert_eq!(Statistics::of_integers(std::iter::empty(), 1.0).count, 0);
     }
 
     #[test]

@@ -111,10 +111,8 @@ impl Shared {
         let landed = outgoing.landed.take();
         if self.metrics_on {
             let shard = landed.as_ref().map(|(shard, _)| shard);
-            let mut data = Statistics::default();
-            for record in &outgoing.records {
-                data.add(record.data().len() as f64);
-            }
+            let sizes = outgoing.records.iter().map(|r| r.data().len() as u64);
+            let data = Statistics::of_integers(sizes, 1.0);
             let mut metrics = lock(&self.metrics);
             self.record_ends(&mut metrics, &outgoing, 1.0, shard);
             metrics.record(MetricName::UserRecordsDataPut, data, shard);
@@ -122,10 +120,10 @@ impl Shared {
         if let Some((shard_id, sequence_number)) = landed {
             let aggregated = outgoing.entry.aggregated;
             for (position, meta) in outgoing.metas.iter_mut().enumerate() {
-                if let Some(receipt) = meta.receipt.take() {
+                if let Some(receipt) = meta.receipt.take().filter(|r| !r.is_dropped()) {
                     receipt.send(Ok(Delivered {
                         shard_id: Arc::clone(&shard_id),
-                        sequence_number: sequence_number.clone(),
+                        sequence_number: Arc::clone(&sequence_number),
                         sub_sequence_number: if aggregated { position as u64 } else { 0 },
                         aggregated,
                         attempts: outgoing.attempts,
@@ -186,6 +184,7 @@ impl Shared {
             let receipt_read = meta
                 .receipt
                 .take()
+                .filter(|receipt| !receipt.is_dropped())
                 .is_some_and(|receipt| receipt.send(Err(failed.clone())));
             let stream_read = subscriber
                 .as_ref()
@@ -422,7 +421,7 @@ impl Producer {
             Ok(meta) => meta,
             Err(refusal) => return Err(PutError::new(record, refusal)),
         };
-        let (tx, receipt) = Receipt::new(&record);
+        let (tx, receipt) = Receipt::new();
         meta.receipt = Some(tx);
         match self.shared().backlog.acquire(meta.backlog_bytes).await {
             Ok(()) => self.place(record, meta).map(|()| receipt),

@@ -10,7 +10,9 @@ use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
 
-use crate::error::{DeliveryError, FailedRecord};
+use bytes::Bytes;
+
+use crate::error::{DeliveryError, FailedRecord, FailureKind};
 use crate::record::UserRecord;
 
 /// Where an acknowledged record was written.
@@ -18,8 +20,9 @@ use crate::record::UserRecord;
 pub struct Delivered {
     /// The shard Kinesis wrote the record to (from the PutRecords result).
     pub shard_id: Arc<str>,
-    /// The sequence number of the Kinesis record that carries it.
-    pub sequence_number: String,
+    /// The sequence number of the Kinesis record that carries it (shared by the records of
+    /// one aggregate).
+    pub sequence_number: Arc<str>,
     /// Its position inside that Kinesis record: the sub-sequence number consumers (the KCL,
     /// `deaggregate`) report for it. 0 for a record sent on its own.
     pub sub_sequence_number: u64,
@@ -40,6 +43,11 @@ impl ReceiptTx {
     pub fn send(self, outcome: Outcome) -> bool {
         self.0.send(outcome).is_ok()
     }
+
+    /// The receipt was dropped: nobody will read an outcome, so none needs to be built.
+    pub fn is_dropped(&self) -> bool {
+        self.0.is_closed()
+    }
 }
 
 /// The outcome of one record, as a future: `Ok` with where it was written, or `Err` with the
@@ -50,19 +58,12 @@ impl ReceiptTx {
 #[derive(Debug)]
 pub struct Receipt {
     rx: oneshot::Receiver<Outcome>,
-    /// Kept to report the record if the producer ever ended it without an outcome, which no
-    /// path does: every record is acknowledged or failed, and the failure carries the record.
-    record: Option<UserRecord>,
 }
 
 impl Receipt {
-    pub(crate) fn new(record: &UserRecord) -> (ReceiptTx, Receipt) {
+    pub(crate) fn new() -> (ReceiptTx, Receipt) {
         let (tx, rx) = oneshot::channel();
-        let receipt = Receipt {
-            rx,
-            record: Some(record.clone()),
-        };
-        (ReceiptTx(tx), receipt)
+        (ReceiptTx(tx), Receipt { rx })
     }
 }
 
@@ -73,14 +74,16 @@ impl Future for Receipt {
         match Pin::new(&mut self.rx).poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(outcome)) => Poll::Ready(outcome),
+            // Unreachable: every record ends acknowledged or failed, and both send here (the
+            // sender's and the request tasks' drop guards fail what they hold). Should a bug
+            // ever drop one silently, say so rather than hang; the record is not at hand.
             Poll::Ready(Err(_)) => Poll::Ready(Err(FailedRecord {
-                record: self
-                    .record
-                    .take()
-                    .unwrap_or_else(|| UserRecord::new("", "")),
-                error: DeliveryError::stopped(
-                    "the producer ended without an outcome for this record",
-                ),
+                record: UserRecord::new(Bytes::new(), String::new()),
+                error: DeliveryError {
+                    code: "Lost".into(),
+                    message: "the producer ended without an outcome for this record (a bug)".into(),
+                    kind: FailureKind::Stopped,
+                },
                 attempts: 0,
                 shard_id: None,
             })),

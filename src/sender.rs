@@ -655,7 +655,7 @@ impl Sender {
                             let actual = result.shard_id().unwrap_or_default();
                             outgoing.landed = Some((
                                 Arc::from(actual),
-                                result.sequence_number().unwrap_or_default().to_owned(),
+                                Arc::from(result.sequence_number().unwrap_or_default()),
                             ));
                             let misplaced = outgoing
                                 .shard_id
@@ -1002,11 +1002,11 @@ async fn put_records(
 fn record_sent(metrics: &mut Recorder, batch: &[Outgoing], now: Instant) {
     let mut user_records = 0;
     for outgoing in batch {
-        let mut buffering = Statistics::default();
-        for meta in &outgoing.metas {
+        let waited = outgoing.metas.iter().map(|meta| {
             let since = outgoing.last_attempt_end.unwrap_or(meta.put_at);
-            buffering.add(millis(now.saturating_duration_since(since)));
-        }
+            now.saturating_duration_since(since).as_nanos() as u64
+        });
+        let buffering = Statistics::of_integers(waited, 1e-6);
         let shard = outgoing.shard_id.as_ref();
         metrics.record(MetricName::BufferingTime, buffering, shard);
         let n = outgoing.records.len();

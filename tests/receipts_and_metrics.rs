@@ -68,7 +68,7 @@ async fn receipts_report_the_shard_and_sequence_number_a_reader_sees() {
         assert!(delivered.attempts >= 1);
         let at = (
             delivered.shard_id.to_string(),
-            delivered.sequence_number.clone(),
+            delivered.sequence_number.to_string(),
             delivered.sub_sequence_number,
         );
         let (data, aggregated) = seen.get(&at).expect("the receipt points at a record");
