@@ -3,10 +3,11 @@
 //! bytes, filled at `rate_limit` percent of those limits, so a hot shard backs off locally
 //! instead of burning requests on throttling errors.
 //!
-//! The allowance adapts: a throttled entry halves the shard's allowance (multiplicative
-//! decrease, down to 10% of the shard limit); each acknowledged entry gives back 1% of the limit
-//! (additive increase, up to `rate_limit`). Buckets hold one second's worth, so an idle shard
-//! can send a burst.
+//! The allowance adapts: throttling halves the shard's allowance (multiplicative decrease, down
+//! to 10% of the shard limit), at most once per second, the window Kinesis measures in, so that
+//! several entries throttled by one overload count once; each acknowledged entry gives back 1% of
+//! the limit (additive increase, up to `rate_limit`). Buckets hold one second's worth, so an idle
+//! shard can send a burst.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,8 @@ const SHARD_BYTES_PER_SECOND: f64 = 1_048_576.0;
 const FLOOR: f64 = 0.1;
 /// What one acknowledged entry gives back.
 const STEP: f64 = 0.01;
+/// Throttling within this long of the last decrease is the same overload.
+const DECREASE_WINDOW: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub(crate) struct Limiter {
@@ -27,6 +30,8 @@ pub(crate) struct Limiter {
     records: f64,
     bytes: f64,
     refilled: Instant,
+    /// When the allowance was last halved.
+    decreased: Option<Instant>,
 }
 
 impl Limiter {
@@ -39,6 +44,7 @@ impl Limiter {
             records: ceiling * SHARD_RECORDS_PER_SECOND,
             bytes: ceiling * SHARD_BYTES_PER_SECOND,
             refilled: now,
+            decreased: None,
         }
     }
 
@@ -85,7 +91,14 @@ impl Limiter {
     }
 
     /// Kinesis throttled an entry of this shard.
-    pub fn throttled(&mut self) {
+    pub fn throttled(&mut self, now: Instant) {
+        if self
+            .decreased
+            .is_some_and(|at| now.saturating_duration_since(at) < DECREASE_WINDOW)
+        {
+            return;
+        }
+        self.decreased = Some(now);
         self.allowance = (self.allowance / 2.0).max(FLOOR.min(self.ceiling));
         let (record_cap, byte_cap) = self.capacity();
         self.records = self.records.min(record_cap);
@@ -135,14 +148,18 @@ mod tests {
     }
 
     #[test]
-    fn throttling_halves_the_allowance_and_success_brings_it_back_slowly() {
+    fn throttling_halves_the_allowance_once_per_second_and_success_brings_it_back_slowly() {
         let start = Instant::now();
         let mut limiter = Limiter::new(150, start);
         assert_eq!(limiter.allowance_percent(), 150.0);
-        limiter.throttled();
+        limiter.throttled(start);
         assert_eq!(limiter.allowance_percent(), 75.0);
-        for _ in 0..10 {
-            limiter.throttled();
+        // More entries throttled by the same overload (within a second) count once.
+        limiter.throttled(start + Duration::from_millis(10));
+        limiter.throttled(start + Duration::from_millis(900));
+        assert_eq!(limiter.allowance_percent(), 75.0);
+        for second in 1..=10 {
+            limiter.throttled(start + Duration::from_secs(second));
         }
         assert!((limiter.allowance_percent() - 10.0).abs() < 1e-9, "floor");
         for _ in 0..1_000 {

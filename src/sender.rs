@@ -41,6 +41,9 @@ const PARKED_RELOADS: u32 = 3;
 /// Requests sent before they were full that may be in flight at once (see `should_send`).
 const MAX_PARTIAL_IN_FLIGHT: usize = 2;
 
+/// A lane its limiter holds back waits at least this long before it may send again.
+const LIMITED_LANE_PACE: Duration = Duration::from_millis(50);
+
 /// Runs the sender until `stop` has ended with every record acknowledged or failed.
 pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<Inbound>) {
     let (results_tx, results_rx) = mpsc::unbounded_channel();
@@ -54,7 +57,9 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<In
         unrouted: Arc::from(""),
         pending_count: 0,
         pending_bytes: 0,
-        queued_puts: BTreeMap::new(),
+        blocked_count: 0,
+        blocked_bytes: 0,
+        lane_fronts: BTreeMap::new(),
         parked: Vec::new(),
         isolating: VecDeque::new(),
         deadlines: BinaryHeap::new(),
@@ -86,9 +91,15 @@ struct Sender {
     /// Totals over all lanes.
     pending_count: usize,
     pending_bytes: usize,
-    /// The `put` time of the oldest user record of each queued Kinesis record, as a multiset:
-    /// its first key is when the next request is due (plus `record_max_buffered_time`).
-    queued_puts: BTreeMap<Instant, u32>,
+    /// Of those, what waits in lanes held back until a time (their limiter, or in order mode a
+    /// retry's backoff): a request cannot take them now, so they do not make it "full".
+    blocked_count: usize,
+    blocked_bytes: usize,
+    /// For each lane that may send now (not held back until a time), the `put` time of the
+    /// oldest user record of its front Kinesis record, as a multiset: its first key is when the
+    /// next request is due (plus `record_max_buffered_time`). Records held back by a limiter
+    /// do not make a request due: they could not join it.
+    lane_fronts: BTreeMap<Instant, u32>,
     /// Aggregates written to a shard the map did not predict, waiting for the reloaded map to
     /// tell whether that shard owns all their records.
     parked: Vec<(Outgoing, Arc<str>, u32)>,
@@ -121,10 +132,16 @@ struct Lane {
     outstanding: usize,
     /// Listed in `ready`.
     listed: bool,
+    /// Request bytes of the records queued.
+    bytes: usize,
+    /// Waiting in `waking` until a time: its records count as blocked.
+    waiting: bool,
     /// With `preserve_order`: the record at the front is a retry not to be sent before this.
     not_before: Option<Instant>,
     /// Since when the limiter has held the lane back (for `LimiterWaitTime`).
     limited_since: Option<Instant>,
+    /// What the lane has in `lane_fronts`.
+    front_key: Option<Instant>,
 }
 
 struct Retry {
@@ -279,21 +296,30 @@ impl Sender {
             limiter: (limit > 0 && routed).then(|| Limiter::new(limit, now)),
             outstanding: 0,
             listed: false,
+            bytes: 0,
+            waiting: false,
             not_before: None,
             limited_since: None,
+            front_key: None,
         });
+        let size = outgoing.request_size();
         self.pending_count += 1;
-        self.pending_bytes += outgoing.request_size();
-        *self.queued_puts.entry(outgoing.oldest_put).or_default() += 1;
+        self.pending_bytes += size;
+        lane.bytes += size;
         if front {
             lane.queue.push_front(outgoing);
         } else {
             lane.queue.push_back(outgoing);
         }
-        if !lane.listed {
+        if lane.waiting {
+            // Listed again when its time comes (`wake_lanes`).
+            self.blocked_count += 1;
+            self.blocked_bytes += size;
+        } else if !lane.listed {
             lane.listed = true;
             self.ready.push_back(key);
         }
+        refresh_front(lane, &mut self.lane_fronts);
     }
 
     /// Routes a not-yet-written Kinesis record's user records again, under the current map.
@@ -316,13 +342,15 @@ impl Sender {
             .collect();
         for key in closed {
             if let Some(lane) = self.lanes.remove(&key) {
+                if lane.waiting {
+                    self.blocked_count -= lane.queue.len();
+                    self.blocked_bytes -= lane.bytes;
+                }
+                if let Some(front) = lane.front_key {
+                    multiset_remove(&mut self.lane_fronts, front);
+                }
                 for outgoing in lane.queue {
-                    unqueue(
-                        &mut self.queued_puts,
-                        &mut self.pending_count,
-                        &mut self.pending_bytes,
-                        &outgoing,
-                    );
+                    unqueue(&mut self.pending_count, &mut self.pending_bytes, &outgoing);
                     self.resplit(outgoing);
                 }
             }
@@ -335,7 +363,7 @@ impl Sender {
         let key = self.lane_of(outgoing);
         if let Some(lane) = self.lanes.get_mut(&key) {
             lane.outstanding = lane.outstanding.saturating_sub(1);
-            if lane.outstanding == 0 && !lane.queue.is_empty() && !lane.listed {
+            if lane.outstanding == 0 && !lane.queue.is_empty() && !lane.listed && !lane.waiting {
                 lane.listed = true;
                 self.ready.push_back(key);
             }
@@ -369,6 +397,12 @@ impl Sender {
         {
             if let Some(Reverse((_, key))) = self.waking.pop() {
                 if let Some(lane) = self.lanes.get_mut(&key) {
+                    if lane.waiting {
+                        lane.waiting = false;
+                        self.blocked_count -= lane.queue.len();
+                        self.blocked_bytes -= lane.bytes;
+                        refresh_front(lane, &mut self.lane_fronts);
+                    }
                     if !lane.listed && !lane.queue.is_empty() {
                         lane.listed = true;
                         self.ready.push_back(key);
@@ -390,7 +424,7 @@ impl Sender {
         if let Some(Reverse((at, _))) = self.waking.peek() {
             wake = wake.min(*at);
         }
-        if let Some(&oldest) = self.queued_puts.keys().next() {
+        if let Some(&oldest) = self.lane_fronts.keys().next() {
             if self.in_flight < self.shared.config.max_in_flight
                 && self.partial_in_flight < MAX_PARTIAL_IN_FLIGHT
                 && !self.ready.is_empty()
@@ -406,11 +440,15 @@ impl Sender {
 
     fn should_send(&self, now: Instant) -> bool {
         let config = &self.shared.config;
-        let Some(&oldest) = self.queued_puts.keys().next() else {
+        let Some(&oldest) = self.lane_fronts.keys().next() else {
             return false;
         };
-        let full = self.pending_count >= config.collection_max_count
-            || self.pending_bytes >= config.collection_max_size;
+        // Only records that a request could take now count towards a full one: a hot shard's
+        // queue waiting for its limiter must not make the other shards' records leave in tiny
+        // requests.
+        let full = self.pending_count.saturating_sub(self.blocked_count)
+            >= config.collection_max_count
+            || self.pending_bytes.saturating_sub(self.blocked_bytes) >= config.collection_max_size;
         // A request that is not full goes out on its deadline only while fewer than
         // MAX_PARTIAL_IN_FLIGHT such requests are in flight: under load, records keep gathering
         // behind them into fuller requests instead of leaving a few at a time (each request
@@ -476,6 +514,12 @@ impl Sender {
                 Blocked::Until(at) => {
                     if let Some(lane) = self.lanes.get_mut(&key) {
                         lane.listed = false;
+                        if !lane.waiting {
+                            lane.waiting = true;
+                            self.blocked_count += lane.queue.len();
+                            self.blocked_bytes += lane.bytes;
+                            refresh_front(lane, &mut self.lane_fronts);
+                        }
                     }
                     self.waking.push(Reverse((at, key)));
                 }
@@ -515,12 +559,8 @@ impl Sender {
             let size = front.request_size();
             if now >= front.oldest_put + config.record_ttl {
                 if let Some(outgoing) = lane.queue.pop_front() {
-                    unqueue(
-                        &mut self.queued_puts,
-                        &mut self.pending_count,
-                        &mut self.pending_bytes,
-                        &outgoing,
-                    );
+                    lane.bytes -= size;
+                    unqueue(&mut self.pending_count, &mut self.pending_bytes, &outgoing);
                     expired.push(outgoing);
                 }
                 continue;
@@ -531,7 +571,11 @@ impl Sender {
             if let Some(limiter) = &mut lane.limiter {
                 if !limiter.try_take(size, now) {
                     lane.limited_since.get_or_insert(now);
-                    break Blocked::Until(limiter.ready_at(size, now));
+                    // Not before a pacing interval: the tokens gather meanwhile, so the lane
+                    // sends a batch at its rate instead of one record per request as soon as
+                    // one fits.
+                    let ready = limiter.ready_at(size, now).max(now + LIMITED_LANE_PACE);
+                    break Blocked::Until(ready);
                 }
             }
             if let Some(since) = lane.limited_since.take() {
@@ -540,18 +584,15 @@ impl Sender {
             let Some(outgoing) = lane.queue.pop_front() else {
                 break Blocked::No;
             };
+            lane.bytes -= size;
             lane.not_before = None;
             lane.outstanding += 1;
             taken += 1;
-            unqueue(
-                &mut self.queued_puts,
-                &mut self.pending_count,
-                &mut self.pending_bytes,
-                &outgoing,
-            );
+            unqueue(&mut self.pending_count, &mut self.pending_bytes, &outgoing);
             *bytes += size;
             batch.push(outgoing);
         };
+        refresh_front(lane, &mut self.lane_fronts);
         for outgoing in expired {
             self.expire(outgoing);
         }
@@ -674,7 +715,7 @@ impl Sender {
                         Some(code) => {
                             if code == "ProvisionedThroughputExceededException" {
                                 add(&self.shared.stats.throttled_entries, 1);
-                                self.with_limiter(&outgoing, Limiter::throttled);
+                                self.with_limiter(&outgoing, |limiter| limiter.throttled(ended));
                             }
                             let error = AttemptError {
                                 code: code.to_owned(),
@@ -796,7 +837,16 @@ impl Sender {
             self.shared.fail(outgoing, failure);
             return;
         }
-        let at = Instant::now() + self.shared.config.retry.backoff(outgoing.attempts);
+        // A throttled entry of a shard with a limiter: the limiter has just halved that shard's
+        // allowance and paces it from here, so the entry waits one base backoff rather than an
+        // exponential one that would leave it idle while its shard has room again.
+        let paced = error.code == "ProvisionedThroughputExceededException"
+            && self
+                .lanes
+                .get(&self.lane_of(&outgoing))
+                .is_some_and(|lane| lane.limiter.is_some());
+        let attempts = if paced { 1 } else { outgoing.attempts };
+        let at = Instant::now() + self.shared.config.retry.backoff(attempts);
         outgoing.last_error = Some(error);
         if at >= outgoing.oldest_put + self.shared.config.record_ttl {
             // It would expire while waiting: fail now with its last error.
@@ -873,11 +923,16 @@ impl Sender {
         self.ready.clear();
         self.pending_count = 0;
         self.pending_bytes = 0;
-        self.queued_puts.clear();
+        self.blocked_count = 0;
+        self.blocked_bytes = 0;
+        self.lane_fronts.clear();
         self.lanes
             .values_mut()
             .flat_map(|lane| {
                 lane.listed = false;
+                lane.waiting = false;
+                lane.bytes = 0;
+                lane.front_key = None;
                 lane.queue.drain(..)
             })
             .collect()
@@ -913,18 +968,35 @@ impl Drop for Sender {
 }
 
 /// Takes a Kinesis record leaving a lane off the totals.
-fn unqueue(
-    queued_puts: &mut BTreeMap<Instant, u32>,
-    count: &mut usize,
-    bytes: &mut usize,
-    outgoing: &Outgoing,
-) {
+fn unqueue(count: &mut usize, bytes: &mut usize, outgoing: &Outgoing) {
     *count -= 1;
     *bytes -= outgoing.request_size();
-    if let Some(n) = queued_puts.get_mut(&outgoing.oldest_put) {
+}
+
+/// Keeps the lane's entry in `fronts` true: its front record's `put` time while it may send,
+/// nothing while it is empty or held back until a time.
+fn refresh_front(lane: &mut Lane, fronts: &mut BTreeMap<Instant, u32>) {
+    let wanted = match lane.waiting {
+        true => None,
+        false => lane.queue.front().map(|outgoing| outgoing.oldest_put),
+    };
+    if wanted == lane.front_key {
+        return;
+    }
+    if let Some(old) = lane.front_key {
+        multiset_remove(fronts, old);
+    }
+    if let Some(new) = wanted {
+        *fronts.entry(new).or_default() += 1;
+    }
+    lane.front_key = wanted;
+}
+
+fn multiset_remove(set: &mut BTreeMap<Instant, u32>, key: Instant) {
+    if let Some(n) = set.get_mut(&key) {
         *n -= 1;
         if *n == 0 {
-            queued_puts.remove(&outgoing.oldest_put);
+            set.remove(&key);
         }
     }
 }

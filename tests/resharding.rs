@@ -198,8 +198,8 @@ async fn a_hot_key_is_limited_locally_while_other_shards_keep_their_pace() {
         "the hot shard was held to its limit ({hot_took:?})"
     );
     println!(
-        "hot key: {hot_took:?} for 4 MiB on one shard; {} entries throttled by the server, {} retried; all cold records landed within 700 ms",
-        stats.throttled_entries, stats.entry_retries
+        "hot key: {hot_took:?} for 4 MiB on one shard; {} entries throttled by the server, {} retried; {} requests; all cold records landed within 700 ms",
+        stats.throttled_entries, stats.entry_retries, stats.requests
     );
 }
 
@@ -252,4 +252,55 @@ async fn order_mode_keeps_each_keys_records_in_order_under_throttling() {
         "order mode: {} entries throttled, {} retried, order held",
         stats.throttled_entries, stats.entry_retries
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_held_back_by_its_limiter_does_not_make_other_shards_send_tiny_requests() {
+    let kinesis = LocalKinesis::start(true).await;
+    kinesis.create_stream("backlogged", 4).await;
+    let open = kinesis.open_shards("backlogged").await;
+    // Unaggregated, so thousands of the hot key's records queue behind its shard's limiter.
+    let producer = producer(&kinesis, "backlogged", |b| {
+        b.aggregation(false).rate_limit(100)
+    })
+    .await;
+    let failures = producer.notify_failures();
+    let hot_shard = shard_of(&open, "hot-key");
+    let hot = {
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            for i in 0..4_000 {
+                producer.put(vec![b'h'; 100], "hot-key").await.unwrap();
+                if i % 500 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cold_keys: Vec<String> = (0..)
+        .map(|i| format!("cold-{i}"))
+        .filter(|k| shard_of(&open, k) != hot_shard)
+        .take(100)
+        .collect();
+    let before = producer.stats().requests;
+    for round in 0..20 {
+        for key in &cold_keys {
+            producer
+                .put(format!("cold {round}"), key.clone())
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    producer.flush().await;
+    let during = producer.stats().requests - before;
+    hot.await.unwrap();
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty());
+    assert_eq!(producer.stats().user_records_put, 4_000 + 2_000);
+    println!("2,000 records of other shards while the hot shard was backlogged: {during} requests");
+    // The hot shard sends at most about 1,000 records/s in requests of its own; the cold records
+    // gather into requests too, instead of leaving a few at a time.
+    assert!(during < 600, "{during} requests");
 }
