@@ -1,3 +1,4 @@
+pub mod faults;
 pub mod local_kinesis;
 pub mod proxy;
 pub mod rng;

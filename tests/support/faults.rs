@@ -1,0 +1,398 @@
+//! An HTTP fault layer between the real SDK client and the embedded Kinesis server, driven by a
+//! seeded schedule so that a failing run can be replayed (`KP_FAULT_SEED`).
+//!
+//! It speaks just enough HTTP/1.1 (keep-alive, Content-Length bodies) to sit in the middle:
+//! each PutRecords request either passes, or suffers one fault drawn from the schedule. Other
+//! operations (ListShards, DescribeStreamSummary) pass untouched. It counts the user records
+//! whose outcome it made ambiguous (written by the server, but not acknowledged to the client),
+//! the only records that may legitimately appear twice in the stream.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use kinesis_producer::deaggregate;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use super::rng::Rng;
+
+/// What can happen to one PutRecords request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// Answered with this status and error code without being forwarded.
+    Refuse(u16, &'static str),
+    /// Forwarded; then some per-record successes are turned into this error code (the records
+    /// were written: retrying them writes them twice).
+    FailEntries(&'static str),
+    /// The connection is reset before the request is forwarded.
+    ResetBefore,
+    /// Forwarded; the connection is reset before the answer reaches the client (ambiguous).
+    ResetAfter,
+    /// Forwarded; the answer is held past the client's request timeout (ambiguous).
+    Delay(Duration),
+}
+
+impl Fault {
+    /// Every fault the layer can inject, with a request timeout of `timeout`.
+    pub fn all(timeout: Duration) -> Vec<Fault> {
+        vec![
+            Fault::Refuse(500, "InternalFailure"),
+            Fault::Refuse(503, "ServiceUnavailable"),
+            Fault::Refuse(400, "ThrottlingException"),
+            Fault::Refuse(400, "ProvisionedThroughputExceededException"),
+            Fault::FailEntries("ProvisionedThroughputExceededException"),
+            Fault::FailEntries("InternalFailure"),
+            Fault::ResetBefore,
+            Fault::ResetAfter,
+            Fault::Delay(timeout + Duration::from_millis(300)),
+        ]
+    }
+
+    /// Whether the records of a request hit by this fault may have been written.
+    pub fn ambiguous(self) -> bool {
+        matches!(
+            self,
+            Fault::FailEntries(_) | Fault::ResetAfter | Fault::Delay(_)
+        )
+    }
+}
+
+/// The schedule: each PutRecords request is faulted with probability `rate`, by one of `faults`
+/// chosen at random.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub seed: u64,
+    pub rate: f64,
+    pub faults: Vec<Fault>,
+}
+
+impl Schedule {
+    /// The seed from `KP_FAULT_SEED`, else `default_seed`; printed so a run can be replayed.
+    pub fn new(default_seed: u64, rate: f64, faults: Vec<Fault>) -> Self {
+        let seed = std::env::var("KP_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default_seed);
+        println!("fault schedule: seed {seed} (replay with KP_FAULT_SEED={seed}), rate {rate}");
+        Schedule { seed, rate, faults }
+    }
+}
+
+#[derive(Default)]
+pub struct Counts {
+    pub requests: AtomicU64,
+    pub faulted: AtomicU64,
+    /// User records in Kinesis records whose outcome a fault made ambiguous.
+    pub ambiguous_records: AtomicU64,
+    pub by_fault: Mutex<Vec<(Fault, u64)>>,
+}
+
+impl Counts {
+    fn record(&self, fault: Fault) {
+        self.faulted.fetch_add(1, Ordering::Relaxed);
+        let mut by = self.by_fault.lock().unwrap();
+        match by.iter_mut().find(|(f, _)| *f == fault) {
+            Some((_, n)) => *n += 1,
+            None => by.push((fault, 1)),
+        }
+    }
+}
+
+pub struct FaultProxy {
+    pub endpoint: String,
+    pub counts: Arc<Counts>,
+    shared: Arc<Shared>,
+    accept: JoinHandle<()>,
+}
+
+struct Shared {
+    upstream: String,
+    schedule: Mutex<(Schedule, Rng)>,
+    counts: Arc<Counts>,
+    stalled: AtomicBool,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: &str, schedule: Schedule) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let counts = Arc::new(Counts::default());
+        let rng = Rng(schedule.seed.max(1));
+        let shared = Arc::new(Shared {
+            upstream: upstream.trim_start_matches("http://").to_owned(),
+            schedule: Mutex::new((schedule, rng)),
+            counts: Arc::clone(&counts),
+            stalled: AtomicBool::new(false),
+        });
+        let serving = Arc::clone(&shared);
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(serve(Arc::clone(&serving), client));
+            }
+        });
+        FaultProxy {
+            endpoint,
+            counts,
+            shared,
+            accept,
+        }
+    }
+
+    /// An outage: requests are held unanswered (and never forwarded) until `resume`.
+    pub fn stall(&self) {
+        self.shared.stalled.store(true, Ordering::SeqCst);
+    }
+
+    pub fn resume(&self) {
+        self.shared.stalled.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops injecting faults: requests pass from now on.
+    pub fn heal(&self) {
+        self.shared.schedule.lock().unwrap().0.faults.clear();
+    }
+
+    pub fn summary(&self) -> String {
+        let by = self.counts.by_fault.lock().unwrap();
+        format!(
+            "{} PutRecords requests, {} faulted ({:?}), {} user records made ambiguous",
+            self.counts.requests.load(Ordering::Relaxed),
+            self.counts.faulted.load(Ordering::Relaxed),
+            *by,
+            self.counts.ambiguous_records.load(Ordering::Relaxed)
+        )
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// One HTTP/1.1 message: head (start line and headers, with the final CRLFCRLF) and body.
+struct Message {
+    head: Vec<u8>,
+    body: Vec<u8>,
+}
+
+impl Message {
+    fn header(&self, name: &str) -> Option<String> {
+        let head = String::from_utf8_lossy(&self.head);
+        head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_owned())
+        })
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = self.head.clone();
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// The same message with another body (and its Content-Length).
+    fn with_body(&self, body: Vec<u8>) -> Message {
+        let head = String::from_utf8_lossy(&self.head);
+        let mut lines: Vec<String> = head
+            .trim_end_matches("\r\n")
+            .split("\r\n")
+            .filter(|l| !l.to_ascii_lowercase().starts_with("content-length:"))
+            .map(str::to_owned)
+            .collect();
+        lines.push(format!("content-length: {}", body.len()));
+        Message {
+            head: format!("{}\r\n\r\n", lines.join("\r\n")).into_bytes(),
+            body,
+        }
+    }
+}
+
+/// Reads one message, or `None` when the peer closed the connection.
+async fn read_message(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Message> {
+    loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head_len = end + 4;
+            let head = buffer[..head_len].to_vec();
+            let partial = Message {
+                head: head.clone(),
+                body: Vec::new(),
+            };
+            let length: usize = partial
+                .header("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while buffer.len() < head_len + length {
+                let mut chunk = [0u8; 65536];
+                let n = stream.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buffer.extend_from_slice(&chunk[..n]);
+            }
+            let body = buffer[head_len..head_len + length].to_vec();
+            buffer.drain(..head_len + length);
+            return Some(Message { head, body });
+        }
+        let mut chunk = [0u8; 65536];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Closes with a reset (RST) rather than an orderly close.
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
+    let Ok(mut upstream) = TcpStream::connect(&shared.upstream).await else {
+        return;
+    };
+    let (mut from_client, mut from_upstream) = (Vec::new(), Vec::new());
+    while let Some(request) = read_message(&mut client, &mut from_client).await {
+        let put_records = request
+            .header("x-amz-target")
+            .is_some_and(|t| t.ends_with(".PutRecords"));
+        if shared.stalled.load(Ordering::SeqCst) {
+            while shared.stalled.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            reset(client);
+            return;
+        }
+        let fault = if put_records {
+            shared.counts.requests.fetch_add(1, Ordering::Relaxed);
+            let mut guard = shared.schedule.lock().unwrap();
+            let (schedule, rng) = &mut *guard;
+            let hit =
+                !schedule.faults.is_empty() && (rng.below(1_000_000) as f64) < schedule.rate * 1e6;
+            hit.then(|| schedule.faults[rng.below(schedule.faults.len() as u64) as usize])
+        } else {
+            None
+        };
+        if let Some(fault) = fault {
+            shared.counts.record(fault);
+        }
+        match fault {
+            Some(Fault::Refuse(status, code)) => {
+                let body =
+                    format!(r#"{{"__type":"{code}","message":"injected by the fault layer"}}"#);
+                let reason = if status >= 500 {
+                    "Error"
+                } else {
+                    "Bad Request"
+                };
+                let answer = format!(
+                    "HTTP/1.1 {status} {reason}\r\ncontent-type: application/x-amz-json-1.1\r\nx-amzn-errortype: {code}\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if client.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Some(Fault::ResetBefore) => {
+                reset(client);
+                return;
+            }
+            _ => {}
+        }
+        if upstream.write_all(&request.bytes()).await.is_err() {
+            return;
+        }
+        let Some(answer) = read_message(&mut upstream, &mut from_upstream).await else {
+            return;
+        };
+        let answer = match fault {
+            Some(Fault::FailEntries(code)) => fail_entries(&shared, &request.body, answer, code),
+            Some(Fault::ResetAfter) => {
+                shared
+                    .counts
+                    .ambiguous_records
+                    .fetch_add(user_records_in(&request.body, None), Ordering::Relaxed);
+                reset(client);
+                return;
+            }
+            Some(Fault::Delay(delay)) => {
+                shared
+                    .counts
+                    .ambiguous_records
+                    .fetch_add(user_records_in(&request.body, None), Ordering::Relaxed);
+                tokio::time::sleep(delay).await;
+                answer
+            }
+            _ => answer,
+        };
+        if client.write_all(&answer.bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Turns about half of the successful entries of a PutRecords answer into `code` failures,
+/// counting the user records they carry as ambiguous (they were written).
+fn fail_entries(shared: &Shared, request: &[u8], answer: Message, code: &str) -> Message {
+    let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&answer.body) else {
+        return answer;
+    };
+    let Some(records) = json.get_mut("Records").and_then(|r| r.as_array_mut()) else {
+        return answer;
+    };
+    let mut failed = Vec::new();
+    {
+        let mut guard = shared.schedule.lock().unwrap();
+        let rng = &mut guard.1;
+        for (index, entry) in records.iter_mut().enumerate() {
+            if entry.get("SequenceNumber").is_some() && rng.below(2) == 0 {
+                *entry = serde_json::json!({"ErrorCode": code, "ErrorMessage": "injected by the fault layer"});
+                failed.push(index);
+            }
+        }
+    }
+    let failed_count = records
+        .iter()
+        .filter(|e| e.get("ErrorCode").is_some())
+        .count();
+    json["FailedRecordCount"] = failed_count.into();
+    for index in failed {
+        shared
+            .counts
+            .ambiguous_records
+            .fetch_add(user_records_in(request, Some(index)), Ordering::Relaxed);
+    }
+    answer.with_body(serde_json::to_vec(&json).expect("JSON"))
+}
+
+/// User records in a PutRecords request body (in one entry, or in all).
+fn user_records_in(request: &[u8], only: Option<usize>) -> u64 {
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(request) else {
+        return 0;
+    };
+    let Some(entries) = json.get("Records").and_then(|r| r.as_array()) else {
+        return 0;
+    };
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| only.is_none_or(|o| o == *i))
+        .map(|(_, entry)| {
+            let data = entry["Data"].as_str().unwrap_or_default();
+            let key = entry["PartitionKey"].as_str().unwrap_or_default();
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .unwrap_or_default();
+            deaggregate(bytes::Bytes::from(bytes), key).map_or(1, |records| records.len() as u64)
+        })
+        .sum()
+}
