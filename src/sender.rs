@@ -1043,7 +1043,8 @@ async fn put_records(
     let mut entries = Vec::with_capacity(batch.len());
     for outgoing in batch {
         let entry = PutRecordsRequestEntry::builder()
-            .data(Blob::new(outgoing.entry.data.to_vec()))
+            // Shares the bytes (no copy per attempt).
+            .data(Blob::from_maybe_shared(outgoing.entry.data.clone()))
             .partition_key(outgoing.entry.partition_key.clone())
             .set_explicit_hash_key(outgoing.entry.explicit_hash_key.clone())
             .build()

@@ -240,3 +240,185 @@ async fn a_reshard_in_the_middle_of_mixed_faults_loses_nothing() {
     .await;
     assert_eq!(report.failed, 0);
 }
+
+/// Resident memory of this process, from /proc/self/status.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Invariant 4: a 60 s outage while the producer is still being fed. Puts wait (`put`) or are
+/// refused (`try_put`) once the backlog is full, memory stays within the backlog bound, nothing
+/// is lost, and traffic resumes by itself when the endpoint comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_60_second_outage_holds_memory_to_the_backlog_and_heals_by_itself() {
+    const BACKLOG_BYTES: usize = 16 << 20;
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("outage", 4).await;
+    let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(3, 0.0, Vec::new())).await;
+    let producer = Producer::builder()
+        .stream_name("outage")
+        .client(client_for(&proxy.endpoint))
+        .max_backlog_bytes(BACKLOG_BYTES)
+        .request_timeout(TIMEOUT)
+        .retry_max_delay(Duration::from_secs(2))
+        .record_ttl(Duration::from_secs(300))
+        .build()
+        .await
+        .expect("producer builds");
+    let failures = drain_in_background(producer.notify_failures());
+    // The feed: 1 KiB records at about 4 MB/s.
+    let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let feeder = {
+        let (producer, feeding) = (producer.clone(), feeding.clone());
+        tokio::spawn(async move {
+            let (mut put, mut refused) = (0u64, 0u64);
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut i = 0u64;
+            while feeding.load(Ordering::SeqCst) {
+                tick.tick().await;
+                for _ in 0..40 {
+                    let mut data = format!("0:{i}:").into_bytes();
+                    data.resize(1_024, b'o');
+                    let record = UserRecord::new(data, format!("k{}", i % 1_000));
+                    i += 1;
+                    // `try_put` first; refused (the backlog is full), the record is put with
+                    // `put`, which waits for room.
+                    if let Err(full) = producer.try_put(record) {
+                        refused += 1;
+                        let record = full.into_record();
+                        producer
+                            .put_record(record)
+                            .await
+                            .expect("put waits, never refuses");
+                    }
+                    put += 1;
+                }
+            }
+            (put, refused)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = rss_bytes();
+    proxy.stall();
+    let outage = Instant::now();
+    let mut peak = before;
+    let mut pending_max = 0;
+    let mut samples = Vec::new();
+    let mut at_half_time = None;
+    while outage.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let rss = rss_bytes();
+        peak = peak.max(rss);
+        if at_half_time.is_none() && outage.elapsed() >= Duration::from_secs(30) {
+            at_half_time = Some(peak);
+        }
+        pending_max = pending_max.max(producer.stats().user_records_pending);
+        if samples.len() < (outage.elapsed().as_secs() / 5) as usize + 1 {
+            samples.push(format!(
+                "{}s: {} MiB",
+                outage.elapsed().as_secs(),
+                rss.saturating_sub(before) >> 20
+            ));
+        }
+    }
+    println!("RSS growth during the outage: {}", samples.join(", "));
+    proxy.resume();
+    let healed = Instant::now();
+    let acknowledged_at_resume = producer.stats().user_records_put;
+    while producer.stats().user_records_put < acknowledged_at_resume + pending_max {
+        assert!(
+            healed.elapsed() < Duration::from_secs(60),
+            "traffic resumes by itself"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resumed_in = healed.elapsed();
+    feeding.store(false, Ordering::SeqCst);
+    let (put, refused) = feeder.await.unwrap();
+    producer.stop().await;
+    assert!(failures.await.unwrap().is_empty(), "nothing failed");
+    let stats = producer.stats();
+    assert_eq!(stats.user_records_put, put);
+    assert!(
+        refused > 0,
+        "try_put was refused while the backlog was full"
+    );
+    // Each byte held costs up to about four while requests keep failing (the record, its
+    // encoded aggregate, the request body in base64, allocator slack): bounded by the backlog,
+    // and flat once the backlog is full.
+    let grown = peak.saturating_sub(before);
+    assert!(
+        grown <= 5 * BACKLOG_BYTES as u64 + (16 << 20),
+        "memory grew by {grown} bytes during the outage (backlog {BACKLOG_BYTES})"
+    );
+    let late = peak.saturating_sub(at_half_time.unwrap_or(peak));
+    assert!(
+        late <= BACKLOG_BYTES as u64 / 2,
+        "memory kept growing in the second half of the outage: {late} bytes"
+    );
+    let read = kinesis.read_all("outage").await;
+    let ids: HashSet<_> = read.iter().map(|r| id_of(&r.record.data)).collect();
+    assert_eq!(ids.len() as u64, put, "every record put is in the stream");
+    println!(
+        "outage: {put} put, {refused} try_put refusals, at most {pending_max} records held; RSS grew {} MiB during 60 s (backlog {} MiB); the backlog drained {:.1} s after the endpoint returned",
+        grown >> 20,
+        BACKLOG_BYTES >> 20,
+        resumed_in.as_secs_f64()
+    );
+}
+
+/// Invariant 5: `stop` during an outage returns within its deadline and reports every record
+/// that was not acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_during_an_outage_returns_on_time_and_reports_every_record() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("stop-outage", 2).await;
+    let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(5, 0.0, Vec::new())).await;
+    let producer = Producer::builder()
+        .stream_name("stop-outage")
+        .client(client_for(&proxy.endpoint))
+        .request_timeout(TIMEOUT)
+        .build()
+        .await
+        .expect("producer builds");
+    let failures = drain_in_background(producer.notify_failures());
+    for i in 0..2_000 {
+        producer
+            .put(format!("0:{i}:"), format!("k{i}"))
+            .await
+            .unwrap();
+    }
+    producer.flush().await;
+    proxy.stall();
+    for i in 2_000..5_000 {
+        producer
+            .put(format!("0:{i}:"), format!("k{i}"))
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    producer.stop_within(Duration::from_secs(3)).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "stop took {took:?}");
+    let failed = failures.await.unwrap();
+    let stats = producer.stats();
+    assert_eq!(stats.user_records_put + failed.len() as u64, 5_000);
+    assert_eq!(
+        failed.len(),
+        3_000,
+        "every record put during the outage is reported"
+    );
+    assert!(failed
+        .iter()
+        .all(|f| f.error.kind == kinesis_producer::FailureKind::Stopped));
+    proxy.resume();
+    println!(
+        "stop during an outage: returned in {took:?}, {} records reported",
+        failed.len()
+    );
+}

@@ -256,21 +256,38 @@ fn reset(stream: TcpStream) {
 }
 
 async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
-    let Ok(mut upstream) = TcpStream::connect(&shared.upstream).await else {
-        return;
-    };
+    // Connected at the first request forwarded: a connection that only meets an outage never
+    // reaches the server.
+    let mut upstream: Option<TcpStream> = None;
     let (mut from_client, mut from_upstream) = (Vec::new(), Vec::new());
-    while let Some(request) = read_message(&mut client, &mut from_client).await {
+    loop {
+        // An outage reads nothing: the client's request sits unread until it gives up, and the
+        // connection is reset when the outage ends (nothing was forwarded).
+        let request = tokio::select! {
+            request = read_message(&mut client, &mut from_client) => request,
+            () = wait_for(&shared.stalled, true) => None,
+        };
+        let Some(request) = request.filter(|_| !shared.stalled.load(Ordering::SeqCst)) else {
+            // Read and drop what the client sends, so that a client giving up (closing) frees
+            // the connection at once; reset the rest when the outage ends.
+            let mut scratch = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    read = client.read(&mut scratch) => {
+                        if !matches!(read, Ok(n) if n > 0) {
+                            return;
+                        }
+                    }
+                    () = wait_for(&shared.stalled, false) => {
+                        reset(client);
+                        return;
+                    }
+                }
+            }
+        };
         let put_records = request
             .header("x-amz-target")
             .is_some_and(|t| t.ends_with(".PutRecords"));
-        if shared.stalled.load(Ordering::SeqCst) {
-            while shared.stalled.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            reset(client);
-            return;
-        }
         let fault = if put_records {
             shared.counts.requests.fetch_add(1, Ordering::Relaxed);
             let mut guard = shared.schedule.lock().unwrap();
@@ -308,10 +325,16 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
             }
             _ => {}
         }
-        if upstream.write_all(&request.bytes()).await.is_err() {
+        if upstream.is_none() {
+            upstream = TcpStream::connect(&shared.upstream).await.ok();
+        }
+        let Some(server) = upstream.as_mut() else {
+            return;
+        };
+        if server.write_all(&request.bytes()).await.is_err() {
             return;
         }
-        let Some(answer) = read_message(&mut upstream, &mut from_upstream).await else {
+        let Some(answer) = read_message(server, &mut from_upstream).await else {
             return;
         };
         let answer = match fault {
@@ -337,6 +360,12 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
         if client.write_all(&answer.bytes()).await.is_err() {
             return;
         }
+    }
+}
+
+async fn wait_for(flag: &AtomicBool, value: bool) {
+    while flag.load(Ordering::SeqCst) != value {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
