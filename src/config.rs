@@ -428,6 +428,81 @@ mod tests {
             .region("us-east-1")
     }
 
+    /// Every validated setting, below and above its range: each fails at `build` with the
+    /// field's name.
+    #[tokio::test]
+    async fn every_setting_out_of_range_is_refused_by_name() {
+        type Tune = fn(ProducerBuilder) -> ProducerBuilder;
+        let cases: Vec<(&str, Tune)> = vec![
+            ("max_backlog_records", |b| b.max_backlog_records(0)),
+            ("max_backlog_records", |b| b.max_backlog_records(usize::MAX)),
+            ("max_record_size", |b| b.max_record_size(1023)),
+            ("max_record_size", |b| b.max_record_size((10 << 20) + 1)),
+            ("max_backlog_bytes", |b| b.max_backlog_bytes(1 << 20)),
+            ("max_backlog_bytes", |b| b.max_backlog_bytes(usize::MAX)),
+            ("aggregation_max_size", |b| b.aggregation_max_size(63)),
+            ("aggregation_max_size", |b| b.aggregation_max_size(1 << 20)),
+            ("aggregation_max_count", |b| b.aggregation_max_count(0)),
+            ("collection_max_count", |b| b.collection_max_count(0)),
+            ("collection_max_count", |b| b.collection_max_count(501)),
+            ("collection_max_size", |b| b.collection_max_size(1000)),
+            ("collection_max_size", |b| {
+                b.collection_max_size((10 << 20) + 1)
+            }),
+            ("max_in_flight", |b| b.max_in_flight(0)),
+            ("max_in_flight", |b| b.max_in_flight(1025)),
+            ("record_max_buffered_time", |b| {
+                b.record_max_buffered_time(Duration::ZERO)
+            }),
+            ("record_max_buffered_time", |b| {
+                b.record_max_buffered_time(Duration::from_secs(3601))
+            }),
+            ("record_ttl", |b| b.record_ttl(Duration::from_millis(99))),
+            ("record_ttl", |b| b.record_ttl(Duration::from_secs(86_401))),
+            ("record_ttl", |b| {
+                b.record_ttl(Duration::from_secs(2))
+                    .record_max_buffered_time(Duration::from_secs(2))
+            }),
+            ("request_timeout", |b| {
+                b.request_timeout(Duration::from_millis(99))
+            }),
+            ("request_timeout", |b| {
+                b.request_timeout(Duration::from_secs(601))
+            }),
+            ("retry_max_delay", |b| b.retry_max_delay(Duration::ZERO)),
+            ("retry_max_delay", |b| {
+                b.retry_max_delay(Duration::from_secs(601))
+            }),
+            ("retry_base_delay", |b| b.retry_base_delay(Duration::ZERO)),
+            ("retry_base_delay", |b| {
+                b.retry_base_delay(Duration::from_secs(10))
+                    .retry_max_delay(Duration::from_secs(5))
+            }),
+            ("stop_timeout", |b| {
+                b.stop_timeout(Duration::from_secs(86_401))
+            }),
+            ("shard_map_refresh_interval", |b| {
+                b.shard_map_refresh_interval(Duration::from_millis(999))
+            }),
+            ("shard_map_refresh_interval", |b| {
+                b.shard_map_refresh_interval(Duration::from_secs(86_401))
+            }),
+            ("rate_limit", |b| b.rate_limit(10_001)),
+            ("stream", |_| ProducerBuilder::default().stream_name("")),
+        ];
+        for (field, tune) in cases {
+            let e = error_of(tune(base())).await;
+            assert!(e.contains(&format!("{field} =")), "{field}: {e}");
+            assert!(e.contains("allowed"), "{field}: {e}");
+        }
+        let none = ProducerBuilder::default().region("us-east-1");
+        assert!(error_of(none).await.contains("no stream given"));
+        let both = base().stream_arn("arn:aws:kinesis:us-east-1:1:stream/s");
+        assert!(error_of(both)
+            .await
+            .contains("both stream_name and stream_arn"));
+    }
+
     #[tokio::test]
     async fn invalid_values_name_the_field_and_the_range() {
         let e = error_of(base().collection_max_count(501)).await;

@@ -77,6 +77,14 @@ async fn jsonl_input_reports_malformed_lines_by_number_and_exits_non_zero() {
         r#"{"partition_key": "c", "data": "#,
         r#"{"partition_key": "", "data": "empty key"}"#,
         r#"{"partition_key": "d", "data": "x", "explicit_hash_key": "-1"}"#,
+        r#"{"partition_key": "f", "data": "x", "data_base64": "eA=="}"#,
+        r#"{"partition_key": "g"}"#,
+        r#"{"partition_key": "h", "data_base64": "not base64!"}"#,
+        r#"{"partition_key": "i", "data": "x", "colour": "red"}"#,
+        r#"[1, 2]"#,
+        r#"{"data": "no key"}"#,
+        &format!(r#"{{"partition_key": "{}", "data": "x"}}"#, "k".repeat(257)),
+        "",
         r#"{"partition_key": "e", "data": "last"}"#,
     ]
     .join("\n");
@@ -106,8 +114,20 @@ async fn jsonl_input_reports_malformed_lines_by_number_and_exits_non_zero() {
         stderr.contains(r#""line":5"#) && stderr.contains("explicit hash key"),
         "{stderr}"
     );
+    // Every malformed line is named by its number; the refused key too.
+    for line in [3, 6, 7, 8, 9, 10, 11, 13] {
+        let report = stderr
+            .lines()
+            .find(|l| l.contains(&format!(r#""line":{line},"#)))
+            .unwrap_or_else(|| panic!("line {line} is reported: {stderr}"));
+        assert!(report.contains("malformed input"), "{report}");
+    }
     assert!(
-        stderr.contains("records=3 ") && stderr.contains("malformed=1 refused=2"),
+        stderr.contains(r#""line":12"#) && stderr.contains("257 characters"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("records=3 ") && stderr.contains("malformed=8 refused=3"),
         "{stderr}"
     );
     let read = kinesis.read_all("cli-jsonl").await;

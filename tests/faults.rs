@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use kinesis_producer::{Producer, Receipt, UserRecord};
+use kinesis_producer::{MetricName, Producer, Receipt, UserRecord};
 use support::drain;
 use support::faults::{Fault, FaultProxy, Schedule};
 use support::local_kinesis::{client_for, LocalKinesis};
@@ -420,5 +420,161 @@ async fn stop_during_an_outage_returns_on_time_and_reports_every_record() {
     println!(
         "stop during an outage: returned in {took:?}, {} records reported",
         failed.len()
+    );
+}
+
+/// The soak: every fault mixed at 20% with 8 putters at a steady rate, for `KP_SOAK_SECONDS`
+/// (default 1,800), reporting the invariants and memory every minute. Not part of the suite:
+/// `KP_SOAK_SECONDS=1800 cargo test --test faults soak -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a 30-minute soak, run on demand (see README, Guarantees)"]
+async fn soak() {
+    let seconds: u64 = std::env::var("KP_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_800);
+    const PUTTERS: usize = 8;
+    const PER_PUTTER_PER_SECOND: usize = 250; // 2,000 records/s in all
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("soak", 4).await;
+    let proxy = FaultProxy::start(
+        &kinesis.endpoint,
+        Schedule::new(17, 0.2, Fault::all(TIMEOUT)),
+    )
+    .await;
+    let producer = Producer::builder()
+        .stream_name("soak")
+        .client(client_for(&proxy.endpoint))
+        .request_timeout(TIMEOUT)
+        .retry_base_delay(Duration::from_millis(20))
+        .retry_max_delay(Duration::from_millis(500))
+        .record_ttl(Duration::from_secs(60))
+        .stop_timeout(Duration::from_secs(60))
+        .build()
+        .await
+        .expect("producer builds");
+    let failures = drain_in_background(producer.notify_failures());
+    let started = Instant::now();
+    let end = started + Duration::from_secs(seconds);
+    let mut putters = Vec::new();
+    for putter in 0..PUTTERS {
+        let producer = producer.clone();
+        putters.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut i = 0usize;
+            while Instant::now() < end {
+                tick.tick().await;
+                for _ in 0..PER_PUTTER_PER_SECOND / 10 {
+                    let mut data = format!("{putter}:{i}:").into_bytes();
+                    data.resize(100, b'.');
+                    producer
+                        .put(data, format!("key-{putter}-{}", i % 997))
+                        .await
+                        .expect("accepted");
+                    i += 1;
+                }
+            }
+            i
+        }));
+    }
+    let base_rss = rss_bytes();
+    let mut minute = 0;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if started.elapsed().as_secs() / 60 > minute || Instant::now() >= end {
+            minute = started.elapsed().as_secs() / 60;
+            let stats = producer.stats();
+            let backlog = producer.metrics().global(MetricName::BacklogBytes).sum;
+            let grown = rss_bytes().saturating_sub(base_rss);
+            // RSS includes the embedded server, which keeps every record it stores.
+            println!(
+                "soak {:>5.0} s: received {}, acknowledged {}, failed {}, pending {}, ambiguous {}, producer backlog {:.1} MiB, RSS +{} MiB ({:.0} bytes per record stored)",
+                started.elapsed().as_secs_f64(),
+                stats.user_records_received,
+                stats.user_records_put,
+                stats.user_records_failed,
+                stats.user_records_pending,
+                proxy.counts.ambiguous_records.load(Ordering::Relaxed),
+                backlog / f64::from(1 << 20),
+                grown >> 20,
+                grown as f64 / stats.user_records_put.max(1) as f64
+            );
+        }
+    }
+    let mut put = 0;
+    for handle in putters {
+        put += handle.await.expect("putter");
+    }
+    producer.stop().await;
+    let failed = failures.await.expect("failure drain");
+    let stats = producer.stats();
+    // Invariants: every record ends once, nothing fails, every record is in the stream, and
+    // duplicates stay within what the faults made ambiguous.
+    assert_eq!(stats.user_records_put as usize + failed.len(), put);
+    assert!(failed.is_empty(), "{} failed", failed.len());
+    let read = kinesis.read_all("soak").await;
+    let mut seen: HashMap<(usize, usize), usize> = HashMap::new();
+    for r in &read {
+        *seen.entry(id_of(&r.record.data)).or_default() += 1;
+    }
+    assert_eq!(seen.len(), put, "every record is in the stream");
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let ambiguous = proxy.counts.ambiguous_records.load(Ordering::Relaxed);
+    assert!(duplicates as u64 <= ambiguous);
+    println!(
+        "soak done: {put} records in {:.0} s, 0 lost, 0 failed, {duplicates} duplicates (≤ {ambiguous} ambiguous); {}",
+        started.elapsed().as_secs_f64(),
+        proxy.summary()
+    );
+}
+
+/// Invariant 6: after `stop` (and dropping the producer and its client), no task the producer
+/// started is left running: the runtime's live tasks return to what they were before it was
+/// built, faults and retries notwithstanding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_task_is_left_running_after_stop() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("tasks", 2).await;
+    let proxy = FaultProxy::start(
+        &kinesis.endpoint,
+        Schedule::new(23, 0.5, Fault::all(TIMEOUT)),
+    )
+    .await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let baseline = metrics.num_alive_tasks();
+    let producer = Producer::builder()
+        .stream_name("tasks")
+        .client(client_for(&proxy.endpoint))
+        .request_timeout(TIMEOUT)
+        .retry_base_delay(Duration::from_millis(20))
+        .build()
+        .await
+        .expect("producer builds");
+    let failures = drain_in_background(producer.notify_failures());
+    for i in 0..50_000 {
+        producer
+            .put(format!("0:{i}:"), format!("k{i}"))
+            .await
+            .unwrap();
+    }
+    producer.stop().await;
+    assert!(failures.await.unwrap().is_empty());
+    assert_eq!(producer.stats().user_records_put, 50_000);
+    let during = metrics.num_alive_tasks();
+    drop(producer);
+    let waited = Instant::now();
+    while metrics.num_alive_tasks() > baseline {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "{} tasks alive 10 s after the producer was dropped; {baseline} before it was built",
+            metrics.num_alive_tasks()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "tasks: {baseline} before the producer, {during} right after stop, back to {} within {:?}; {}",
+        metrics.num_alive_tasks(),
+        waited.elapsed(),
+        proxy.summary()
     );
 }

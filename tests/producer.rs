@@ -602,3 +602,60 @@ async fn aggregates_written_across_a_split_are_resent_so_a_kcl_reader_loses_noth
         );
     }
 }
+
+/// Records the URI of each request the SDK is about to send, and stops it there.
+#[derive(Debug, Clone, Default)]
+struct SeeUri(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl aws_sdk_kinesis::config::Intercept for SeeUri {
+    fn name(&self) -> &'static str {
+        "SeeUri"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &aws_sdk_kinesis::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_sdk_kinesis::config::RuntimeComponents,
+        _: &mut aws_sdk_kinesis::config::ConfigBag,
+    ) -> Result<(), aws_sdk_kinesis::error::BoxError> {
+        self.0
+            .lock()
+            .unwrap()
+            .push(context.request().uri().to_string());
+        Err("stopped by the test before anything was sent".into())
+    }
+}
+
+#[tokio::test]
+async fn requests_use_https_unless_a_plain_http_endpoint_is_configured() {
+    use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+    for (endpoint, expected) in [
+        (None, "https://kinesis.us-east-1.amazonaws.com"),
+        (Some("http://127.0.0.1:9"), "http://127.0.0.1:9"),
+    ] {
+        let seen = SeeUri::default();
+        let mut config = aws_sdk_kinesis::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+            .interceptor(seen.clone());
+        if let Some(url) = endpoint {
+            config = config.endpoint_url(url);
+        }
+        let client = aws_sdk_kinesis::Client::from_conf(config.build());
+        let built = Producer::builder()
+            .stream_name("s")
+            .client(client)
+            .build()
+            .await;
+        assert!(
+            built.is_err(),
+            "nothing was sent, so the shard map did not load"
+        );
+        let uris = seen.0.lock().unwrap().clone();
+        assert!(
+            !uris.is_empty() && uris.iter().all(|u| u.starts_with(expected)),
+            "{uris:?}"
+        );
+    }
+}
