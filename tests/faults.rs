@@ -17,12 +17,16 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use kinesis_producer::{MetricName, Producer, Receipt, UserRecord};
-use support::drain;
+use kinesis_producer::{MetricName, Producer, ProducerBuilder, Receipt, UserRecord};
 use support::faults::{Fault, FaultProxy, Schedule};
-use support::local_kinesis::{client_for, LocalKinesis};
+use support::local_kinesis::LocalKinesis;
+use support::{drain, producer_for};
 
 const TIMEOUT: Duration = Duration::from_millis(800);
+
+/// The scenarios run one at a time: the outage scenario measures the process's memory, which
+/// another scenario running beside it would inflate.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Scenario {
     name: &'static str,
@@ -58,17 +62,7 @@ async fn run(scenario: Scenario) -> Report {
     kinesis.create_stream(scenario.name, 4).await;
     let schedule = Schedule::new(scenario.seed, scenario.rate, scenario.faults.clone());
     let proxy = FaultProxy::start(&kinesis.endpoint, schedule).await;
-    let producer = Producer::builder()
-        .stream_name(scenario.name)
-        .client(client_for(&proxy.endpoint))
-        .request_timeout(TIMEOUT)
-        .retry_base_delay(Duration::from_millis(20))
-        .retry_max_delay(Duration::from_millis(500))
-        .record_ttl(Duration::from_secs(60))
-        .stop_timeout(Duration::from_secs(60))
-        .build()
-        .await
-        .expect("producer builds");
+    let producer = through_faults(&proxy, scenario.name, |b| b).await;
     let failures = drain_in_background(producer.notify_failures());
 
     let per_putter = scenario.records / scenario.putters;
@@ -182,6 +176,25 @@ async fn run(scenario: Scenario) -> Report {
     report
 }
 
+/// A producer writing through the fault layer: short request timeout and backoffs, and a TTL
+/// and stop timeout long enough that transient faults never expire a record; `tune` adds to it.
+async fn through_faults(
+    proxy: &FaultProxy,
+    stream: &str,
+    tune: impl FnOnce(ProducerBuilder) -> ProducerBuilder,
+) -> Producer {
+    producer_for(&proxy.endpoint, stream, |b| {
+        tune(
+            b.request_timeout(TIMEOUT)
+                .retry_base_delay(Duration::from_millis(20))
+                .retry_max_delay(Duration::from_millis(500))
+                .record_ttl(Duration::from_secs(60))
+                .stop_timeout(Duration::from_secs(60)),
+        )
+    })
+    .await
+}
+
 fn drain_in_background(
     failures: kinesis_producer::FailureStream,
 ) -> tokio::task::JoinHandle<Vec<kinesis_producer::FailedRecord>> {
@@ -190,6 +203,7 @@ fn drain_in_background(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_fault_alone_loses_nothing_and_fails_nothing() {
+    let _serial = SERIAL.lock().await;
     let mut total = 0;
     for (n, fault) in Fault::all(TIMEOUT).into_iter().enumerate() {
         let report = run(Scenario {
@@ -213,6 +227,7 @@ async fn each_fault_alone_loses_nothing_and_fails_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fault_mixed_at_20_percent_with_8_putters_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     let report = run(Scenario {
         name: "mixed",
         seed: 7,
@@ -228,6 +243,7 @@ async fn every_fault_mixed_at_20_percent_with_8_putters_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reshard_in_the_middle_of_mixed_faults_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     let report = run(Scenario {
         name: "mixed-reshard",
         seed: 11,
@@ -256,20 +272,17 @@ fn rss_bytes() -> u64 {
 /// is lost, and traffic resumes by itself when the endpoint comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_60_second_outage_holds_memory_to_the_backlog_and_heals_by_itself() {
+    let _serial = SERIAL.lock().await;
     const BACKLOG_BYTES: usize = 16 << 20;
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("outage", 4).await;
     let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(3, 0.0, Vec::new())).await;
-    let producer = Producer::builder()
-        .stream_name("outage")
-        .client(client_for(&proxy.endpoint))
-        .max_backlog_bytes(BACKLOG_BYTES)
-        .request_timeout(TIMEOUT)
-        .retry_max_delay(Duration::from_secs(2))
-        .record_ttl(Duration::from_secs(300))
-        .build()
-        .await
-        .expect("producer builds");
+    let producer = through_faults(&proxy, "outage", |b| {
+        b.max_backlog_bytes(BACKLOG_BYTES)
+            .retry_max_delay(Duration::from_secs(2))
+            .record_ttl(Duration::from_secs(300))
+    })
+    .await;
     let failures = drain_in_background(producer.notify_failures());
     // The feed: 1 KiB records at about 4 MB/s.
     let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -376,16 +389,11 @@ async fn a_60_second_outage_holds_memory_to_the_backlog_and_heals_by_itself() {
 /// that was not acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_during_an_outage_returns_on_time_and_reports_every_record() {
+    let _serial = SERIAL.lock().await;
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("stop-outage", 2).await;
     let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(5, 0.0, Vec::new())).await;
-    let producer = Producer::builder()
-        .stream_name("stop-outage")
-        .client(client_for(&proxy.endpoint))
-        .request_timeout(TIMEOUT)
-        .build()
-        .await
-        .expect("producer builds");
+    let producer = through_faults(&proxy, "stop-outage", |b| b).await;
     let failures = drain_in_background(producer.notify_failures());
     for i in 0..2_000 {
         producer
@@ -429,6 +437,7 @@ async fn stop_during_an_outage_returns_on_time_and_reports_every_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a 30-minute soak, run on demand (see README, Guarantees)"]
 async fn soak() {
+    let _serial = SERIAL.lock().await;
     let seconds: u64 = std::env::var("KP_SOAK_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -442,17 +451,7 @@ async fn soak() {
         Schedule::new(17, 0.2, Fault::all(TIMEOUT)),
     )
     .await;
-    let producer = Producer::builder()
-        .stream_name("soak")
-        .client(client_for(&proxy.endpoint))
-        .request_timeout(TIMEOUT)
-        .retry_base_delay(Duration::from_millis(20))
-        .retry_max_delay(Duration::from_millis(500))
-        .record_ttl(Duration::from_secs(60))
-        .stop_timeout(Duration::from_secs(60))
-        .build()
-        .await
-        .expect("producer builds");
+    let producer = through_faults(&proxy, "soak", |b| b).await;
     let failures = drain_in_background(producer.notify_failures());
     let started = Instant::now();
     let end = started + Duration::from_secs(seconds);
@@ -533,6 +532,7 @@ async fn soak() {
 /// built, faults and retries notwithstanding.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_task_is_left_running_after_stop() {
+    let _serial = SERIAL.lock().await;
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("tasks", 2).await;
     let proxy = FaultProxy::start(
@@ -542,14 +542,7 @@ async fn no_task_is_left_running_after_stop() {
     .await;
     let metrics = tokio::runtime::Handle::current().metrics();
     let baseline = metrics.num_alive_tasks();
-    let producer = Producer::builder()
-        .stream_name("tasks")
-        .client(client_for(&proxy.endpoint))
-        .request_timeout(TIMEOUT)
-        .retry_base_delay(Duration::from_millis(20))
-        .build()
-        .await
-        .expect("producer builds");
+    let producer = through_faults(&proxy, "tasks", |b| b).await;
     let failures = drain_in_background(producer.notify_failures());
     for i in 0..50_000 {
         producer

@@ -10,25 +10,10 @@ use std::time::{Duration, Instant};
 
 use kinesis_producer::record::partition_key_hash;
 use kinesis_producer::{FailureKind, Producer, PutRefusal, RecordProblem, UserRecord};
-use support::drain;
 use support::local_kinesis::LocalKinesis;
 use support::proxy::Proxy;
 use support::rng::Rng;
-
-async fn producer_for(
-    endpoint: &str,
-    stream: &str,
-    tune: impl FnOnce(kinesis_producer::ProducerBuilder) -> kinesis_producer::ProducerBuilder,
-) -> Producer {
-    tune(
-        Producer::builder()
-            .stream_name(stream)
-            .client(support::local_kinesis::client_for(endpoint)),
-    )
-    .build()
-    .await
-    .expect("producer builds")
-}
+use support::{drain, producer_for};
 
 type Key = (String, Option<String>, Vec<u8>);
 

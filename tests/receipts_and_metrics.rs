@@ -8,27 +8,11 @@ use std::time::Duration;
 
 use kinesis_producer::metrics::Statistics;
 use kinesis_producer::{
-    deaggregate, FailureKind, MetricName, MetricsGranularity, MetricsLevel, Producer,
-    ProducerBuilder, UserRecord,
+    deaggregate, FailureKind, MetricName, MetricsGranularity, MetricsLevel, Producer, UserRecord,
 };
-use support::drain;
-use support::local_kinesis::{client_for, LocalKinesis};
+use support::local_kinesis::LocalKinesis;
 use support::proxy::Proxy;
-
-async fn producer_for(
-    endpoint: &str,
-    stream: &str,
-    tune: impl FnOnce(ProducerBuilder) -> ProducerBuilder,
-) -> Producer {
-    tune(
-        Producer::builder()
-            .stream_name(stream)
-            .client(client_for(endpoint)),
-    )
-    .build()
-    .await
-    .expect("producer builds")
-}
+use support::{drain, producer_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_report_the_shard_and_sequence_number_a_reader_sees() {

@@ -6,25 +6,10 @@ mod support;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use kinesis_producer::deaggregate;
 use kinesis_producer::record::partition_key_hash;
-use kinesis_producer::{deaggregate, Producer, ProducerBuilder};
-use support::drain;
 use support::local_kinesis::{count_by_index, LocalKinesis};
-
-async fn producer(
-    kinesis: &LocalKinesis,
-    stream: &str,
-    tune: impl FnOnce(ProducerBuilder) -> ProducerBuilder,
-) -> Producer {
-    tune(
-        Producer::builder()
-            .stream_name(stream)
-            .client(kinesis.client.clone()),
-    )
-    .build()
-    .await
-    .expect("builds")
-}
+use support::{drain, producer_for};
 
 async fn reshard(kinesis: &LocalKinesis, stream: &str, shards: i32) {
     kinesis
@@ -44,7 +29,7 @@ async fn resharding_under_load_loses_nothing_and_a_kcl_reader_sees_every_record(
     const RECORDS: u32 = 500_000;
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("reshard", 4).await;
-    let producer = producer(&kinesis, "reshard", |b| {
+    let producer = producer_for(&kinesis.endpoint, "reshard", |b| {
         b.shard_map_refresh_interval(Duration::from_secs(2))
     })
     .await;
@@ -143,7 +128,7 @@ async fn a_hot_key_is_limited_locally_while_other_shards_keep_their_pace() {
     let kinesis = LocalKinesis::start(true).await; // the server enforces 1 MiB/s per shard
     kinesis.create_stream("hot", 4).await;
     let open = kinesis.open_shards("hot").await;
-    let producer = producer(&kinesis, "hot", |b| b).await;
+    let producer = producer_for(&kinesis.endpoint, "hot", |b| b).await;
     let failures = producer.notify_failures();
     // 4 MiB for one key: four seconds of that shard's capacity.
     let hot_shard = shard_of(&open, "hot-key");
@@ -207,7 +192,7 @@ async fn a_hot_key_is_limited_locally_while_other_shards_keep_their_pace() {
 async fn order_mode_keeps_each_keys_records_in_order_under_throttling() {
     let kinesis = LocalKinesis::start(true).await;
     kinesis.create_stream("ordered", 4).await;
-    let producer = producer(&kinesis, "ordered", |b| {
+    let producer = producer_for(&kinesis.endpoint, "ordered", |b| {
         b.preserve_order(true)
             // Above the server's limit, so that it throttles and records are retried.
             .rate_limit(400)
@@ -260,7 +245,7 @@ async fn a_shard_held_back_by_its_limiter_does_not_make_other_shards_send_tiny_r
     kinesis.create_stream("backlogged", 4).await;
     let open = kinesis.open_shards("backlogged").await;
     // Unaggregated, so thousands of the hot key's records queue behind its shard's limiter.
-    let producer = producer(&kinesis, "backlogged", |b| {
+    let producer = producer_for(&kinesis.endpoint, "backlogged", |b| {
         b.aggregation(false).rate_limit(100)
     })
     .await;

@@ -14,3 +14,21 @@ pub async fn drain(
     }
     out
 }
+
+/// A producer for `stream` through `endpoint` (the server, or a proxy in front of it), tuned by
+/// `tune`.
+#[allow(dead_code)]
+pub async fn producer_for(
+    endpoint: &str,
+    stream: &str,
+    tune: impl FnOnce(kinesis_producer::ProducerBuilder) -> kinesis_producer::ProducerBuilder,
+) -> kinesis_producer::Producer {
+    tune(
+        kinesis_producer::Producer::builder()
+            .stream_name(stream)
+            .client(local_kinesis::client_for(endpoint)),
+    )
+    .build()
+    .await
+    .expect("producer builds")
+}
