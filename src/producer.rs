@@ -280,10 +280,8 @@ impl Shared {
 
     /// Called by the sender task as it ends: failure streams end after their last item.
     pub fn finish(&self) {
-        let mut failures = lock(&self.failures);
-        failures.take();
-        // Under the same lock as `notify_failures`, so no subscriber slips in after the end.
-        self.done.send_replace(true);
+        // Logged before `done` is set: `stop` returns then, and whatever follows it (a
+        // program's exit, a test reading its logs) must find the event already written.
         let stats = self.stats.snapshot();
         tracing::info!(
             stream = %self.stream,
@@ -291,6 +289,10 @@ impl Shared {
             failed = stats.user_records_failed,
             "producer stopped"
         );
+        let mut failures = lock(&self.failures);
+        failures.take();
+        // Under the same lock as `notify_failures`, so no subscriber slips in after the end.
+        self.done.send_replace(true);
     }
 }
 
