@@ -114,7 +114,7 @@ impl Shared {
             let sizes = outgoing.records.iter().map(|r| r.data().len() as u64);
             let data = Statistics::of_integers(sizes, 1.0);
             let mut metrics = lock(&self.metrics);
-            self.record_ends(&mut metrics, &outgoing, 1.0, shard);
+            record_ends(&mut metrics, &outgoing, 1.0, shard);
             metrics.record(MetricName::UserRecordsDataPut, data, shard);
         }
         if let Some((shard_id, sequence_number)) = landed {
@@ -134,29 +134,6 @@ impl Shared {
         self.release(&outgoing);
     }
 
-    /// The per-user-record metrics of a Kinesis record's records ending: `UserRecordsPut` (1
-    /// acknowledged, 0 failed) and `RetriesPerRecord`.
-    fn record_ends(
-        &self,
-        metrics: &mut Recorder,
-        outgoing: &Outgoing,
-        put: f64,
-        shard: Option<&Arc<str>>,
-    ) {
-        let n = outgoing.records.len() as u64;
-        metrics.record(
-            MetricName::UserRecordsPut,
-            Statistics::repeated(put, n),
-            shard,
-        );
-        let retries = f64::from(outgoing.attempts.saturating_sub(1));
-        metrics.record(
-            MetricName::RetriesPerRecord,
-            Statistics::repeated(retries, n),
-            shard,
-        );
-    }
-
     /// A Kinesis record failed for good: each of its user records is reported.
     pub fn fail(&self, mut outgoing: Outgoing, error: DeliveryError) {
         let count = outgoing.records.len();
@@ -164,7 +141,7 @@ impl Shared {
         if self.metrics_on {
             let shard = outgoing.shard_id.as_ref();
             let mut metrics = lock(&self.metrics);
-            self.record_ends(&mut metrics, &outgoing, 0.0, shard);
+            record_ends(&mut metrics, &outgoing, 0.0, shard);
             if error.kind == FailureKind::Expired {
                 let expired = Statistics::repeated(1.0, count as u64);
                 metrics.record(MetricName::UserRecordExpired, expired, shard);
@@ -294,6 +271,23 @@ impl Shared {
         // Under the same lock as `notify_failures`, so no subscriber slips in after the end.
         self.done.send_replace(true);
     }
+}
+
+/// The per-user-record metrics of a Kinesis record's records ending: `UserRecordsPut` (1
+/// acknowledged, 0 failed) and `RetriesPerRecord`.
+fn record_ends(metrics: &mut Recorder, outgoing: &Outgoing, put: f64, shard: Option<&Arc<str>>) {
+    let n = outgoing.records.len() as u64;
+    metrics.record(
+        MetricName::UserRecordsPut,
+        Statistics::repeated(put, n),
+        shard,
+    );
+    let retries = f64::from(outgoing.attempts.saturating_sub(1));
+    metrics.record(
+        MetricName::RetriesPerRecord,
+        Statistics::repeated(retries, n),
+        shard,
+    );
 }
 
 /// A long-lived Kinesis producer. Cheap to clone: clones share one pipeline.

@@ -114,6 +114,15 @@ async fn wait_until(mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// `n` partition keys that `open` routes to shards other than `shard`.
+fn keys_off_shard(open: &[(String, u128, u128)], shard: &str, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("cold-{i}"))
+        .filter(|k| shard_of(open, k) != shard)
+        .take(n)
+        .collect()
+}
+
 /// The shard owning a partition key, among `open`.
 fn shard_of(open: &[(String, u128, u128)], key: &str) -> String {
     let hash = partition_key_hash(key);
@@ -146,11 +155,7 @@ async fn a_hot_key_is_limited_locally_while_other_shards_keep_their_pace() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Meanwhile, a trickle on keys of the other shards.
-    let cold_keys: Vec<String> = (0..)
-        .map(|i| format!("cold-{i}"))
-        .filter(|k| shard_of(&open, k) != hot_shard)
-        .take(50)
-        .collect();
+    let cold_keys = keys_off_shard(&open, &hot_shard, 50);
     for round in 0..10 {
         for key in &cold_keys {
             producer
@@ -263,11 +268,7 @@ async fn a_shard_held_back_by_its_limiter_does_not_make_other_shards_send_tiny_r
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let cold_keys: Vec<String> = (0..)
-        .map(|i| format!("cold-{i}"))
-        .filter(|k| shard_of(&open, k) != hot_shard)
-        .take(100)
-        .collect();
+    let cold_keys = keys_off_shard(&open, &hot_shard, 100);
     let before = producer.stats().requests;
     for round in 0..20 {
         for key in &cold_keys {
