@@ -48,12 +48,16 @@
 //! - `producer` (default): the [`Producer`] and everything it needs (AWS SDK, tokio).
 //! - `cli` (default): the `kinesis-producer` binary.
 //! - `jsonl`: [`jsonl`], the parser of the CLI's JSON-lines input.
+//! - `batch-sqs`, `batch-dynamodb`, `batch-s3`, `batch-cloudwatch`, `batch-firehose`,
+//!   `batch-kinesis` (or `batch-all`): the batch helpers of `batch`, one service each.
 //!
 //! With `default-features = false` the crate is the aggregation format alone —
 //! [`aggregation`], [`deaggregation`], [`record`], [`shard_map`] — for consumers that only
 //! read aggregates, without the SDK.
 
 pub mod aggregation;
+#[cfg(feature = "batch")]
+pub mod batch;
 pub mod deaggregation;
 #[cfg(feature = "jsonl")]
 pub mod jsonl;
@@ -76,7 +80,7 @@ pub mod metrics;
 mod producer;
 #[cfg(feature = "producer")]
 mod receipt;
-#[cfg(feature = "producer")]
+#[cfg(any(feature = "producer", feature = "batch"))]
 mod retry;
 #[cfg(feature = "producer")]
 mod sender;
@@ -99,7 +103,7 @@ pub use metrics::{MetricName, MetricsGranularity, MetricsLevel, MetricsSnapshot}
 pub use producer::{FailureStream, Producer};
 #[cfg(feature = "producer")]
 pub use receipt::{Delivered, Receipt};
-#[cfg(feature = "producer")]
+#[cfg(any(feature = "producer", feature = "batch"))]
 pub use retry::RetryPolicy;
 #[cfg(feature = "producer")]
 pub use stats::Stats;

@@ -10,8 +10,9 @@ use std::cell::Cell;
 use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
-use aws_sdk_kinesis::config::http::HttpResponse;
-use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_runtime_api::http::Response as HttpResponse;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 /// Exponential backoff with jitter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +95,10 @@ fn request_code_is_transient(code: &str) -> bool {
         || matches!(
             code,
             "LimitExceededException"
+                | "Throttling"
+                | "RequestThrottled"
+                | "RequestThrottledException"
+                | "ThrottledException"
                 | "ServiceUnavailableException"
                 | "RequestTimeout"
                 | "RequestTimeoutException"
@@ -101,6 +106,7 @@ fn request_code_is_transient(code: &str) -> bool {
                 | "RequestLimitExceeded"
                 | "SlowDown"
                 | "InternalServerError"
+                | "InternalServerException"
                 | "InternalError"
         )
 }
@@ -190,6 +196,7 @@ mod tests {
         assert!(!entry_error_is_transient("InvalidArgumentException"));
         assert!(!entry_error_is_transient("KMSAccessDeniedException"));
         assert!(request_code_is_transient("ThrottlingException"));
+        assert!(request_code_is_transient("Throttling"), "CloudWatch's code");
         assert!(!request_code_is_transient("ResourceNotFoundException"));
         assert!(!request_code_is_transient("AccessDeniedException"));
         assert!(!request_code_is_transient("ValidationException"));

@@ -1,5 +1,7 @@
+pub mod batch_faults;
 pub mod faults;
 pub mod local_kinesis;
+pub mod moto;
 pub mod proxy;
 pub mod rng;
 
