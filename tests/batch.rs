@@ -5,6 +5,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{
@@ -28,6 +29,35 @@ fn quick() -> BatchOptions {
             max_delay: Duration::from_millis(50),
         },
         ..BatchOptions::default()
+    }
+}
+
+/// How often the fault layer has met each item (by a key the test picks), so that a rule can
+/// fail only an item's first attempts.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<HashMap<String, u32>>>);
+
+impl Seen {
+    /// Counts one more meeting of `key`; 1 at the first.
+    fn meet(&self, key: impl Into<String>) -> u32 {
+        let mut counts = self.0.lock().unwrap();
+        let n = counts.entry(key.into()).or_default();
+        *n += 1;
+        *n
+    }
+}
+
+/// A fault rule: `plan` for requests of `operation`, the rest pass.
+fn on(
+    operation: &'static str,
+    plan: impl Fn(&Request) -> Plan + Send + Sync + 'static,
+) -> impl Fn(&Request) -> Plan + Send + Sync + 'static {
+    move |request| {
+        if request.operation().as_deref() == Some(operation) {
+            plan(request)
+        } else {
+            Plan::Pass
+        }
     }
 }
 
@@ -186,29 +216,19 @@ async fn sqs_oversize_messages_are_returned_and_never_affect_the_others() {
 
 /// Fails the SendMessageBatch entries whose body says so: `transient` ones on their first two
 /// attempts (by a counter in the proxy), `permanent` ones always.
-fn sqs_rule(
-    attempts: std::sync::Arc<std::sync::Mutex<HashMap<String, u32>>>,
-) -> impl Fn(&Request) -> Plan {
-    move |request| {
-        if request.operation().as_deref() != Some("SendMessageBatch") {
-            return Plan::Pass;
-        }
+fn sqs_rule(seen: Seen) -> impl Fn(&Request) -> Plan + Send + Sync + 'static {
+    on("SendMessageBatch", move |request| {
         batch_faults::sqs_fail(request, |_, entry| {
             let body = entry["MessageBody"].as_str().unwrap_or_default().to_owned();
             if body.starts_with("permanent") {
                 return Some(("InvalidParameterValue".to_owned(), true));
             }
-            if body.starts_with("transient") {
-                let mut seen = attempts.lock().unwrap();
-                let n = seen.entry(body).or_default();
-                *n += 1;
-                if *n <= 2 {
-                    return Some(("InternalError".to_owned(), false));
-                }
+            if body.starts_with("transient") && seen.meet(body) <= 2 {
+                return Some(("InternalError".to_owned(), false));
             }
             None
         })
-    }
+    })
 }
 
 #[tokio::test]
@@ -260,17 +280,11 @@ async fn the_time_budget_bounds_the_whole_call_and_every_unsent_item_comes_back(
     let server = moto().await;
     let client = sqs_client(&server.endpoint).await;
     let url = create_queue(&client, "budget").await;
-    let proxy = BatchFaultProxy::start(&server.endpoint, |request: &Request| {
-        if request.operation().as_deref() == Some("SendMessageBatch") {
-            Plan::Refuse {
-                status: 503,
-                code: "ServiceUnavailable".to_owned(),
-            }
-        } else {
-            Plan::Pass
-        }
-    })
-    .await;
+    let refuse = on("SendMessageBatch", |_| Plan::Refuse {
+        status: 503,
+        code: "ServiceUnavailable".to_owned(),
+    });
+    let proxy = BatchFaultProxy::start(&server.endpoint, refuse).await;
     let call = sqs::SendMessageBatch::new(sqs_client(&proxy.endpoint).await, &url);
     let options = BatchOptions {
         time_budget: Duration::from_millis(1500),
@@ -321,13 +335,10 @@ async fn an_attempt_limit_ends_retries_with_the_last_error() {
     let server = moto().await;
     let client = sqs_client(&server.endpoint).await;
     let url = create_queue(&client, "attempts").await;
-    let proxy = BatchFaultProxy::start(&server.endpoint, |request: &Request| {
-        if request.operation().as_deref() == Some("SendMessageBatch") {
-            Plan::ResetBefore
-        } else {
-            Plan::Pass
-        }
-    })
+    let proxy = BatchFaultProxy::start(
+        &server.endpoint,
+        on("SendMessageBatch", |_| Plan::ResetBefore),
+    )
     .await;
     let call = sqs::SendMessageBatch::new(sqs_client(&proxy.endpoint).await, &url);
     let options = BatchOptions {
@@ -619,19 +630,17 @@ async fn dynamodb_writes_retry_unprocessed_items_until_all_land() {
     let client = dynamodb_client(&server.endpoint).await;
     create_table(&client, "items").await;
     // Each request: every third item is left unprocessed, on its first attempt only.
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(HashMap::<String, u32>::new()));
-    let proxy = BatchFaultProxy::start(&server.endpoint, move |request: &Request| {
-        if request.operation().as_deref() != Some("BatchWriteItem") {
-            return Plan::Pass;
-        }
-        batch_faults::dynamodb_write_fail(request, |position, _, item| {
-            let text = item.to_string();
-            let mut seen = seen.lock().unwrap();
-            let n = seen.entry(text).or_default();
-            *n += 1;
-            position % 3 == 0 && *n == 1
-        })
-    })
+    let seen = Seen::default();
+    let proxy = BatchFaultProxy::start(
+        &server.endpoint,
+        on("BatchWriteItem", move |request: &Request| {
+            batch_faults::dynamodb_write_fail(request, |position, _, item| {
+                let text = item.to_string();
+                let n = seen.meet(text);
+                position % 3 == 0 && n == 1
+            })
+        }),
+    )
     .await;
     let call = dynamodb::BatchWriteItem::new(dynamodb_client(&proxy.endpoint).await, "items");
     let count = 2 * dynamodb::MAX_WRITE_ITEMS + 1;
@@ -719,22 +728,20 @@ async fn dynamodb_gets_retry_unprocessed_keys_and_keep_partial_results_when_time
     assert!(written.is_complete());
 
     // Keys with an odd sort key are unprocessed on their first attempt; keys 7 and 8 always.
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(HashMap::<String, u32>::new()));
-    let proxy = BatchFaultProxy::start(&server.endpoint, move |request: &Request| {
-        if request.operation().as_deref() != Some("BatchGetItem") {
-            return Plan::Pass;
-        }
-        batch_faults::dynamodb_get_fail(request, |_, _, key| {
-            let sk: usize = key["sk"]["N"]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            let mut seen = seen.lock().unwrap();
-            let n = seen.entry(sk.to_string()).or_default();
-            *n += 1;
-            sk == 7 || sk == 8 || (sk % 2 == 1 && *n == 1)
-        })
-    })
+    let seen = Seen::default();
+    let proxy = BatchFaultProxy::start(
+        &server.endpoint,
+        on("BatchGetItem", move |request: &Request| {
+            batch_faults::dynamodb_get_fail(request, |_, _, key| {
+                let sk: usize = key["sk"]["N"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                let n = seen.meet(sk.to_string());
+                sk == 7 || sk == 8 || (sk % 2 == 1 && n == 1)
+            })
+        }),
+    )
     .await;
     let reader = dynamodb::BatchGetItem::new(dynamodb_client(&proxy.endpoint).await, "reads")
         .consistent_read(true)
@@ -796,24 +803,22 @@ async fn s3_deletes_a_thousand_keys_a_request_and_retries_only_transient_errors(
             .await
             .expect("put");
     }
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(HashMap::<String, u32>::new()));
-    let proxy = BatchFaultProxy::start(&server.endpoint, move |request: &Request| {
-        if request.operation().as_deref() != Some("DeleteObjects") {
-            return Plan::Pass;
-        }
-        batch_faults::s3_delete_fail(request, |_, key, _| {
-            let number: usize = key[2..6].parse().unwrap_or(0);
-            let mut seen = seen.lock().unwrap();
-            let n = seen.entry(key.to_owned()).or_default();
-            *n += 1;
-            match number % 100 {
-                0 => Some("AccessDenied".to_owned()),
-                1 if *n == 1 => Some("SlowDown".to_owned()),
-                2 if *n <= 2 => Some("InternalError".to_owned()),
-                _ => None,
-            }
-        })
-    })
+    let seen = Seen::default();
+    let proxy = BatchFaultProxy::start(
+        &server.endpoint,
+        on("DeleteObjects", move |request: &Request| {
+            batch_faults::s3_delete_fail(request, |_, key, _| {
+                let number: usize = key[2..6].parse().unwrap_or(0);
+                let n = seen.meet(key.to_owned());
+                match number % 100 {
+                    0 => Some("AccessDenied".to_owned()),
+                    1 if n == 1 => Some("SlowDown".to_owned()),
+                    2 if n <= 2 => Some("InternalError".to_owned()),
+                    _ => None,
+                }
+            })
+        }),
+    )
     .await;
     let call = s3::DeleteObjects::new(s3_client(&proxy.endpoint).await, "bin");
     let objects = (0..count).map(|i| {
@@ -934,19 +939,17 @@ async fn firehose_retries_failed_entries_by_position() {
         .send()
         .await
         .expect("delivery stream");
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(HashMap::<String, u32>::new()));
-    let proxy = BatchFaultProxy::start(&server.endpoint, move |request: &Request| {
-        if request.operation().as_deref() != Some("PutRecordBatch") {
-            return Plan::Pass;
-        }
-        batch_faults::firehose_fail(request, |_, record| {
-            let data = record["Data"].as_str().unwrap_or_default().to_owned();
-            let mut seen = seen.lock().unwrap();
-            let n = seen.entry(data.clone()).or_default();
-            *n += 1;
-            (data.len() % 3 == 0 && *n == 1).then(|| "ServiceUnavailableException".to_owned())
-        })
-    })
+    let seen = Seen::default();
+    let proxy = BatchFaultProxy::start(
+        &server.endpoint,
+        on("PutRecordBatch", move |request: &Request| {
+            batch_faults::firehose_fail(request, |_, record| {
+                let data = record["Data"].as_str().unwrap_or_default().to_owned();
+                let n = seen.meet(data.clone());
+                (data.len() % 3 == 0 && n == 1).then(|| "ServiceUnavailableException".to_owned())
+            })
+        }),
+    )
     .await;
     let call = firehose::PutRecordBatch::new(firehose_client(&proxy.endpoint).await, "events");
     let count = 2 * firehose::MAX_ITEMS + 1;
@@ -991,23 +994,21 @@ async fn kinesis_one_shot_puts_every_record_and_retries_throttled_ones() {
         .send()
         .await
         .expect("stream");
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(HashMap::<String, u32>::new()));
-    let proxy = BatchFaultProxy::start(&server.endpoint, move |request: &Request| {
-        if request.operation().as_deref() != Some("PutRecords") {
-            return Plan::Pass;
-        }
-        batch_faults::kinesis_fail(request, |position, record| {
-            let key = record["PartitionKey"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            let mut seen = seen.lock().unwrap();
-            let n = seen.entry(key).or_default();
-            *n += 1;
-            (position % 4 == 1 && *n == 1)
-                .then(|| "ProvisionedThroughputExceededException".to_owned())
-        })
-    })
+    let seen = Seen::default();
+    let proxy = BatchFaultProxy::start(
+        &server.endpoint,
+        on("PutRecords", move |request: &Request| {
+            batch_faults::kinesis_fail(request, |position, record| {
+                let key = record["PartitionKey"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let n = seen.meet(key);
+                (position % 4 == 1 && n == 1)
+                    .then(|| "ProvisionedThroughputExceededException".to_owned())
+            })
+        }),
+    )
     .await;
     let call = kinesis::PutRecords::new(kinesis_client(&proxy.endpoint).await, "oneshot");
     // One request at a time: moto numbers a shard's records as "highest so far + 1" without a
@@ -1105,24 +1106,24 @@ async fn cloudwatch_pages_a_thousand_data_retries_throttling_and_isolates_a_refu
     // Throttles the first two PutMetricData requests; refuses any request carrying the datum
     // named "poison", as CloudWatch refuses a whole request over one bad datum.
     let throttled = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let proxy = BatchFaultProxy::start(&server.cloudwatch_endpoint, move |request: &Request| {
-        if request.operation().as_deref() != Some("PutMetricData") {
-            return Plan::Pass;
-        }
-        if throttled.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
-            return Plan::Refuse {
-                status: 400,
-                code: "Throttling".to_owned(),
-            };
-        }
-        if request.body.windows(6).any(|w| w == b"poison") {
-            return Plan::Refuse {
-                status: 400,
-                code: "InvalidParameterValue".to_owned(),
-            };
-        }
-        Plan::Pass
-    })
+    let proxy = BatchFaultProxy::start(
+        &server.cloudwatch_endpoint,
+        on("PutMetricData", move |request: &Request| {
+            if throttled.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                return Plan::Refuse {
+                    status: 400,
+                    code: "Throttling".to_owned(),
+                };
+            }
+            if request.body.windows(6).any(|w| w == b"poison") {
+                return Plan::Refuse {
+                    status: 400,
+                    code: "InvalidParameterValue".to_owned(),
+                };
+            }
+            Plan::Pass
+        }),
+    )
     .await;
     let call = kinesis_producer::batch::cloudwatch::PutMetricData::new(
         cloudwatch_client(&proxy.endpoint, false).await,

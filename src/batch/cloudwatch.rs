@@ -19,7 +19,7 @@ use aws_sdk_cloudwatch::config::retry::RetryConfig;
 use aws_sdk_cloudwatch::types::MetricDatum;
 use aws_sdk_cloudwatch::Client;
 
-use super::{BatchCall, BatchConfigError, Failure, ItemResult, Limits};
+use super::{owned, BatchCall, BatchConfigError, Failure, ItemResult, Limits};
 
 /// Metric data per PutMetricData.
 pub const MAX_ITEMS: usize = 1000;
@@ -184,11 +184,11 @@ impl BatchCall for PutMetricData {
             .map_err(|message| Failure::new("InvalidParameterValue", message, false))
     }
 
-    async fn send(&self, page: &[MetricDatum]) -> Result<Vec<ItemResult<()>>, Failure> {
+    async fn send(&self, page: &[&MetricDatum]) -> Result<Vec<ItemResult<()>>, Failure> {
         self.client
             .put_metric_data()
             .namespace(&self.namespace)
-            .set_metric_data(Some(page.to_vec()))
+            .set_metric_data(Some(owned(page)))
             .customize()
             .config_override(
                 aws_sdk_cloudwatch::Config::builder().retry_config(RetryConfig::disabled()),

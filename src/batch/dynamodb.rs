@@ -19,7 +19,7 @@ use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, WriteRequest};
 use aws_sdk_dynamodb::Client;
 
-use super::{BatchCall, BatchConfigError, Failure, ItemResult, Keep, Limits};
+use super::{owned, BatchCall, BatchConfigError, Failure, ItemResult, Keep, Limits};
 
 /// Requests per BatchWriteItem.
 pub const MAX_WRITE_ITEMS: usize = 25;
@@ -160,11 +160,11 @@ impl BatchCall for BatchWriteItem {
         }
     }
 
-    async fn send(&self, page: &[WriteRequest]) -> Result<Vec<ItemResult<()>>, Failure> {
+    async fn send(&self, page: &[&WriteRequest]) -> Result<Vec<ItemResult<()>>, Failure> {
         let output = self
             .client
             .batch_write_item()
-            .request_items(&self.table, page.to_vec())
+            .request_items(&self.table, owned(page))
             .customize()
             .config_override(
                 aws_sdk_dynamodb::Config::builder().retry_config(RetryConfig::disabled()),
@@ -177,7 +177,7 @@ impl BatchCall for BatchWriteItem {
         for request in unprocessed.into_iter().flatten() {
             // The first still-successful equal request of the page is the one not applied.
             let position = page.iter().zip(&results).position(|(sent, result)| {
-                sent == request && matches!(result, ItemResult::Done(_))
+                *sent == request && matches!(result, ItemResult::Done(_))
             });
             if let Some(position) = position {
                 results[position] = ItemResult::Failed(Failure::new(
@@ -257,7 +257,7 @@ impl BatchGetItem {
         Ok(self)
     }
 
-    fn request(&self, page: &[Item], key_names: &[String]) -> Result<KeysAndAttributes, Failure> {
+    fn request(&self, page: &[&Item], key_names: &[String]) -> Result<KeysAndAttributes, Failure> {
         let mut projection = self.projection.clone();
         let mut names = self.names.clone();
         if let Some(expression) = projection.as_mut() {
@@ -269,7 +269,7 @@ impl BatchGetItem {
             }
         }
         KeysAndAttributes::builder()
-            .set_keys(Some(page.to_vec()))
+            .set_keys(Some(owned(page)))
             .set_consistent_read(self.consistent_read)
             .set_projection_expression(projection)
             .set_expression_attribute_names(names)
@@ -298,7 +298,7 @@ impl BatchCall for BatchGetItem {
         Ok(item_size(key))
     }
 
-    async fn send(&self, page: &[Item]) -> Result<Vec<ItemResult<Option<Item>>>, Failure> {
+    async fn send(&self, page: &[&Item]) -> Result<Vec<ItemResult<Option<Item>>>, Failure> {
         let mut key_names: Vec<String> = page[0].keys().cloned().collect();
         key_names.sort();
         let output = self

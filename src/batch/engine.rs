@@ -71,28 +71,16 @@ fn check<S: BatchCall>(
     item: S::Item,
 ) -> Result<Entry<S::Item>, Unprocessed<S::Item>> {
     let max = call.limits().max_item_bytes;
-    let rejected = |item, failure: Failure| Unprocessed {
-        index,
-        item,
-        reason: Reason {
-            kind: ReasonKind::Rejected,
-            code: failure.code,
-            message: failure.message,
-        },
-        attempts: 0,
+    let failure = match call.check(&item) {
+        Ok(bytes) if bytes <= max => return Ok(Entry::new(index, item, bytes)),
+        Ok(bytes) => Failure::new(
+            "ItemTooLarge",
+            format!("{bytes} bytes, over the limit of {max} bytes per item"),
+            false,
+        ),
+        Err(failure) => failure,
     };
-    match call.check(&item) {
-        Ok(bytes) if bytes > max => Err(rejected(
-            item,
-            Failure::new(
-                "ItemTooLarge",
-                format!("{bytes} bytes, over the limit of {max} bytes per item"),
-                false,
-            ),
-        )),
-        Ok(bytes) => Ok(Entry::new(index, item, bytes)),
-        Err(failure) => Err(rejected(item, failure)),
-    }
+    Err(Entry::new(index, item, 0).unprocessed(ReasonKind::Rejected, &failure))
 }
 
 /// The one-call style: every item checked, de-duplicated on request, paged and sent.
@@ -115,6 +103,7 @@ pub(crate) async fn send_all<S: BatchCall>(
     }
     let sent = send_entries(call, entries, options, started + options.time_budget).await;
     merge(&mut outcome, sent);
+    sort(&mut outcome);
     outcome.elapsed = started.elapsed();
     outcome
 }
@@ -241,9 +230,7 @@ async fn send_entries<S: BatchCall>(
             }
         }
     }
-    let mut outcome = mem::take(&mut *run.outcome.lock().unwrap());
-    outcome.succeeded.sort_by_key(|s| s.index);
-    outcome.unprocessed.sort_by_key(|u| u.index);
+    let outcome = mem::take(&mut *run.outcome.lock().unwrap());
     outcome
 }
 
@@ -272,10 +259,10 @@ async fn send_page<S: BatchCall>(run: &Run<S>, mut pending: Vec<Entry<S::Item>>)
             end_all(run, pending, |e| e.gave_up("the time budget ran out"));
             return;
         }
-        let items: Vec<S::Item> = pending.iter().map(|e| e.item.clone()).collect();
         for entry in &mut pending {
             entry.attempts += 1;
         }
+        let items: Vec<&S::Item> = pending.iter().map(|e| &e.item).collect();
         run.outcome.lock().unwrap().requests += 1;
         let answer = tokio::time::timeout(remaining, run.call.send(&items)).await;
         drop(items);
@@ -418,15 +405,19 @@ fn hold_back_blocked<S: BatchCall>(
     kept
 }
 
-/// Adds `part` to `total`, keeping both lists sorted by index.
+/// Adds `part` to `total`.
 fn merge<T, O>(total: &mut Outcome<T, O>, part: Outcome<T, O>) {
     total.succeeded.extend(part.succeeded);
     total.unprocessed.extend(part.unprocessed);
     total.deduplicated.extend(part.deduplicated);
     total.requests += part.requests;
-    total.succeeded.sort_by_key(|s| s.index);
-    total.unprocessed.sort_by_key(|u| u.index);
-    total.deduplicated.sort_unstable();
+}
+
+/// Puts each list in index order, as the outcome promises (workers finish in any order).
+fn sort<T, O>(outcome: &mut Outcome<T, O>) {
+    outcome.succeeded.sort_by_key(|s| s.index);
+    outcome.unprocessed.sort_by_key(|u| u.index);
+    outcome.deduplicated.sort_unstable();
 }
 
 /// What [`Dispatcher::submit`] did with an item.
@@ -544,9 +535,7 @@ impl<S: BatchCall> Dispatcher<S> {
     pub async fn flush(&mut self) -> Outcome<S::Item, S::Output> {
         self.send_buffer().await;
         let mut outcome = mem::take(&mut self.outcome);
-        outcome.succeeded.sort_by_key(|s| s.index);
-        outcome.unprocessed.sort_by_key(|u| u.index);
-        outcome.deduplicated.sort_unstable();
+        sort(&mut outcome);
         outcome.elapsed = self.started.take().map_or(Duration::ZERO, |s| s.elapsed());
         self.next_index = 0;
         outcome

@@ -9,7 +9,7 @@ use aws_sdk_firehose::config::retry::RetryConfig;
 use aws_sdk_firehose::types::Record;
 use aws_sdk_firehose::Client;
 
-use super::{entry_result, BatchCall, BatchConfigError, Failure, ItemResult, Limits};
+use super::{entry_result, owned, BatchCall, BatchConfigError, Failure, ItemResult, Limits};
 
 /// Records per PutRecordBatch.
 pub const MAX_ITEMS: usize = 500;
@@ -70,12 +70,12 @@ impl BatchCall for PutRecordBatch {
         Ok(record.data.as_ref().len())
     }
 
-    async fn send(&self, page: &[Record]) -> Result<Vec<ItemResult<String>>, Failure> {
+    async fn send(&self, page: &[&Record]) -> Result<Vec<ItemResult<String>>, Failure> {
         let output = self
             .client
             .put_record_batch()
             .delivery_stream_name(&self.delivery_stream)
-            .set_records(Some(page.to_vec()))
+            .set_records(Some(owned(page)))
             .customize()
             .config_override(
                 aws_sdk_firehose::Config::builder().retry_config(RetryConfig::disabled()),

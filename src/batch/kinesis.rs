@@ -13,7 +13,7 @@ use aws_sdk_kinesis::config::retry::RetryConfig;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
 
-use super::{entry_result, BatchCall, BatchConfigError, Failure, ItemResult, Limits};
+use super::{entry_result, owned, BatchCall, BatchConfigError, Failure, ItemResult, Limits};
 use crate::retry::entry_error_is_transient;
 
 /// Records per PutRecords.
@@ -100,8 +100,11 @@ impl BatchCall for PutRecords {
         Ok(entry.data.as_ref().len() + key.len())
     }
 
-    async fn send(&self, page: &[PutRecordsRequestEntry]) -> Result<Vec<ItemResult<Put>>, Failure> {
-        let request = self.client.put_records().set_records(Some(page.to_vec()));
+    async fn send(
+        &self,
+        page: &[&PutRecordsRequestEntry],
+    ) -> Result<Vec<ItemResult<Put>>, Failure> {
+        let request = self.client.put_records().set_records(Some(owned(page)));
         let request = match &self.stream {
             Stream::Name(name) => request.stream_name(name),
             Stream::Arn(arn) => request.stream_arn(arn),

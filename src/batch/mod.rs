@@ -364,10 +364,11 @@ pub trait BatchCall: Send + Sync + 'static {
     fn check(&self, item: &Self::Item) -> Result<usize, Failure>;
 
     /// Sends one page (within the limits) and says what happened to each item, in order. An
-    /// `Err` is a failure of the whole request.
+    /// `Err` is a failure of the whole request. The engine keeps the items (for retries and to
+    /// give back), so the request takes the one copy of them an SDK request needs.
     fn send(
         &self,
-        page: &[Self::Item],
+        page: &[&Self::Item],
     ) -> impl Future<Output = Result<Vec<ItemResult<Self::Output>>, Failure>> + Send;
 
     /// The key by which [`BatchOptions::deduplicate`] finds duplicates; `None` never collides.
@@ -446,6 +447,11 @@ pub(crate) fn unanswered_retried<O>(results: Vec<Option<ItemResult<O>>>) -> Vec<
         .into_iter()
         .map(|result| result.unwrap_or_else(|| ItemResult::Failed(Failure::no_result())))
         .collect()
+}
+
+/// The page's items, copied once into the SDK request that takes them by value.
+pub(crate) fn owned<T: Clone>(page: &[&T]) -> Vec<T> {
+    page.iter().map(|item| (*item).clone()).collect()
 }
 
 /// Bytes of an optional string.

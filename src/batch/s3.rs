@@ -14,7 +14,7 @@ use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use aws_sdk_s3::Client;
 
 use super::{
-    opt_len, unanswered_retried, BatchCall, BatchConfigError, Failure, ItemResult, Limits,
+    opt_len, owned, unanswered_retried, BatchCall, BatchConfigError, Failure, ItemResult, Limits,
 };
 
 /// Keys per DeleteObjects.
@@ -90,9 +90,9 @@ impl BatchCall for DeleteObjects {
         Ok(object.key.len() + opt_len(object.version_id.as_deref()))
     }
 
-    async fn send(&self, page: &[ObjectIdentifier]) -> Result<Vec<ItemResult<Deleted>>, Failure> {
+    async fn send(&self, page: &[&ObjectIdentifier]) -> Result<Vec<ItemResult<Deleted>>, Failure> {
         let delete = Delete::builder()
-            .set_objects(Some(page.to_vec()))
+            .set_objects(Some(owned(page)))
             .quiet(false)
             .build()
             .map_err(|e| Failure::new("InvalidRequest", e.to_string(), false))?;

@@ -136,11 +136,11 @@ impl BatchCall for SendMessageBatch {
         Ok(message_size(entry))
     }
 
-    async fn send(&self, page: &[Self::Item]) -> Result<Vec<ItemResult<Sent>>, Failure> {
+    async fn send(&self, page: &[&Self::Item]) -> Result<Vec<ItemResult<Sent>>, Failure> {
         // Our own ids (the position in the page) keep the request valid whatever ids the caller
         // used, and map the answer back without a lookup.
         let entries = page.iter().enumerate().map(|(position, entry)| {
-            let mut entry = entry.clone();
+            let mut entry = (*entry).clone();
             entry.id = position.to_string();
             entry
         });
