@@ -4,7 +4,8 @@
 #     tests/interop/) into ./.venv and tests/interop/node_modules, and there too kinesis-local
 #     (kinesis-mock), a second Kinesis server that tests/kinesis_mock.rs starts on 127.0.0.1;
 #   - moto (PyPI, pinned in tests/batch/requirements.txt) into the same venv, the local server of
-#     the batch helpers' tests (tests/batch.rs starts it on 127.0.0.1);
+#     the batch helpers' tests and of the scatter-gather example's test (tests/batch.rs and
+#     tests/scatter_gather.rs start it on 127.0.0.1; the venv is made by scripts/python-env.sh);
 #   - cargo-fuzz, for a short coverage-guided fuzzing run of each fuzz target.
 # Then: unit tests, integration tests against an embedded Kinesis server (ferrokinesis,
 # in-process on 127.0.0.1), CLI tests, interop tests, properties, doc tests, and the fuzzing.
@@ -14,11 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== interop peers, moto and kinesis-local (Python venv, node_modules)"
-if ! .venv/bin/python -c 'import aws_kinesis_agg.aggregator, moto.server, cbor2' 2>/dev/null; then
-  python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check \
-    -r tests/interop/requirements.txt -r tests/batch/requirements.txt
-fi
+source scripts/python-env.sh
 if [ ! -d tests/interop/node_modules/aws-kinesis-agg ] || [ ! -d tests/interop/node_modules/kinesis-local ]; then
   npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error
 fi

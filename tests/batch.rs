@@ -108,8 +108,10 @@ async fn create_queue(client: &aws_sdk_sqs::Client, name: &str) -> String {
         .expect("url")
 }
 
-/// Every message body in the queue, received until it is empty (deleting each).
+/// Every message body in the queue, received until it is empty, each deleted with the
+/// DeleteMessageBatch helper.
 async fn drain_queue(client: &aws_sdk_sqs::Client, url: &str) -> Vec<String> {
+    let delete = sqs::DeleteMessageBatch::new(client.clone(), url);
     let mut bodies = Vec::new();
     loop {
         let received = client
@@ -123,16 +125,20 @@ async fn drain_queue(client: &aws_sdk_sqs::Client, url: &str) -> Vec<String> {
         if messages.is_empty() {
             return bodies;
         }
+        let mut handles = Vec::new();
         for m in messages {
             bodies.push(m.body.unwrap_or_default());
-            client
-                .delete_message()
-                .queue_url(url)
-                .receipt_handle(m.receipt_handle.unwrap_or_default())
-                .send()
-                .await
-                .expect("delete");
+            let handle = m.receipt_handle.unwrap_or_default();
+            handles.push(
+                aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                    .id("d")
+                    .receipt_handle(handle)
+                    .build()
+                    .expect("entry"),
+            );
         }
+        let deleted = delete.send_all(handles, &quick()).await.expect("options");
+        assert!(deleted.is_complete(), "{:?}", deleted.unprocessed.first());
     }
 }
 

@@ -134,7 +134,7 @@ pub struct Limits {
 
 impl Limits {
     /// Checks these limits against the service's hard maximum number of items per request.
-    pub(crate) fn validate(&self, service_max_items: usize) -> Result<(), BatchConfigError> {
+    pub fn validate(&self, service_max_items: usize) -> Result<(), BatchConfigError> {
         if self.max_items == 0 || self.max_items > service_max_items {
             return Err(BatchConfigError::new(
                 "max_items",
@@ -224,8 +224,8 @@ impl Failure {
     }
 
     /// A failed SDK call, classified by the producer's retry rules (throttling, 5xx, timeouts
-    /// and connection errors are transient).
-    pub(crate) fn from_sdk<E>(
+    /// and connection errors are transient); for [`BatchCall::send`] implementations.
+    pub fn from_sdk<E>(
         error: &aws_smithy_runtime_api::client::result::SdkError<
             E,
             aws_smithy_runtime_api::http::Response,
@@ -424,6 +424,7 @@ pub trait BatchCall: Send + Sync + 'static {
 }
 
 /// One entry of an answer that reports per item: failed when it carries an error code.
+#[cfg(any(feature = "batch-firehose", feature = "batch-kinesis"))]
 pub(crate) fn entry_result<O>(
     error_code: Option<&str>,
     error_message: Option<&str>,
@@ -442,6 +443,7 @@ pub(crate) fn entry_result<O>(
 
 /// The results of an answer that names its items (by id or key); an item it did not mention
 /// is tried again.
+#[cfg(any(feature = "batch-sqs", feature = "batch-s3"))]
 pub(crate) fn unanswered_retried<O>(results: Vec<Option<ItemResult<O>>>) -> Vec<ItemResult<O>> {
     results
         .into_iter()
@@ -450,11 +452,19 @@ pub(crate) fn unanswered_retried<O>(results: Vec<Option<ItemResult<O>>>) -> Vec<
 }
 
 /// The page's items, copied once into the SDK request that takes them by value.
+#[cfg(any(
+    feature = "batch-dynamodb",
+    feature = "batch-s3",
+    feature = "batch-cloudwatch",
+    feature = "batch-firehose",
+    feature = "batch-kinesis"
+))]
 pub(crate) fn owned<T: Clone>(page: &[&T]) -> Vec<T> {
     page.iter().map(|item| (*item).clone()).collect()
 }
 
 /// Bytes of an optional string.
+#[cfg(any(feature = "batch-sqs", feature = "batch-s3"))]
 pub(crate) fn opt_len(value: Option<&str>) -> usize {
     value.map_or(0, str::len)
 }

@@ -1,4 +1,4 @@
-//! SQS SendMessageBatch, standard and FIFO queues.
+//! SQS SendMessageBatch, standard and FIFO queues, and DeleteMessageBatch.
 //!
 //! - **Limits:** 10 messages per request; a batch's bytes and one message's bytes are each at
 //!   most 1 MiB (the current AWS limit; queues created before 2025 or with a lower
@@ -20,7 +20,9 @@
 //!   and the failed one lands after them on retry. De-duplication uses `MessageDeduplicationId`.
 
 use aws_sdk_sqs::config::retry::RetryConfig;
-use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+use aws_sdk_sqs::types::{
+    BatchResultErrorEntry, DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry,
+};
 use aws_sdk_sqs::Client;
 
 use super::{
@@ -137,43 +139,25 @@ impl BatchCall for SendMessageBatch {
     }
 
     async fn send(&self, page: &[&Self::Item]) -> Result<Vec<ItemResult<Sent>>, Failure> {
-        // Our own ids (the position in the page) keep the request valid whatever ids the caller
-        // used, and map the answer back without a lookup.
-        let entries = page.iter().enumerate().map(|(position, entry)| {
-            let mut entry = (*entry).clone();
-            entry.id = position.to_string();
-            entry
-        });
+        let entries = numbered(page, |entry| &mut entry.id);
         let output = self
             .client
             .send_message_batch()
             .queue_url(&self.queue_url)
-            .set_entries(Some(entries.collect()))
+            .set_entries(Some(entries))
             .customize()
             .config_override(aws_sdk_sqs::Config::builder().retry_config(RetryConfig::disabled()))
             .send()
             .await
             .map_err(|e| Failure::from_sdk(&e))?;
-        let mut results: Vec<Option<ItemResult<Sent>>> = (0..page.len()).map(|_| None).collect();
-        let slot = |id: &str| id.parse::<usize>().ok().filter(|p| *p < page.len());
-        for ok in output.successful() {
-            if let Some(position) = slot(&ok.id) {
-                results[position] = Some(ItemResult::Done(Sent {
-                    message_id: ok.message_id.clone(),
-                    sequence_number: ok.sequence_number.clone(),
-                }));
-            }
-        }
-        for failed in output.failed() {
-            if let Some(position) = slot(&failed.id) {
-                results[position] = Some(ItemResult::Failed(Failure::new(
-                    failed.code.clone(),
-                    failed.message.clone().unwrap_or_default(),
-                    !failed.sender_fault,
-                )));
-            }
-        }
-        Ok(unanswered_retried(results))
+        let sent = output.successful().iter().map(|ok| {
+            let sent = Sent {
+                message_id: ok.message_id.clone(),
+                sequence_number: ok.sequence_number.clone(),
+            };
+            (ok.id.as_str(), sent)
+        });
+        Ok(results_by_position(page.len(), sent, output.failed()))
     }
 
     fn dedup_key(&self, entry: &Self::Item) -> Option<String> {
@@ -190,6 +174,101 @@ impl BatchCall for SendMessageBatch {
 
     fn strict_order(&self) -> bool {
         self.strict_group_order
+    }
+}
+
+/// The page's entries with their positions as ids: the request is valid whatever ids the caller
+/// used, and the answer maps back without a lookup.
+fn numbered<T: Clone>(page: &[&T], id: impl Fn(&mut T) -> &mut String) -> Vec<T> {
+    let number = |(position, entry): (usize, &&T)| {
+        let mut entry = (*entry).clone();
+        *id(&mut entry) = position.to_string();
+        entry
+    };
+    page.iter().enumerate().map(number).collect()
+}
+
+/// The results of an SQS batch answer whose entry ids are positions in the page: `Successful`
+/// ones done, `Failed` ones retried unless the sender is at fault, unmentioned ones retried.
+fn results_by_position<'a, O>(
+    len: usize,
+    successful: impl Iterator<Item = (&'a str, O)>,
+    failed: &[BatchResultErrorEntry],
+) -> Vec<ItemResult<O>> {
+    let mut results: Vec<Option<ItemResult<O>>> = (0..len).map(|_| None).collect();
+    let slot = |id: &str| id.parse::<usize>().ok().filter(|p| *p < len);
+    for (id, output) in successful {
+        if let Some(position) = slot(id) {
+            results[position] = Some(ItemResult::Done(output));
+        }
+    }
+    for failed in failed {
+        if let Some(position) = slot(&failed.id) {
+            results[position] = Some(ItemResult::Failed(Failure::new(
+                failed.code.clone(),
+                failed.message.clone().unwrap_or_default(),
+                !failed.sender_fault,
+            )));
+        }
+    }
+    unanswered_retried(results)
+}
+
+/// DeleteMessageBatch on one queue: 10 receipt handles per request. Entries with a transient
+/// `Failed` result are retried; an invalid or expired receipt handle (a sender fault) comes back
+/// at once. The helper numbers the entries itself, as for sending.
+#[derive(Debug, Clone)]
+pub struct DeleteMessageBatch {
+    client: Client,
+    queue_url: String,
+}
+
+impl DeleteMessageBatch {
+    pub fn new(client: Client, queue_url: impl Into<String>) -> Self {
+        DeleteMessageBatch {
+            client,
+            queue_url: queue_url.into(),
+        }
+    }
+}
+
+impl BatchCall for DeleteMessageBatch {
+    type Item = DeleteMessageBatchRequestEntry;
+    type Output = ();
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_items: MAX_ITEMS,
+            max_bytes: usize::MAX,
+            max_item_bytes: usize::MAX,
+        }
+    }
+
+    fn check(&self, entry: &Self::Item) -> Result<usize, Failure> {
+        if entry.receipt_handle.is_empty() {
+            return Err(Failure::new(
+                "ReceiptHandleIsInvalid",
+                "the receipt handle is empty",
+                false,
+            ));
+        }
+        Ok(entry.receipt_handle.len())
+    }
+
+    async fn send(&self, page: &[&Self::Item]) -> Result<Vec<ItemResult<()>>, Failure> {
+        let entries = numbered(page, |entry| &mut entry.id);
+        let output = self
+            .client
+            .delete_message_batch()
+            .queue_url(&self.queue_url)
+            .set_entries(Some(entries))
+            .customize()
+            .config_override(aws_sdk_sqs::Config::builder().retry_config(RetryConfig::disabled()))
+            .send()
+            .await
+            .map_err(|e| Failure::from_sdk(&e))?;
+        let deleted = output.successful().iter().map(|ok| (ok.id.as_str(), ()));
+        Ok(results_by_position(page.len(), deleted, output.failed()))
     }
 }
 

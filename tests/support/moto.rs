@@ -1,9 +1,12 @@
 //! moto (PyPI `moto[server]`), a local server for SQS, DynamoDB, S3, Firehose and Kinesis, on
-//! 127.0.0.1. One server per test binary, started on first use; each test takes the lock, which
-//! resets the server's state (`POST /moto-api/reset`) so tests don't see each other's data.
+//! 127.0.0.1. One server per process (a test binary, or the scatter-gather example), started on
+//! first use; each test (or run) takes the lock, which resets the server's state
+//! (`POST /moto-api/reset`) so runs don't see each other's data.
 //!
 //! moto speaks CloudWatch only in JSON 1.0, and the Rust client only in CBOR (Smithy RPC v2):
 //! `tests/batch/cbor_shim.py` translates, and [`Moto::cloudwatch_endpoint`] is that shim.
+//!
+//! Set `KP_MOTO_LOG` to a file to keep the servers' logs (moto prints its tracebacks there).
 //!
 //! Both come from the venv (`.venv/bin`, or the one in `KP_VENV`), which `scripts/test.sh`
 //! installs from `tests/batch/requirements.txt`.
@@ -89,11 +92,23 @@ fn spawn_watched(program: &Path, args: &[&str]) {
         .arg(program)
         .args(args)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(server_log())
         .spawn()
         .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
     // Reaped by a thread of its own, should it end while the tests run.
     std::thread::spawn(move || watchdog.wait());
+}
+
+/// Where the servers' own logs go: the file named by `KP_MOTO_LOG` (appended), else nowhere.
+fn server_log() -> Stdio {
+    let file = std::env::var_os("KP_MOTO_LOG").and_then(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+    });
+    file.map_or_else(Stdio::null, Stdio::from)
 }
 
 fn wait_for(port: u16) {
