@@ -767,9 +767,12 @@ async fn dynamodb_gets_retry_unprocessed_keys_and_keep_partial_results_when_time
         .expect("options");
     let unprocessed: Vec<usize> = outcome.unprocessed.iter().map(|u| u.index).collect();
     assert_eq!(unprocessed, [7, 8], "only the keys that never came back");
+    // Time runs out between attempts (the last error stands) or during one (cut in flight).
     for u in &outcome.unprocessed {
-        assert_eq!(u.reason.kind, ReasonKind::GaveUp);
-        assert_eq!(u.reason.code, "UnprocessedKeys");
+        match (u.reason.kind, u.reason.code.as_str()) {
+            (ReasonKind::GaveUp, "UnprocessedKeys") | (ReasonKind::Unknown, "BudgetExhausted") => {}
+            _ => panic!("key {}: unexpected reason {}", u.index, u.reason),
+        }
         assert_eq!(u.item, key("p", u.index));
     }
     assert_eq!(

@@ -21,8 +21,11 @@ async fn run_and_check(config: JobConfig) -> job::Report {
     let queue_url = job::create_resources(&clients, job::visibility(&config))
         .await
         .expect("resources");
-    let report = job::run(&clients, &queue_url, &config)
+    // A job that never completes fails the test instead of hanging it.
+    let run = job::run(&clients, &queue_url, &config);
+    let report = tokio::time::timeout(std::time::Duration::from_secs(180), run)
         .await
+        .expect("the job completes within 3 minutes")
         .expect("the job runs");
 
     // The summary: matches the input, and is the file in S3.

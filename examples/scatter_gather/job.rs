@@ -35,7 +35,20 @@ pub struct Clients {
 
 impl Clients {
     /// S3 (path-style), SQS and DynamoDB from `sdk` (moto), Kinesis as given.
+    ///
+    /// The job's own calls (receive, reads, the claim) get up to ten attempts of 10 seconds
+    /// each from the SDK's retryer, so that a request moto answers with a 500 or never answers
+    /// is retried rather than failing or hanging the job. The batch helpers and the counting
+    /// transaction retry by themselves.
     pub fn new(sdk: &aws_config::SdkConfig, kinesis: aws_sdk_kinesis::Client) -> Self {
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .operation_attempt_timeout(Duration::from_secs(10))
+            .build();
+        let sdk = &sdk
+            .to_builder()
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(10))
+            .timeout_config(timeouts)
+            .build();
         let s3 = aws_sdk_s3::config::Builder::from(sdk)
             .force_path_style(true)
             .build();
@@ -219,6 +232,18 @@ pub async fn run(clients: &Clients, queue_url: &str, config: &JobConfig) -> Resu
         .client(clients.kinesis.clone())
         .build()
         .await?;
+    // An event Kinesis could not take fails the run: counted here, checked after stop.
+    let mut failures = producer.notify_failures();
+    let failed_events = tokio::spawn(async move {
+        let mut count = 0usize;
+        while let Some(failed) = failures.recv().await {
+            if count == 0 {
+                eprintln!("an event was not delivered: {}", failed.error);
+            }
+            count += 1;
+        }
+        count
+    });
     let shared = Arc::new(Shared {
         clients: clients.clone(),
         queue_url: queue_url.to_owned(),
@@ -240,6 +265,10 @@ pub async fn run(clients: &Clients, queue_url: &str, config: &JobConfig) -> Resu
     }
     let shared = Arc::into_inner(shared).ok_or("a worker still holds the job")?;
     shared.producer.stop().await;
+    let failed_events = failed_events.await?;
+    if failed_events > 0 {
+        return Err(format!("{failed_events} events were not delivered to Kinesis").into());
+    }
     let (process, gather, gathered, summary_json) = shared
         .gathered
         .into_inner()
