@@ -7,7 +7,6 @@ mod support;
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::types::AttributeValue;
 use job::{Clients, JobConfig};
 use support::local_kinesis::LocalKinesis;
 use support::moto::{moto, sdk_config};
@@ -52,38 +51,14 @@ async fn run_and_check(config: JobConfig) -> job::Report {
     }
 
     // Every record is an item with its price.
-    let mut items = HashMap::new();
-    let mut start = None;
-    loop {
-        let page = clients
-            .dynamodb
-            .scan()
-            .table_name(job::ITEMS_TABLE)
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .expect("scan");
-        for item in page.items() {
-            let (Some(AttributeValue::S(key)), Some(AttributeValue::N(price))) =
-                (item.get("pk"), item.get("price"))
-            else {
-                panic!("an item without key or price: {item:?}");
-            };
-            items.insert(key.clone(), price.parse::<f64>().expect("price"));
-        }
-        start = page.last_evaluated_key;
-        if start.is_none() {
-            break;
-        }
-    }
+    let items: HashMap<String, u64> = job::scan_items(&clients.dynamodb)
+        .await
+        .expect("scan")
+        .into_iter()
+        .collect();
     assert_eq!(items.len(), config.records);
     for i in 0..config.records {
-        let price = items[&format!("item#{i}")];
-        assert_eq!(
-            (price * 100.0).round() as u64,
-            job::price_cents(i),
-            "item#{i}"
-        );
+        assert_eq!(items[&format!("item#{i}")], job::price_cents(i), "item#{i}");
     }
 
     // One event per record at least; more only for redelivered tasks (at least once).

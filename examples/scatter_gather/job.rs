@@ -601,6 +601,15 @@ async fn maybe_gather(job: &Shared) -> Result<(), Error> {
 /// Count, sum, min and max of the items' prices, from a scan of the items table.
 async fn scan_totals(client: &aws_sdk_dynamodb::Client) -> Result<Totals, Error> {
     let mut totals = Totals::default();
+    for (_, cents) in scan_items(client).await? {
+        totals.add(cents);
+    }
+    Ok(totals)
+}
+
+/// Every item of the items table: its item number and price in cents.
+pub async fn scan_items(client: &aws_sdk_dynamodb::Client) -> Result<Vec<(String, u64)>, Error> {
+    let mut items = Vec::new();
     let mut start = None;
     loop {
         let page = client
@@ -610,15 +619,19 @@ async fn scan_totals(client: &aws_sdk_dynamodb::Client) -> Result<Totals, Error>
             .send()
             .await?;
         for item in page.items() {
+            let key = item
+                .get("pk")
+                .and_then(|v| v.as_s().ok())
+                .ok_or("an item without a key")?;
             let price = item
                 .get("price")
                 .and_then(|v| v.as_n().ok())
                 .ok_or("an item without a price")?;
-            totals.add(cents_of(price)?);
+            items.push((key.clone(), cents_of(price)?));
         }
         start = page.last_evaluated_key;
         if start.is_none() {
-            return Ok(totals);
+            return Ok(items);
         }
     }
 }
