@@ -7,7 +7,7 @@
 //! crossed and never guessed. Reading aggregates back is [`crate::deaggregation`].
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use bytes::{BufMut, Bytes};
 use md5::{Digest, Md5};
@@ -136,7 +136,7 @@ impl AggregateBuilder {
         if self.records.len() >= self.limits.max_count {
             return Err(record);
         }
-        let (pk_index, pk_new) =
+        let (pk_index, pk_new, pk_hash) =
             self.partition_keys
                 .find(record.partition_key(), &self.records, |r| {
                     Some(r.partition_key())
@@ -151,13 +151,13 @@ impl AggregateBuilder {
         };
         let mut added = delimited_len(record_body_len(
             pk_index,
-            ehk.map(|(i, _)| i),
+            ehk.map(|(i, _, _)| i),
             record.data().len(),
         ));
         if pk_new {
             added += delimited_len(record.partition_key().len());
         }
-        if let (Some((_, true)), Some(k)) = (ehk, record.explicit_hash_key()) {
+        if let (Some((_, true, _)), Some(k)) = (ehk, record.explicit_hash_key()) {
             added += delimited_len(k.len());
         }
         if FRAME_LEN + self.body_len + added > self.limits.max_size {
@@ -165,16 +165,16 @@ impl AggregateBuilder {
         }
         let position = self.records.len() as u32;
         if pk_new {
-            self.partition_keys.insert(record.partition_key(), position);
+            self.partition_keys.insert(pk_hash, position);
         }
-        if let (Some((_, true)), Some(k)) = (ehk, record.explicit_hash_key()) {
-            self.explicit_hash_keys.insert(k, position);
+        if let Some((_, true, hash)) = ehk {
+            self.explicit_hash_keys.insert(hash, position);
         }
         self.body_len += added;
         if self.records.capacity() == 0 {
             self.records.reserve_exact(self.last_len.max(1));
         }
-        self.indices.push((pk_index, ehk.map(|(i, _)| i)));
+        self.indices.push((pk_index, ehk.map(|(i, _, _)| i)));
         self.records.push(record);
         Ok(())
     }
@@ -273,43 +273,66 @@ fn put_delimited(out: &mut Vec<u8>, key: u8, bytes: &[u8]) {
 }
 
 /// A de-duplicating key table. It stores, per distinct key, the position of the first record
-/// that carries it, so keys are never copied; lookups go through a hash of the key and are
-/// confirmed against that record.
+/// that carries it, so keys are never copied; lookups go through a seeded 64-bit hash of the key
+/// and are confirmed against that record. Small tables (most aggregates of a stream with many
+/// shards) are scanned; larger ones get a hash index.
 #[derive(Debug, Default)]
 struct KeyTable {
-    hasher: RandomState,
-    by_hash: HashMap<u64, u32, BuildHasherDefault<PassThroughHasher>>,
+    hasher: foldhash::fast::RandomState,
+    /// The hash of each entry's key, in table order.
+    hashes: Vec<u64>,
+    /// The record position of each entry.
     entries: Vec<u32>,
+    /// Hash → first table index with it, once the table is past `SCAN_MAX` entries.
+    by_hash: HashMap<u64, u32, BuildHasherDefault<PassThroughHasher>>,
 }
 
+/// Up to this many entries, a lookup scans the hashes instead of using the index.
+const SCAN_MAX: usize = 16;
+
 impl KeyTable {
-    /// The table index `key` has or would get, and whether it is new.
+    /// The table index `key` has or would get, whether it is new, and its hash (for `insert`).
     fn find(
         &self,
         key: &str,
         records: &[UserRecord],
         key_of: impl Fn(&UserRecord) -> Option<&str>,
-    ) -> (u32, bool) {
-        if let Some(&index) = self.by_hash.get(&self.hasher.hash_one(key)) {
-            let position = self.entries[index as usize] as usize;
-            if key_of(&records[position]) == Some(key) {
-                return (index, false);
-            }
-            // A 64-bit hash collision: the key simply gets a second table entry.
+    ) -> (u32, bool, u64) {
+        let hash = self.hasher.hash_one(key);
+        let is_key = |index: usize| key_of(&records[self.entries[index] as usize]) == Some(key);
+        let found = if self.hashes.len() <= SCAN_MAX {
+            (0..self.hashes.len()).find(|&i| self.hashes[i] == hash && is_key(i))
+        } else {
+            // A 64-bit hash collision with another key: that key simply gets its own entry.
+            self.by_hash
+                .get(&hash)
+                .map(|&i| i as usize)
+                .filter(|&i| is_key(i))
+        };
+        match found {
+            Some(index) => (index as u32, false, hash),
+            None => (self.entries.len() as u32, true, hash),
         }
-        (self.entries.len() as u32, true)
     }
 
-    fn insert(&mut self, key: &str, record_position: u32) {
+    fn insert(&mut self, hash: u64, record_position: u32) {
         let index = self.entries.len() as u32;
         self.entries.push(record_position);
-        self.by_hash
-            .entry(self.hasher.hash_one(key))
-            .or_insert(index);
+        self.hashes.push(hash);
+        if self.hashes.len() > SCAN_MAX {
+            if self.by_hash.is_empty() {
+                for (i, &h) in self.hashes.iter().enumerate() {
+                    self.by_hash.entry(h).or_insert(i as u32);
+                }
+            } else {
+                self.by_hash.entry(hash).or_insert(index);
+            }
+        }
     }
 
     fn clear(&mut self) {
         self.by_hash.clear();
+        self.hashes.clear();
         self.entries.clear();
     }
 }

@@ -175,7 +175,8 @@ pub(crate) fn enqueue(
     admission: Admission,
 ) -> Result<(), Box<(UserRecord, RecordMeta)>> {
     loop {
-        let routing = shared.routing();
+        // A guard, not a clone: no shared reference count is written on the put path.
+        let routing = shared.routing.load();
         let index = routing
             .map
             .shard_index(meta.hash_key)
@@ -272,7 +273,7 @@ fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) 
 /// The sender's timer: flushes the aggregate of `slot` if it is still the one the deadline was
 /// set for.
 pub(crate) fn flush_expired(shared: &Shared, generation: u64, index: usize, cycle: u64) {
-    let routing = shared.routing();
+    let routing = shared.routing.load();
     if routing.generation != generation {
         return;
     }
@@ -309,10 +310,7 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
         map,
         shared.aggregate_limits(),
     ));
-    *shared
-        .routing
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner()) = new;
+    shared.routing.store(new);
     for slot in &old.slots {
         let (records, metas) = {
             let mut slot = lock(slot);

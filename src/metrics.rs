@@ -7,7 +7,8 @@
 //! counts successes and `count` counts ends. The sender records them under one lock per
 //! request; the callers' threads touch nothing here.
 
-use std::collections::HashMap;
+/// Per-shard rows are looked up on every acknowledgement: a fast seeded hash, not SipHash.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 
 /// How many metrics are recorded, as the KPL's `MetricsLevel`.
@@ -341,8 +342,8 @@ impl Recorder {
             level,
             granularity,
             global: [Statistics::default(); METRIC_COUNT],
-            shards: HashMap::new(),
-            errors: HashMap::new(),
+            shards: HashMap::default(),
+            errors: HashMap::default(),
         }
     }
 

@@ -3,7 +3,9 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -50,12 +52,15 @@ pub(crate) struct Shared {
     pub stream: StreamId,
     pub client: Client,
     pub backlog: Backlog,
-    pub routing: RwLock<Arc<Routing>>,
+    pub routing: ArcSwap<Routing>,
     /// Held while the routing is replaced or every aggregator is visited, so the two never
     /// interleave.
     pub routing_change: Mutex<()>,
     /// Set by `stop`: new records are refused.
     pub closed: AtomicBool,
+    /// When the producer was built: a placeholder `put_at` until a record is placed (reading
+    /// the clock once per record, not twice).
+    pub built_at: Instant,
     pub stats: Counters,
     /// KPL-style metrics; `metrics_on` is false at level none, and nothing is recorded then.
     pub metrics: Mutex<Recorder>,
@@ -73,11 +78,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The current routing, kept (a reference count) by the caller.
     pub fn routing(&self) -> Arc<Routing> {
-        self.routing
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.routing.load_full()
     }
 
     pub fn aggregate_limits(&self) -> AggregateLimits {
@@ -342,9 +345,10 @@ impl ProducerBuilder {
         tracing::info!(%stream, shards = map.len(), "producer started");
         let shared = Arc::new(Shared {
             backlog: Backlog::new(config.max_backlog_records, config.max_backlog_bytes),
-            routing: RwLock::new(Arc::new(Routing::new(0, map, limits))),
+            routing: ArcSwap::from_pointee(Routing::new(0, map, limits)),
             routing_change: Mutex::new(()),
             closed: AtomicBool::new(false),
+            built_at: Instant::now(),
             stats: Counters::default(),
             metrics: Mutex::new(Recorder::new(
                 config.metrics_level,
@@ -456,7 +460,8 @@ impl Producer {
         }
         Ok(RecordMeta {
             hash_key,
-            put_at: Instant::now(),
+            // Set by `place`, after any wait for room.
+            put_at: shared.built_at,
             epoch: 0,
             // Validation bounds data + key by max_record_size (≤ 10 MiB) and the EHK by 39.
             backlog_bytes: record.backlog_size() as u32,

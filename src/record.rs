@@ -71,12 +71,15 @@ impl UserRecord {
     /// Checks the record against Kinesis' rules (key length, explicit hash key, data + key at
     /// most `max_record_size` bytes) and returns its hash key.
     pub fn validate(&self, max_record_size: usize) -> Result<u128, RecordProblem> {
-        let key_chars = self.partition_key.chars().count();
-        if key_chars == 0 {
+        if self.partition_key.is_empty() {
             return Err(RecordProblem::EmptyPartitionKey);
         }
-        if key_chars > MAX_PARTITION_KEY_CHARS {
-            return Err(RecordProblem::PartitionKeyTooLong { chars: key_chars });
+        // A key of at most 256 bytes has at most 256 characters: only longer ones are counted.
+        if self.partition_key.len() > MAX_PARTITION_KEY_CHARS {
+            let chars = self.partition_key.chars().count();
+            if chars > MAX_PARTITION_KEY_CHARS {
+                return Err(RecordProblem::PartitionKeyTooLong { chars });
+            }
         }
         let size = self.kinesis_size();
         if size > max_record_size {

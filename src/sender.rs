@@ -51,7 +51,7 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<In
     let mut sender = Sender {
         shared,
         inbound,
-        lanes: HashMap::new(),
+        lanes: HashMap::default(),
         ready: VecDeque::new(),
         waking: BinaryHeap::new(),
         unrouted: Arc::from(""),
@@ -66,6 +66,7 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<In
         retries: BinaryHeap::new(),
         retry_seq: 0,
         in_flight: 0,
+        in_flight_bytes: 0,
         partial_in_flight: 0,
         results_tx,
         results_rx,
@@ -81,7 +82,8 @@ struct Sender {
     shared: Arc<Shared>,
     inbound: mpsc::UnboundedReceiver<Inbound>,
     /// Kinesis records waiting for a request, one lane per shard.
-    lanes: HashMap<Arc<str>, Lane>,
+    /// Looked up for every Kinesis record sent and answered: a fast seeded hash.
+    lanes: HashMap<Arc<str>, Lane, foldhash::fast::RandomState>,
     /// Lanes that may have something to send now, in turn.
     ready: VecDeque<Arc<str>>,
     /// Lanes waiting for their limiter (or, in order mode, a retry's backoff) until a time.
@@ -113,6 +115,11 @@ struct Sender {
     retries: BinaryHeap<Reverse<Retry>>,
     retry_seq: u64,
     in_flight: usize,
+    /// Bytes (data + partition keys) of the requests in flight. Each request is held three
+    /// times while it is out (our aggregates, the SDK's JSON body in base64, the socket), so
+    /// these are capped at half the backlog: a stalled endpoint cannot make memory grow past
+    /// about twice the backlog.
+    in_flight_bytes: usize,
     /// Requests in flight that were sent before they were full.
     partial_in_flight: usize,
     results_tx: mpsc::UnboundedSender<Completed>,
@@ -174,6 +181,8 @@ struct Completed {
     partial: bool,
     /// When the request was sent.
     started: Instant,
+    /// Its bytes, counted in `in_flight_bytes`.
+    bytes: usize,
     outcome: Outcome,
 }
 
@@ -425,7 +434,7 @@ impl Sender {
             wake = wake.min(*at);
         }
         if let Some(&oldest) = self.lane_fronts.keys().next() {
-            if self.in_flight < self.shared.config.max_in_flight
+            if self.may_send_more()
                 && self.partial_in_flight < MAX_PARTIAL_IN_FLIGHT
                 && !self.ready.is_empty()
             {
@@ -461,7 +470,7 @@ impl Sender {
     }
 
     fn dispatch(&mut self, now: Instant) {
-        while self.in_flight < self.shared.config.max_in_flight {
+        while self.may_send_more() {
             let Some(batch) = self.isolating.pop_front() else {
                 break;
             };
@@ -478,7 +487,7 @@ impl Sender {
                 self.spawn_request(live, false);
             }
         }
-        while self.in_flight < self.shared.config.max_in_flight && self.should_send(now) {
+        while self.may_send_more() && self.should_send(now) {
             let (batch, full) = self.take_batch(now);
             if batch.is_empty() {
                 break;
@@ -606,8 +615,18 @@ impl Sender {
         blocked
     }
 
+    /// Whether another request may go out: fewer than `max_in_flight` are out, and their bytes
+    /// are under half the backlog (one request always may).
+    fn may_send_more(&self) -> bool {
+        self.in_flight < self.shared.config.max_in_flight
+            && (self.in_flight == 0
+                || self.in_flight_bytes < self.shared.config.max_backlog_bytes / 4)
+    }
+
     fn spawn_request(&mut self, mut batch: Vec<Outgoing>, partial: bool) {
+        let bytes: usize = batch.iter().map(Outgoing::request_size).sum();
         self.in_flight += 1;
+        self.in_flight_bytes += bytes;
         if partial {
             self.partial_in_flight += 1;
         }
@@ -651,6 +670,7 @@ impl Sender {
                 batch,
                 partial,
                 started,
+                bytes,
                 outcome,
             }) {
                 // The sender is gone: the guard reports these records as it drops.
@@ -665,8 +685,10 @@ impl Sender {
             mut batch,
             partial,
             started,
+            bytes,
             outcome,
         } = completed;
+        self.in_flight_bytes -= bytes;
         if partial {
             self.partial_in_flight -= 1;
         }

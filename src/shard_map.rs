@@ -20,16 +20,20 @@ pub struct ShardRange {
 
 /// The open shards of a stream, sorted by their starting hash key.
 ///
-/// Hash keys are parsed into `u128` once, when the map is loaded; routing is a binary search.
+/// Hash keys are parsed into `u128` once, when the map is loaded; routing is a binary search
+/// over the starting keys alone, packed together (160 KB for 10,000 shards) so that the search
+/// touches few cache lines.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShardMap {
     shards: Vec<ShardRange>,
+    starts: Vec<u128>,
 }
 
 impl ShardMap {
     pub fn new(mut shards: Vec<ShardRange>) -> Self {
         shards.sort_by_key(|s| s.start);
-        ShardMap { shards }
+        let starts = shards.iter().map(|s| s.start).collect();
+        ShardMap { shards, starts }
     }
 
     /// `count` shards splitting the hash key space evenly, named as Kinesis names them
@@ -67,7 +71,7 @@ impl ShardMap {
     /// Position (in [`shards`](Self::shards)) of the shard owning `hash_key`, or `None` when no
     /// open shard covers it (a gap while the stream is resharding).
     pub fn shard_index(&self, hash_key: u128) -> Option<usize> {
-        let after = self.shards.partition_point(|s| s.start <= hash_key);
+        let after = self.starts.partition_point(|&start| start <= hash_key);
         let index = after.checked_sub(1)?;
         (hash_key <= self.shards[index].end).then_some(index)
     }

@@ -457,3 +457,250 @@ async fn put_shows_progress_only_on_a_terminal_and_prints_metrics_on_request() {
     assert!(screen.contains("records/s"), "{screen}");
     assert!(screen.contains("records=1000 "), "{screen}");
 }
+
+/// `key=value` lines as a map.
+fn figures(stdout: &[u8]) -> std::collections::HashMap<String, String> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn number(figures: &std::collections::HashMap<String, String>, key: &str) -> f64 {
+    figures
+        .get(key)
+        .unwrap_or_else(|| panic!("no {key} in {figures:?}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} is not a number: {figures:?}"))
+}
+
+async fn run_perf(args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kinesis-producer"));
+    command.arg("perf").args(args);
+    run(command, Vec::new()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn perf_against_the_null_sink_prints_every_figure_and_the_floor() {
+    for (keys, aggregation) in [
+        ("random", true),
+        ("ehk", true),
+        ("fixed", true),
+        ("random", false),
+    ] {
+        let mut args = vec![
+            "--null-sink",
+            "--records",
+            "20000",
+            "--record-size",
+            "100",
+            "--shards",
+            "4",
+            "--keys",
+            keys,
+            "--threads",
+            "2",
+        ];
+        if !aggregation {
+            args.push("--no-aggregation");
+        }
+        let output = run_perf(&args).await;
+        assert!(output.status.success(), "{keys}: {}", stderr_of(&output));
+        let f = figures(&output.stdout);
+        let case = format!("keys {keys}, aggregation {aggregation}: {f:?}");
+        for key in [
+            "records",
+            "bytes",
+            "wall_seconds",
+            "cpu_seconds",
+            "cpu_ns_per_record",
+            "records_per_second",
+            "mb_per_second",
+            "user_records_per_kinesis_record",
+            "user_records_per_request",
+            "peak_rss_bytes",
+            "latency_p50_ms",
+            "latency_p99_ms",
+            "latency_max_ms",
+            "floor_ns_per_record",
+            "efficiency",
+        ] {
+            assert!(number(&f, key) > 0.0, "{key} in {case}");
+        }
+        assert_eq!(number(&f, "acknowledged"), 20_000.0, "{case}");
+        assert_eq!(number(&f, "failed"), 0.0, "{case}");
+        assert_eq!(number(&f, "bytes"), 2_000_000.0, "{case}");
+        assert_eq!(number(&f, "shards"), 4.0, "{case}");
+        // Every Kinesis record the producer counts reached the sink, on the shard it predicted
+        // (a wrong ShardId in an answer would make it re-send, and count more).
+        assert_eq!(
+            number(&f, "sink_entries"),
+            number(&f, "kinesis_records"),
+            "{case}"
+        );
+        assert_eq!(
+            number(&f, "sink_put_records_requests"),
+            number(&f, "requests"),
+            "{case}"
+        );
+        // Every 100th record is timed through a receipt.
+        assert_eq!(number(&f, "latency_samples"), 200.0, "{case}");
+        assert!(
+            number(&f, "latency_p50_ms") <= number(&f, "latency_p99_ms"),
+            "{case}"
+        );
+        // The floor's parts add up, and each is there exactly when it applies.
+        let parts: f64 = [
+            "floor_md5_aggregates_ns_per_record",
+            "floor_md5_keys_ns_per_record",
+            "floor_sha256_bodies_ns_per_record",
+            "floor_base64_ns_per_record",
+        ]
+        .iter()
+        .map(|k| number(&f, k))
+        .sum();
+        assert!(
+            (parts - number(&f, "floor_ns_per_record")).abs() <= 4.0,
+            "{case}"
+        );
+        assert!(
+            number(&f, "floor_sha256_bodies_ns_per_record") > 0.0,
+            "{case}"
+        );
+        let per_kinesis = number(&f, "user_records_per_kinesis_record");
+        if aggregation {
+            assert!(per_kinesis > 1.0, "{case}");
+            assert!(
+                number(&f, "floor_md5_aggregates_ns_per_record") > 0.0,
+                "{case}"
+            );
+        } else {
+            assert_eq!(per_kinesis, 1.0, "{case}");
+            assert_eq!(
+                number(&f, "floor_md5_aggregates_ns_per_record"),
+                0.0,
+                "{case}"
+            );
+        }
+        if keys != "random" || !aggregation {
+            assert_eq!(number(&f, "floor_md5_keys_ns_per_record"), 0.0, "{case}");
+        } else {
+            assert!(number(&f, "floor_md5_keys_ns_per_record") > 0.0, "{case}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn perf_under_a_stalled_sink_ends_every_record_acknowledged_or_failed() {
+    let output = run_perf(&[
+        "--null-sink",
+        "--records",
+        "3000",
+        "--shards",
+        "2",
+        "--sink-stall-after",
+        "1",
+        "--record-max-buffered-time-ms",
+        "20",
+        "--record-ttl-ms",
+        "1500",
+        "--request-timeout-ms",
+        "300",
+    ])
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr_of(&output));
+    let f = figures(&output.stdout);
+    let (acknowledged, failed) = (number(&f, "acknowledged"), number(&f, "failed"));
+    assert!(failed > 0.0, "{f:?}");
+    assert_eq!(acknowledged + failed, 3000.0, "{f:?}");
+    assert!(number(&f, "sink_stalled_requests") >= 1.0, "{f:?}");
+}
+
+#[tokio::test]
+async fn perf_refuses_bad_arguments_with_a_clear_error() {
+    let output = run_perf(&["--null-sink", "--records", "0"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr_of(&output).contains("--records, --threads and --shards must be at least 1"));
+    let output = run_perf(&["--null-sink", "--rate", "0"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr_of(&output).contains("--rate must be a positive number"));
+    let output = run_perf(&["--records", "10"]).await;
+    assert!(!output.status.success());
+    assert!(
+        stderr_of(&output).contains("--null-sink"),
+        "{}",
+        stderr_of(&output)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn perf_sink_serves_a_producer_in_another_process_and_refuses_malformed_bodies() {
+    use std::io::{BufRead, BufReader, Read};
+
+    let mut sink = std::process::Command::new(env!("CARGO_BIN_EXE_kinesis-producer"))
+        .args(["perf-sink", "--shards", "3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("perf-sink starts");
+    let mut sink_out = BufReader::new(sink.stdout.take().unwrap());
+    let mut first = String::new();
+    sink_out.read_line(&mut first).unwrap();
+    let endpoint = first
+        .trim()
+        .strip_prefix("endpoint=")
+        .expect(&first)
+        .to_owned();
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kinesis-producer"));
+    command
+        .args(["perf", "--endpoint-url", &endpoint, "--region", "us-east-1"])
+        .args(["--records", "5000", "--keys", "ehk"]);
+    let output = run(command, Vec::new()).await;
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let f = figures(&output.stdout);
+    assert_eq!(number(&f, "acknowledged"), 5000.0);
+    assert_eq!(
+        number(&f, "shards"),
+        3.0,
+        "the map came from the sink's ListShards"
+    );
+
+    // A body that is not PutRecords JSON gets a 400 naming the problem.
+    let address = endpoint.trim_start_matches("http://");
+    let mut raw = std::net::TcpStream::connect(address).unwrap();
+    let body = r#"{"Records":[{"Data":"AA=="}]}"#;
+    write!(
+        raw,
+        "POST / HTTP/1.1\r\nHost: x\r\nX-Amz-Target: Kinesis_20131202.PutRecords\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("an entry has no PartitionKey"), "{answer}");
+
+    // SIGTERM: the sink prints what it served and exits.
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc_kill(sink.id() as i32, 15) }, 0);
+    let mut rest = String::new();
+    sink_out.read_to_string(&mut rest).unwrap();
+    assert!(sink.wait().unwrap().success());
+    let served = figures(rest.as_bytes());
+    assert_eq!(
+        number(&served, "entries"),
+        number(&f, "kinesis_records"),
+        "{rest}"
+    );
+    assert_eq!(
+        number(&served, "put_records_requests"),
+        number(&f, "requests") + 1.0,
+        "{rest}"
+    );
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}

@@ -1,8 +1,13 @@
 //! `kinesis-producer`: `put` ships stdin to a stream through the producer; `tail` reads a stream
-//! back, de-aggregating KPL aggregates, one JSON line per user record.
+//! back, de-aggregating KPL aggregates, one JSON line per user record; `perf` measures the
+//! producer and `perf-sink` serves the null endpoint it measures against.
 
+mod floor;
+mod perf;
 mod put;
+mod sink;
 mod tail;
+mod usage;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -28,6 +33,12 @@ enum Command {
     /// Reads the stream (every shard, or one), de-aggregates, and prints one JSON line per user
     /// record; follows new records and new shards unless --no-follow.
     Tail(tail::TailArgs),
+    /// Measures the producer: puts generated records (to the in-process null sink or an
+    /// endpoint) and prints CPU per record, throughput, memory, latency and the floor, one
+    /// key=value per line.
+    Perf(perf::PerfArgs),
+    /// Runs the null sink alone on 127.0.0.1, so other producers can be measured against it.
+    PerfSink(perf::SinkArgs),
 }
 
 /// Which stream, and how to reach it: shared by the commands.
@@ -77,6 +88,8 @@ async fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Put(args) => put::run(args).await,
         Command::Tail(args) => tail::run(args).await,
+        Command::Perf(args) => perf::run(args).await,
+        Command::PerfSink(args) => perf::run_sink(args).await,
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

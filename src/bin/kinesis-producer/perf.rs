@@ -1,0 +1,477 @@
+//! `kinesis-producer perf`: puts N generated records through the producer as fast as it takes
+//! them (or at a given rate), then prints what that cost, one `key=value` figure per line:
+//! CPU per record, throughput, aggregation density, peak memory, put→acknowledgement latency,
+//! and the floor (see `floor.rs`) with the efficiency `floor / cpu`.
+//!
+//! `perf-sink` runs the null sink alone, so that other producers can be measured against the
+//! same endpoint.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+use bytes::Bytes;
+use clap::ValueEnum;
+use kinesis_producer::{Producer, PutRefusal, UserRecord};
+
+use crate::floor::{self, SizeRecorder};
+use crate::sink::{Sink, SinkConfig, SinkCounters};
+use crate::usage;
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["endpoint_url", "null_sink"])))]
+pub struct PerfArgs {
+    /// User records to put.
+    #[arg(long, default_value_t = 1_000_000)]
+    records: u64,
+    /// Data bytes per record.
+    #[arg(long, default_value_t = 100)]
+    record_size: usize,
+    /// Partition keys: a random UUID per record (the default partitioner), a random explicit
+    /// hash key per record (with a one-letter partition key), or one fixed key.
+    #[arg(long, value_enum, default_value_t = Keys::Random)]
+    keys: Keys,
+    /// Shards of the null sink's stream (with --endpoint-url the stream decides).
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Threads putting records, each a share of them.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Sends to this endpoint (a real or local Kinesis; credentials from the environment).
+    #[arg(long)]
+    endpoint_url: Option<String>,
+    /// Starts the null sink in this process and sends to it.
+    #[arg(long)]
+    null_sink: bool,
+    /// Stream name (with --endpoint-url).
+    #[arg(long, default_value = "perf")]
+    stream_name: String,
+    /// AWS region (default with --null-sink: us-east-1; else from the environment).
+    #[arg(long)]
+    region: Option<String>,
+    /// Sends one Kinesis record per user record instead of KPL aggregates.
+    #[arg(long)]
+    no_aggregation: bool,
+    /// Total put rate in records/s, paced evenly (default: as fast as the producer takes them).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Per-shard rate limit in percent of the shard limits; 0 (the default here) turns the
+    /// limiter off so that it does not pace the measurement.
+    #[arg(long, default_value_t = 0)]
+    rate_limit: u32,
+    /// Measures put→acknowledgement latency on every K-th record (through a receipt); 0: none.
+    #[arg(long, default_value_t = 100)]
+    latency_every: u64,
+    /// The producer's record_max_buffered_time, in milliseconds.
+    #[arg(long)]
+    record_max_buffered_time_ms: Option<u64>,
+    /// The producer's max_backlog_records.
+    #[arg(long)]
+    max_backlog_records: Option<usize>,
+    /// The producer's max_backlog_bytes.
+    #[arg(long)]
+    max_backlog_bytes: Option<usize>,
+    /// The producer's max_in_flight.
+    #[arg(long)]
+    max_in_flight: Option<usize>,
+    /// The producer's record_ttl, in milliseconds.
+    #[arg(long)]
+    record_ttl_ms: Option<u64>,
+    /// The producer's request_timeout, in milliseconds.
+    #[arg(long)]
+    request_timeout_ms: Option<u64>,
+    /// With --null-sink: stop answering after this many PutRecords requests (a stalled
+    /// endpoint), to measure memory while nothing is acknowledged.
+    #[arg(long, requires = "null_sink")]
+    sink_stall_after: Option<u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Keys {
+    Random,
+    Ehk,
+    Fixed,
+}
+
+const FIXED_KEY: &str = "fixed-key";
+/// Length of a hyphenated UUID, the default partitioner's keys.
+const UUID_LEN: usize = 36;
+
+/// What the put threads share.
+struct Workload {
+    producer: Producer,
+    data: Bytes,
+    keys: Keys,
+    rate: Option<f64>,
+    latency_every: u64,
+    started: Instant,
+    latencies: Mutex<Vec<Duration>>,
+    refused: AtomicU64,
+}
+
+pub async fn run(args: PerfArgs) -> Result<bool, String> {
+    if args.records == 0 || args.threads == 0 || args.shards == 0 {
+        return Err("--records, --threads and --shards must be at least 1".into());
+    }
+    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return Err("--rate must be a positive number of records per second".into());
+    }
+    let sink = if args.null_sink {
+        let config = SinkConfig {
+            shards: args.shards,
+            stall_after: args.sink_stall_after,
+        };
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        Some(Sink::start(addr, config).map_err(|e| format!("starting the null sink: {e}"))?)
+    } else {
+        None
+    };
+    let sizes = SizeRecorder::default();
+    let client = client(&args, sink.as_ref(), sizes.clone()).await;
+    let mut builder = Producer::builder()
+        .stream_name(&args.stream_name)
+        .client(client)
+        .aggregation(!args.no_aggregation)
+        .rate_limit(args.rate_limit);
+    if let Some(ms) = args.record_max_buffered_time_ms {
+        builder = builder.record_max_buffered_time(Duration::from_millis(ms));
+    }
+    if let Some(n) = args.max_backlog_records {
+        builder = builder.max_backlog_records(n);
+    }
+    if let Some(n) = args.max_backlog_bytes {
+        builder = builder.max_backlog_bytes(n);
+    }
+    if let Some(n) = args.max_in_flight {
+        builder = builder.max_in_flight(n);
+    }
+    if let Some(ms) = args.record_ttl_ms {
+        builder = builder.record_ttl(Duration::from_millis(ms));
+    }
+    if let Some(ms) = args.request_timeout_ms {
+        builder = builder.request_timeout(Duration::from_millis(ms));
+    }
+    let producer = builder.build().await.map_err(|e| e.to_string())?;
+    let failed = Arc::new(AtomicU64::new(0));
+    let failure_counter = {
+        let mut failures = producer.notify_failures();
+        let failed = Arc::clone(&failed);
+        tokio::spawn(async move {
+            while failures.recv().await.is_some() {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    // Static bytes: handing them over costs the caller nothing (no allocation, no shared
+    // reference count bouncing between the put thread and the sender), so what is measured is
+    // the producer's work alone.
+    let data = Bytes::from_static(Vec::leak(
+        (0..args.record_size)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect::<Vec<u8>>(),
+    ));
+    let workload = Arc::new(Workload {
+        producer: producer.clone(),
+        data: data.clone(),
+        keys: args.keys,
+        rate: args.rate,
+        latency_every: args.latency_every,
+        started: Instant::now(),
+        latencies: Mutex::new(Vec::new()),
+        refused: AtomicU64::new(0),
+    });
+
+    let cpu_before = usage::process_cpu_seconds();
+    let started = Instant::now();
+    let runtime = tokio::runtime::Handle::current();
+    let threads: Vec<_> = (0..args.threads as u64)
+        .map(|t| {
+            let share = share(args.records, args.threads as u64, t);
+            let (workload, runtime) = (Arc::clone(&workload), runtime.clone());
+            std::thread::Builder::new()
+                .name(format!("perf-put-{t}"))
+                .spawn(move || runtime.block_on(put_share(&workload, share, t)))
+                .expect("a put thread")
+        })
+        .collect();
+    for thread in threads {
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|_| "a put thread panicked".to_string())?;
+    }
+    producer.stop().await;
+    let wall = started.elapsed().as_secs_f64();
+    let process_cpu = usage::process_cpu_seconds() - cpu_before;
+    let _ = failure_counter.await;
+    let sink_report = sink.map(Sink::stop);
+
+    let stats = producer.stats();
+    let records = args.records;
+    let sink_cpu = sink_report.map_or(0.0, |r| r.cpu_seconds);
+    let cpu = (process_cpu - sink_cpu).max(0.0);
+    let cpu_ns_per_record = cpu * 1e9 / records as f64;
+    let key_hashes = match (args.keys, args.no_aggregation) {
+        (_, true) | (Keys::Ehk, _) => 0,
+        (Keys::Random, false) => records,
+        (Keys::Fixed, false) => 1,
+    };
+    let key_len = if args.keys == Keys::Fixed {
+        FIXED_KEY.len()
+    } else {
+        UUID_LEN
+    };
+    let sizes = std::mem::take(&mut *sizes.0.lock().unwrap());
+    // On a thread of its own (named, so that profiles can tell it from the run).
+    let floor = std::thread::Builder::new()
+        .name("perf-floor".into())
+        .spawn(move || floor::measure(&sizes, key_hashes, key_len, &data))
+        .map_err(|e| e.to_string())?
+        .join()
+        .map_err(|_| "the floor thread panicked".to_string())?;
+    let floor_ns_per_record = floor.total_ns() as f64 / records as f64;
+    let mut latencies = std::mem::take(&mut *workload.latencies.lock().unwrap());
+    latencies.sort_unstable();
+    let percentile = |p: usize| {
+        latencies
+            .get((latencies.len().saturating_sub(1)) * p / 100)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+    let failed = failed.load(Ordering::Relaxed);
+    let refused = workload.refused.load(Ordering::Relaxed);
+    let per = |n: u64, d: u64| n as f64 / d.max(1) as f64;
+    let lines: Vec<(&str, String)> = vec![
+        ("records", records.to_string()),
+        ("record_size", args.record_size.to_string()),
+        ("bytes", (records * args.record_size as u64).to_string()),
+        (
+            "keys",
+            args.keys.to_possible_value().unwrap().get_name().to_owned(),
+        ),
+        ("shards", producer.shard_map().len().to_string()),
+        ("threads", args.threads.to_string()),
+        ("aggregation", (!args.no_aggregation).to_string()),
+        ("acknowledged", stats.user_records_put.to_string()),
+        ("failed", failed.to_string()),
+        ("refused", refused.to_string()),
+        ("wall_seconds", format!("{wall:.3}")),
+        ("cpu_seconds", format!("{cpu:.3}")),
+        ("process_cpu_seconds", format!("{process_cpu:.3}")),
+        ("sink_cpu_seconds", format!("{sink_cpu:.3}")),
+        ("cpu_ns_per_record", format!("{cpu_ns_per_record:.0}")),
+        (
+            "records_per_second",
+            format!("{:.0}", records as f64 / wall),
+        ),
+        (
+            "mb_per_second",
+            format!(
+                "{:.2}",
+                (records * args.record_size as u64) as f64 / wall / 1e6
+            ),
+        ),
+        ("kinesis_records", stats.kinesis_records_put.to_string()),
+        ("requests", stats.requests.to_string()),
+        (
+            "user_records_per_kinesis_record",
+            format!(
+                "{:.1}",
+                per(stats.user_records_put, stats.kinesis_records_put)
+            ),
+        ),
+        (
+            "user_records_per_request",
+            format!("{:.1}", per(stats.user_records_put, stats.requests)),
+        ),
+        ("peak_rss_bytes", usage::peak_rss_bytes().to_string()),
+        ("latency_samples", latencies.len().to_string()),
+        ("latency_p50_ms", format!("{:.1}", percentile(50))),
+        ("latency_p99_ms", format!("{:.1}", percentile(99))),
+        ("latency_max_ms", format!("{:.1}", percentile(100))),
+        (
+            "floor_md5_aggregates_ns_per_record",
+            per_record(floor.md5_aggregates_ns, records),
+        ),
+        (
+            "floor_md5_keys_ns_per_record",
+            per_record(floor.md5_keys_ns, records),
+        ),
+        (
+            "floor_sha256_bodies_ns_per_record",
+            per_record(floor.sha256_bodies_ns, records),
+        ),
+        (
+            "floor_base64_ns_per_record",
+            per_record(floor.base64_blobs_ns, records),
+        ),
+        ("floor_ns_per_record", format!("{floor_ns_per_record:.0}")),
+        (
+            "efficiency",
+            format!("{:.3}", floor_ns_per_record / cpu_ns_per_record),
+        ),
+    ];
+    let mut out = String::new();
+    for (key, value) in lines {
+        out.push_str(&format!("{key}={value}\n"));
+    }
+    if let Some(report) = sink_report {
+        out.push_str(&format!(
+            "sink_put_records_requests={}\nsink_entries={}\nsink_stalled_requests={}\n",
+            report.put_records_requests, report.entries, report.stalled_requests
+        ));
+    }
+    print!("{out}");
+    Ok(stats.user_records_put == records && failed == 0 && refused == 0)
+}
+
+fn per_record(ns: u64, records: u64) -> String {
+    format!("{:.0}", ns as f64 / records as f64)
+}
+
+/// Thread `t`'s records out of `n` split over `threads`.
+fn share(n: u64, threads: u64, t: u64) -> std::ops::Range<u64> {
+    (n * t / threads)..(n * (t + 1) / threads)
+}
+
+/// A client for the null sink (fixed credentials, us-east-1) or for --endpoint-url (the
+/// environment's credentials), with the size recorder the floor needs.
+async fn client(
+    args: &PerfArgs,
+    sink: Option<&Sink>,
+    sizes: SizeRecorder,
+) -> aws_sdk_kinesis::Client {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(sink) = sink {
+        loader = loader
+            .endpoint_url(&sink.endpoint)
+            .credentials_provider(Credentials::new("perf", "perf", None, None, "perf"))
+            .region(Region::new(
+                args.region.clone().unwrap_or_else(|| "us-east-1".into()),
+            ));
+    } else {
+        if let Some(url) = &args.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        if let Some(region) = &args.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+    }
+    let config = aws_sdk_kinesis::config::Builder::from(&loader.load().await)
+        .interceptor(sizes)
+        .build();
+    aws_sdk_kinesis::Client::from_conf(config)
+}
+
+/// Puts records `share` of the run from this thread.
+async fn put_share(work: &Workload, share: std::ops::Range<u64>, thread: u64) {
+    let mut ehk_state = 0x9E37_79B9_7F4A_7C15u64 ^ (thread + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut receipts = Vec::new();
+    for i in share {
+        if let Some(rate) = work.rate {
+            let due = work.started + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let data = work.data.clone();
+        let record = match work.keys {
+            Keys::Random => None,
+            Keys::Fixed => Some(UserRecord::new(data.clone(), FIXED_KEY)),
+            Keys::Ehk => {
+                let hash = (u128::from(next_random(&mut ehk_state)) << 64)
+                    | u128::from(next_random(&mut ehk_state));
+                Some(UserRecord::new(data.clone(), "k").with_explicit_hash_key(hash.to_string()))
+            }
+        };
+        let outcome = if work.latency_every > 0 && i % work.latency_every == 0 {
+            let record =
+                record.unwrap_or_else(|| UserRecord::new(data, uuid::Uuid::new_v4().to_string()));
+            let put_at = Instant::now();
+            work.producer.put_with_receipt(record).await.map(|receipt| {
+                receipts.push(tokio::spawn(async move {
+                    receipt.await.ok().map(|_| put_at.elapsed())
+                }));
+            })
+        } else {
+            match record {
+                Some(record) => work.producer.put_record(record).await,
+                None => work.producer.put_data(data).await,
+            }
+        };
+        if let Err(error) = outcome {
+            work.refused.fetch_add(1, Ordering::Relaxed);
+            if !matches!(error.reason(), PutRefusal::Stopped) {
+                eprintln!(
+                    "kinesis-producer perf: record {i} refused: {}",
+                    error.reason()
+                );
+            }
+        }
+    }
+    let mut measured = Vec::with_capacity(receipts.len());
+    for receipt in receipts {
+        if let Ok(Some(latency)) = receipt.await {
+            measured.push(latency);
+        }
+    }
+    work.latencies.lock().unwrap().extend(measured);
+}
+
+/// splitmix64: explicit hash keys spread evenly, cheaply.
+fn next_random(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[derive(clap::Args)]
+pub struct SinkArgs {
+    /// Port on 127.0.0.1 (0: any free port; the endpoint is printed either way).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Shards of the stream the sink pretends to hold.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Stop answering after this many PutRecords requests.
+    #[arg(long)]
+    stall_after: Option<u64>,
+}
+
+/// Serves until SIGINT or SIGTERM, then prints the sink's counters.
+pub async fn run_sink(args: SinkArgs) -> Result<bool, String> {
+    if args.shards == 0 {
+        return Err("--shards must be at least 1".into());
+    }
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, args.port))
+        .await
+        .map_err(|e| format!("binding 127.0.0.1:{}: {e}", args.port))?;
+    let endpoint = format!(
+        "http://{}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    println!("endpoint={endpoint}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let counters = Arc::new(SinkCounters::default());
+    let config = SinkConfig {
+        shards: args.shards,
+        stall_after: args.stall_after,
+    };
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = crate::sink::serve(listener, config, Arc::clone(&counters)) => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    println!(
+        "put_records_requests={}\nentries={}\nstalled_requests={}",
+        get(&counters.put_records_requests),
+        get(&counters.entries),
+        get(&counters.stalled_requests)
+    );
+    Ok(true)
+}
