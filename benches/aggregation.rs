@@ -45,11 +45,11 @@ fn aggregate_all(records: Vec<UserRecord>) -> usize {
     let mut encoded = 0;
     for record in records {
         if let Err(record) = builder.try_push(record) {
-            encoded += builder.finish().map_or(0, |(entry, _)| entry.data.len());
+            encoded += builder.finish().map_or(0, |entry| entry.data.len());
             let _ = builder.try_push(record);
         }
     }
-    encoded + builder.finish().map_or(0, |(entry, _)| entry.data.len())
+    encoded + builder.finish().map_or(0, |entry| entry.data.len())
 }
 
 fn aggregation(c: &mut Criterion) {

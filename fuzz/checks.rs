@@ -59,7 +59,7 @@ pub fn deaggregate(input: &[u8]) {
         }
         builder.try_push(user).expect("no limits");
     }
-    let (entry, _) = builder.finish().expect("not empty");
+    let entry = builder.finish().expect("not empty");
     let again = Deaggregator::new()
         .deaggregate(entry.data, &entry.partition_key)
         .expect("our own aggregate decodes");

@@ -69,57 +69,73 @@ pub struct KinesisEntry {
 
 /// Builds one aggregate for one shard, knowing its exact encoded size at every step.
 ///
-/// Partition keys and explicit hash keys are de-duplicated into the key tables; every user record
-/// keeps its own key. The builder owns the user records until [`finish`](Self::finish).
+/// Each record is encoded as it is pushed: its partition key (and explicit hash key) into the
+/// key tables when they are new there, its data and key indices into the record section. The
+/// builder keeps only those bytes, not the records (except the first, which routes the
+/// aggregate and goes out as itself when it stays alone); [`finish`](Self::finish) joins the
+/// sections behind the magic and appends the checksum. Keys are de-duplicated; every user
+/// record keeps its own key.
 #[derive(Debug)]
 pub struct AggregateBuilder {
     limits: AggregateLimits,
-    records: Vec<UserRecord>,
-    /// Table index of each record's partition key and explicit hash key.
-    indices: Vec<(u32, Option<u32>)>,
+    /// The first record, whole.
+    first: Option<UserRecord>,
+    /// Records pushed.
+    count: usize,
+    /// Encoded `partition_key_table` entries (field 1), in table order.
+    partition_key_table: Vec<u8>,
+    /// Encoded `explicit_hash_key_table` entries (field 2).
+    explicit_hash_key_table: Vec<u8>,
+    /// Encoded `records` entries (field 3).
+    record_section: Vec<u8>,
     partition_keys: KeyTable,
     explicit_hash_keys: KeyTable,
-    /// Encoded protobuf length (without magic and checksum).
-    body_len: usize,
-    /// Records in the previous aggregate. The record list leaves with each aggregate, so the
-    /// next one reserves this much at its first record instead of regrowing step by step (and
-    /// an idle builder holds no memory).
-    last_len: usize,
+    /// Section sizes of the previous aggregate: the next one reserves this much at its first
+    /// record instead of regrowing step by step (and an idle builder holds no memory).
+    last_sizes: (usize, usize, usize),
+    /// Records in the previous aggregate.
+    last_count: usize,
 }
 
 impl AggregateBuilder {
     pub fn new(limits: AggregateLimits) -> Self {
         AggregateBuilder {
             limits,
-            records: Vec::new(),
-            indices: Vec::new(),
+            first: None,
+            count: 0,
+            partition_key_table: Vec::new(),
+            explicit_hash_key_table: Vec::new(),
+            record_section: Vec::new(),
             partition_keys: KeyTable::default(),
             explicit_hash_keys: KeyTable::default(),
-            body_len: 0,
-            last_len: 0,
+            last_sizes: (0, 0, 0),
+            last_count: 0,
         }
     }
 
-    /// Room reserved for records: what the previous aggregate held, once one has started.
+    /// Records the previous aggregate held: what the next one is likely to hold.
     pub fn capacity(&self) -> usize {
-        self.records.capacity()
+        self.last_count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.count == 0
     }
 
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.count
     }
 
-    pub fn records(&self) -> &[UserRecord] {
-        &self.records
+    /// Encoded protobuf length (without magic and checksum).
+    fn body_len(&self) -> usize {
+        self.partition_key_table.len()
+            + self.explicit_hash_key_table.len()
+            + self.record_section.len()
     }
 
     /// Encoded size of the aggregate as it stands, magic and checksum included.
     pub fn encoded_len(&self) -> usize {
-        FRAME_LEN + self.body_len
+        FRAME_LEN + self.body_len()
     }
 
     /// The encoded size of an aggregate holding only `record`.
@@ -133,60 +149,79 @@ impl AggregateBuilder {
 
     /// Adds `record` if the aggregate stays within its limits; otherwise hands it back untouched.
     pub fn try_push(&mut self, record: UserRecord) -> Result<(), UserRecord> {
-        if self.records.len() >= self.limits.max_count {
+        if self.count >= self.limits.max_count {
             return Err(record);
         }
-        let (pk_index, pk_new, pk_hash) =
-            self.partition_keys
-                .find(record.partition_key(), &self.records, |r| {
-                    Some(r.partition_key())
-                });
-        let ehk = match record.explicit_hash_key() {
-            Some(k) => Some(self.explicit_hash_keys.find(
+        let key = record.partition_key();
+        let (pk_index, pk_new, pk_hash) = self.partition_keys.find(key, &self.partition_key_table);
+        let ehk = record.explicit_hash_key().map(|k| {
+            (
                 k,
-                &self.records,
-                UserRecord::explicit_hash_key,
-            )),
-            None => None,
-        };
-        let mut added = delimited_len(record_body_len(
-            pk_index,
-            ehk.map(|(i, _, _)| i),
-            record.data().len(),
-        ));
+                self.explicit_hash_keys
+                    .find(k, &self.explicit_hash_key_table),
+            )
+        });
+        let ehk_index = ehk.map(|(_, (index, _, _))| index);
+        let body_len = record_body_len(pk_index, ehk_index, record.data().len());
+        let mut added = delimited_len(body_len);
         if pk_new {
-            added += delimited_len(record.partition_key().len());
+            added += delimited_len(key.len());
         }
-        if let (Some((_, true, _)), Some(k)) = (ehk, record.explicit_hash_key()) {
+        if let Some((k, (_, true, _))) = ehk {
             added += delimited_len(k.len());
         }
-        if FRAME_LEN + self.body_len + added > self.limits.max_size {
+        if FRAME_LEN + self.body_len() + added > self.limits.max_size {
             return Err(record);
         }
-        let position = self.records.len() as u32;
+        if self.count == 0 {
+            let (pk, ehk, records) = self.last_sizes;
+            self.partition_key_table.reserve_exact(pk);
+            self.explicit_hash_key_table.reserve_exact(ehk);
+            self.record_section.reserve_exact(records.max(added));
+        }
         if pk_new {
-            self.partition_keys.insert(pk_hash, position);
+            let at = put_delimited(
+                &mut self.partition_key_table,
+                KEY_PARTITION_KEY_TABLE,
+                key.as_bytes(),
+            );
+            self.partition_keys.insert(pk_hash, at, key.len());
         }
-        if let Some((_, true, hash)) = ehk {
-            self.explicit_hash_keys.insert(hash, position);
+        if let Some((k, (_, true, hash))) = ehk {
+            let at = put_delimited(
+                &mut self.explicit_hash_key_table,
+                KEY_EXPLICIT_HASH_KEY_TABLE,
+                k.as_bytes(),
+            );
+            self.explicit_hash_keys.insert(hash, at, k.len());
         }
-        self.body_len += added;
-        if self.records.capacity() == 0 {
-            self.records.reserve_exact(self.last_len.max(1));
+        let out = &mut self.record_section;
+        out.put_u8(KEY_RECORDS);
+        encode_varint(body_len as u64, out);
+        // proto2 `required`: the index is written even when it is 0. prost's proto3-style
+        // encoding would skip a zero, and the KCL's parser then rejects the record.
+        out.put_u8(KEY_RECORD_PARTITION_KEY_INDEX);
+        encode_varint(u64::from(pk_index), out);
+        if let Some(index) = ehk_index {
+            out.put_u8(KEY_RECORD_EXPLICIT_HASH_KEY_INDEX);
+            encode_varint(u64::from(index), out);
         }
-        self.indices.push((pk_index, ehk.map(|(i, _, _)| i)));
-        self.records.push(record);
+        put_delimited(out, KEY_RECORD_DATA, record.data());
+        if self.count == 0 {
+            self.first = Some(record);
+        }
+        self.count += 1;
         Ok(())
     }
 
-    /// Takes the records out and encodes them. One record goes out as itself, not aggregated:
+    /// Encodes what was pushed and starts over. One record goes out as itself, not aggregated:
     /// that is smaller and every consumer reads it (as the KPL does). Returns `None` when empty.
-    pub fn finish(&mut self) -> Option<(KinesisEntry, Vec<UserRecord>)> {
-        let entry = match self.records.len() {
+    pub fn finish(&mut self) -> Option<KinesisEntry> {
+        let entry = match self.count {
             0 => return None,
-            1 => KinesisEntry::plain(&self.records[0]),
+            1 => KinesisEntry::plain(self.first.as_ref()?),
             _ => {
-                let first = &self.records[0];
+                let first = self.first.as_ref()?;
                 KinesisEntry {
                     data: self.encode(),
                     // The first record's key routes the aggregate to the first record's hash
@@ -197,56 +232,72 @@ impl AggregateBuilder {
                 }
             }
         };
-        Some((entry, self.take_records()))
+        self.clear();
+        Some(entry)
     }
 
-    /// Removes and returns the records without encoding them (used to re-route them).
+    /// Removes and returns the records (used to re-route them): decoded from the encoding,
+    /// byte for byte what was pushed.
     pub fn take_records(&mut self) -> Vec<UserRecord> {
-        self.indices.clear();
+        match self.count {
+            0 => Vec::new(),
+            1 => {
+                let first = self.first.take();
+                self.clear();
+                first.into_iter().collect()
+            }
+            _ => {
+                let data = self.encode();
+                self.clear();
+                records_of_aggregate(data)
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.last_sizes = (
+            self.partition_key_table.len(),
+            self.explicit_hash_key_table.len(),
+            self.record_section.len(),
+        );
+        self.last_count = self.count;
+        self.count = 0;
+        self.first = None;
+        self.partition_key_table = Vec::new();
+        self.explicit_hash_key_table = Vec::new();
+        self.record_section = Vec::new();
         self.partition_keys.clear();
         self.explicit_hash_keys.clear();
-        self.body_len = 0;
-        self.last_len = self.records.len();
-        std::mem::take(&mut self.records)
     }
 
     fn encode(&self) -> Bytes {
         let mut out = Vec::with_capacity(self.encoded_len());
         out.extend_from_slice(&MAGIC);
-        for &position in &self.partition_keys.entries {
-            put_delimited(
-                &mut out,
-                KEY_PARTITION_KEY_TABLE,
-                self.records[position as usize].partition_key().as_bytes(),
-            );
-        }
-        for &position in &self.explicit_hash_keys.entries {
-            let key = self.records[position as usize]
-                .explicit_hash_key()
-                .unwrap_or_default();
-            put_delimited(&mut out, KEY_EXPLICIT_HASH_KEY_TABLE, key.as_bytes());
-        }
-        for (record, &(pk_index, ehk_index)) in self.records.iter().zip(&self.indices) {
-            let data = record.data();
-            out.put_u8(KEY_RECORDS);
-            encode_varint(
-                record_body_len(pk_index, ehk_index, data.len()) as u64,
-                &mut out,
-            );
-            // proto2 `required`: the index is written even when it is 0. prost's proto3-style
-            // encoding would skip a zero, and the KCL's parser then rejects the record.
-            out.put_u8(KEY_RECORD_PARTITION_KEY_INDEX);
-            encode_varint(u64::from(pk_index), &mut out);
-            if let Some(index) = ehk_index {
-                out.put_u8(KEY_RECORD_EXPLICIT_HASH_KEY_INDEX);
-                encode_varint(u64::from(index), &mut out);
-            }
-            put_delimited(&mut out, KEY_RECORD_DATA, data);
-        }
+        out.extend_from_slice(&self.partition_key_table);
+        out.extend_from_slice(&self.explicit_hash_key_table);
+        out.extend_from_slice(&self.record_section);
         let digest = Md5::digest(&out[MAGIC.len()..]);
         out.extend_from_slice(&digest);
         debug_assert_eq!(out.len(), self.encoded_len());
         Bytes::from(out)
+    }
+}
+
+/// The user records of an aggregate this module encoded, in order.
+pub(crate) fn records_of_aggregate(data: Bytes) -> Vec<UserRecord> {
+    match crate::deaggregation::deaggregate(data, "") {
+        Ok(records) => records
+            .into_iter()
+            .map(|r| {
+                let record = UserRecord::new(r.data, r.partition_key);
+                match r.explicit_hash_key {
+                    Some(ehk) => record.with_explicit_hash_key(ehk),
+                    None => record,
+                }
+            })
+            .collect(),
+        // Unreachable: the encoder's output always decodes (tests and fuzzing check it).
+        Err(error) => unreachable!("an aggregate this producer encoded does not decode: {error}"),
     }
 }
 
@@ -266,23 +317,26 @@ fn record_body_len(pk_index: u32, ehk_index: Option<u32>, data_len: usize) -> us
     varint_field_len(pk_index) + ehk_index.map_or(0, varint_field_len) + delimited_len(data_len)
 }
 
-fn put_delimited(out: &mut Vec<u8>, key: u8, bytes: &[u8]) {
+/// Writes a length-delimited field; returns where its bytes start.
+fn put_delimited(out: &mut Vec<u8>, key: u8, bytes: &[u8]) -> usize {
     out.put_u8(key);
     encode_varint(bytes.len() as u64, out);
+    let at = out.len();
     out.extend_from_slice(bytes);
+    at
 }
 
-/// A de-duplicating key table. It stores, per distinct key, the position of the first record
-/// that carries it, so keys are never copied; lookups go through a seeded 64-bit hash of the key
-/// and are confirmed against that record. Small tables (most aggregates of a stream with many
-/// shards) are scanned; larger ones get a hash index.
+/// A de-duplicating key table. It stores, per distinct key, where the key's bytes sit in the
+/// encoded table, so keys are never copied twice; lookups go through a seeded 64-bit hash of
+/// the key and are confirmed against those bytes. Small tables (most aggregates of a stream
+/// with many shards) are scanned; larger ones get a hash index.
 #[derive(Debug, Default)]
 struct KeyTable {
     hasher: foldhash::fast::RandomState,
     /// The hash of each entry's key, in table order.
     hashes: Vec<u64>,
-    /// The record position of each entry.
-    entries: Vec<u32>,
+    /// Where each entry's key bytes start in the encoded table, and their length.
+    entries: Vec<(u32, u32)>,
     /// Hash → first table index with it, once the table is past `SCAN_MAX` entries.
     by_hash: HashMap<u64, u32, BuildHasherDefault<PassThroughHasher>>,
 }
@@ -292,14 +346,13 @@ const SCAN_MAX: usize = 16;
 
 impl KeyTable {
     /// The table index `key` has or would get, whether it is new, and its hash (for `insert`).
-    fn find(
-        &self,
-        key: &str,
-        records: &[UserRecord],
-        key_of: impl Fn(&UserRecord) -> Option<&str>,
-    ) -> (u32, bool, u64) {
+    /// `table` is the encoded table the entries point into.
+    fn find(&self, key: &str, table: &[u8]) -> (u32, bool, u64) {
         let hash = self.hasher.hash_one(key);
-        let is_key = |index: usize| key_of(&records[self.entries[index] as usize]) == Some(key);
+        let is_key = |index: usize| {
+            let (at, len) = self.entries[index];
+            &table[at as usize..(at + len) as usize] == key.as_bytes()
+        };
         let found = if self.hashes.len() <= SCAN_MAX {
             (0..self.hashes.len()).find(|&i| self.hashes[i] == hash && is_key(i))
         } else {
@@ -315,9 +368,11 @@ impl KeyTable {
         }
     }
 
-    fn insert(&mut self, hash: u64, record_position: u32) {
+    /// A new entry whose key bytes start at `at` in the encoded table.
+    fn insert(&mut self, hash: u64, at: usize, len: usize) {
         let index = self.entries.len() as u32;
-        self.entries.push(record_position);
+        // Aggregates are at most a few MiB (the record size limit): offsets fit in 32 bits.
+        self.entries.push((at as u32, len as u32));
         self.hashes.push(hash);
         if self.hashes.len() > SCAN_MAX {
             if self.by_hash.is_empty() {
@@ -330,6 +385,7 @@ impl KeyTable {
         }
     }
 
+    /// Empties the table, keeping its room for the next aggregate (a few bytes per key).
     fn clear(&mut self) {
         self.by_hash.clear();
         self.hashes.clear();
@@ -387,19 +443,19 @@ pub(crate) mod tests {
     fn encodes_the_golden_vector_byte_for_byte() {
         let mut builder = build(golden_records(), AggregateLimits::default());
         assert_eq!(builder.encoded_len(), 102);
-        let (entry, records) = builder.finish().expect("not empty");
+        let entry = builder.finish().expect("not empty");
         assert_eq!(hex(&entry.data), GOLDEN);
         assert!(entry.aggregated);
         assert_eq!(entry.partition_key, "pk1");
         assert_eq!(entry.explicit_hash_key, None);
-        assert_eq!(records, golden_records());
+        assert_eq!(records_of_aggregate(entry.data), golden_records());
         assert!(builder.is_empty());
     }
 
     #[test]
     fn encoder_matches_prost_and_required_zero_index_is_written() {
         let mut builder = build(golden_records(), AggregateLimits::default());
-        let (entry, _) = builder.finish().unwrap();
+        let entry = builder.finish().unwrap();
         let body = &entry.data[4..entry.data.len() - 16];
         let decoded = proto::AggregatedRecord::decode(body).unwrap();
         assert_eq!(decoded.encode_to_vec(), body);
@@ -440,9 +496,9 @@ pub(crate) mod tests {
             let record = UserRecord::new(vec![0u8; 37 + i], format!("k{i}"));
             if builder.try_push(record).is_err() {
                 rejected += 1;
-                let (entry, records) = builder.finish().unwrap();
+                assert!(builder.len() <= limits.max_count);
+                let entry = builder.finish().unwrap();
                 assert!(entry.data.len() <= limits.max_size);
-                assert!(records.len() <= limits.max_count);
             }
         }
         assert!(rejected > 0);
@@ -456,10 +512,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn take_records_gives_back_exactly_what_was_pushed() {
+        let mut builder = build(golden_records(), AggregateLimits::default());
+        assert_eq!(builder.take_records(), golden_records());
+        assert!(builder.is_empty());
+        assert_eq!(builder.take_records(), Vec::<UserRecord>::new());
+        let one = UserRecord::new(vec![0u8, 255, 7], "solo").with_explicit_hash_key("42");
+        let mut builder = build(vec![one.clone()], AggregateLimits::default());
+        assert_eq!(builder.take_records(), vec![one]);
+        // The builder is reusable afterwards, and encodes as a fresh one would.
+        let mut reused = build(golden_records(), AggregateLimits::default());
+        reused.take_records();
+        for r in golden_records() {
+            reused.try_push(r).unwrap();
+        }
+        assert_eq!(hex(&reused.finish().unwrap().data), GOLDEN);
+    }
+
+    #[test]
     fn one_record_goes_out_plain() {
         let record = UserRecord::new("only", "k").with_explicit_hash_key("7");
         let mut builder = build(vec![record], AggregateLimits::default());
-        let (entry, _) = builder.finish().unwrap();
+        let entry = builder.finish().unwrap();
         assert!(!entry.aggregated);
         assert_eq!(&entry.data[..], b"only");
         assert_eq!(entry.explicit_hash_key.as_deref(), Some("7"));

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::aggregation::{AggregateBuilder, AggregateLimits, KinesisEntry};
+use crate::aggregation::{records_of_aggregate, AggregateBuilder, AggregateLimits, KinesisEntry};
 use crate::backlog::lock;
 use crate::producer::{Inbound, Shared};
 use crate::receipt::ReceiptTx;
@@ -27,16 +27,20 @@ pub(crate) struct RecordMeta {
     pub put_at: Instant,
     pub epoch: u64,
     pub backlog_bytes: u32,
+    /// Bytes of the record's data (the record itself lives on only in its encoding).
+    pub data_len: u32,
     /// Where the outcome goes when the record was put with a receipt.
     pub receipt: Option<ReceiptTx>,
 }
 
-/// One finished Kinesis record on its way through the sender, with the user records it carries.
+/// One finished Kinesis record on its way through the sender, with what the producer knows of
+/// each user record it carries. The records themselves are in the entry's bytes:
+/// [`user_records`](Self::user_records) reads them back when a failure report or a re-route
+/// needs them.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     pub entry: KinesisEntry,
-    pub records: Vec<UserRecord>,
-    /// One per record, in the same order.
+    /// One per user record, in the order they sit in the entry.
     pub metas: Vec<RecordMeta>,
     pub backlog_bytes: usize,
     /// `put` time of the oldest record: its buffering deadline and TTL count from here.
@@ -53,12 +57,7 @@ pub(crate) struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(
-        entry: KinesisEntry,
-        records: Vec<UserRecord>,
-        metas: Vec<RecordMeta>,
-        shard_id: Option<Arc<str>>,
-    ) -> Self {
+    fn new(entry: KinesisEntry, metas: Vec<RecordMeta>, shard_id: Option<Arc<str>>) -> Self {
         let backlog_bytes = metas.iter().map(|m| m.backlog_bytes as usize).sum();
         let oldest_put = metas
             .iter()
@@ -67,7 +66,6 @@ impl Outgoing {
             .unwrap_or_else(Instant::now);
         Outgoing {
             entry,
-            records,
             metas,
             backlog_bytes,
             oldest_put,
@@ -77,6 +75,24 @@ impl Outgoing {
             last_attempt_end: None,
             landed: None,
         }
+    }
+
+    /// User records carried.
+    pub fn len(&self) -> usize {
+        self.metas.len()
+    }
+
+    /// The user records carried, read back from the entry: byte for byte what was put.
+    pub fn user_records(&self) -> Vec<UserRecord> {
+        let entry = &self.entry;
+        if entry.aggregated {
+            return records_of_aggregate(entry.data.clone());
+        }
+        let record = UserRecord::new(entry.data.clone(), entry.partition_key.clone());
+        vec![match &entry.explicit_hash_key {
+            Some(ehk) => record.with_explicit_hash_key(ehk.clone()),
+            None => record,
+        }]
     }
 
     /// Bytes this record counts against the PutRecords request limit.
@@ -212,7 +228,6 @@ fn add_to_slot(
         let entry = KinesisEntry::plain(&record);
         shared.send(Inbound::Record(Outgoing::new(
             entry,
-            vec![record],
             vec![meta],
             routing.shard_id(index),
         )));
@@ -225,12 +240,7 @@ fn add_to_slot(
         if let Err(record) = slot.builder.try_push(record) {
             let entry = KinesisEntry::plain(&record);
             let shard_id = routing.shard_id(index);
-            shared.send(Inbound::Record(Outgoing::new(
-                entry,
-                vec![record],
-                vec![meta],
-                shard_id,
-            )));
+            shared.send(Inbound::Record(Outgoing::new(entry, vec![meta], shard_id)));
             return;
         }
     }
@@ -259,11 +269,10 @@ fn add_to_slot(
 fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) {
     slot.cycle += 1;
     slot.earliest_put = None;
-    if let Some((entry, records)) = slot.builder.finish() {
+    if let Some(entry) = slot.builder.finish() {
         let metas = std::mem::take(&mut slot.metas);
         shared.send(Inbound::Record(Outgoing::new(
             entry,
-            records,
             metas,
             routing.shard_id(index),
         )));
@@ -329,12 +338,7 @@ pub(crate) fn reroute(shared: &Shared, records: Vec<UserRecord>, metas: Vec<Reco
             let (record, meta) = *refused;
             // Unreachable by construction (re-routing ignores `stop`), but never drop a record.
             let entry = KinesisEntry::plain(&record);
-            shared.send(Inbound::Record(Outgoing::new(
-                entry,
-                vec![record],
-                vec![meta],
-                None,
-            )));
+            shared.send(Inbound::Record(Outgoing::new(entry, vec![meta], None)));
         }
     }
 }

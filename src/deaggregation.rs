@@ -380,7 +380,7 @@ mod tests {
 
     fn aggregate_of(records: Vec<UserRecord>) -> Bytes {
         let mut builder = build(records, AggregateLimits::default());
-        builder.finish().unwrap().0.data
+        builder.finish().unwrap().data
     }
 
     #[test]
@@ -614,7 +614,7 @@ mod tests {
         let record = UserRecord::new("x", "k");
         let mut builder = AggregateBuilder::new(AggregateLimits::default());
         builder.try_push(record).unwrap();
-        let (entry, _) = builder.finish().unwrap();
+        let entry = builder.finish().unwrap();
         assert!(!deaggregate(entry.data, "k").unwrap()[0].aggregated);
     }
 }

@@ -103,9 +103,9 @@ impl Shared {
 
     /// A Kinesis record was acknowledged: its user records are done.
     pub fn acknowledge(&self, mut outgoing: Outgoing) {
-        let data_bytes: usize = outgoing.records.iter().map(|r| r.data().len()).sum();
-        add(&self.stats.user_records_put, outgoing.records.len() as u64);
-        add(&self.stats.user_record_bytes_put, data_bytes as u64);
+        let data_bytes: u64 = outgoing.metas.iter().map(|m| u64::from(m.data_len)).sum();
+        add(&self.stats.user_records_put, outgoing.len() as u64);
+        add(&self.stats.user_record_bytes_put, data_bytes);
         add(&self.stats.kinesis_records_put, 1);
         add(
             &self.stats.kinesis_bytes_put,
@@ -114,7 +114,7 @@ impl Shared {
         let landed = outgoing.landed.take();
         if self.metrics_on {
             let shard = landed.as_ref().map(|(shard, _)| shard);
-            let sizes = outgoing.records.iter().map(|r| r.data().len() as u64);
+            let sizes = outgoing.metas.iter().map(|m| u64::from(m.data_len));
             let data = Statistics::of_integers(sizes, 1.0);
             let mut metrics = lock(&self.metrics);
             record_ends(&mut metrics, &outgoing, 1.0, shard);
@@ -139,7 +139,7 @@ impl Shared {
 
     /// A Kinesis record failed for good: each of its user records is reported.
     pub fn fail(&self, mut outgoing: Outgoing, error: DeliveryError) {
-        let count = outgoing.records.len();
+        let count = outgoing.len();
         add(&self.stats.user_records_failed, count as u64);
         if self.metrics_on {
             let shard = outgoing.shard_id.as_ref();
@@ -152,9 +152,10 @@ impl Shared {
         }
         let subscriber = lock(&self.failures).clone();
         let mut unobserved = 0;
-        for (record, meta) in outgoing.records.iter().zip(outgoing.metas.iter_mut()) {
+        let records = outgoing.user_records();
+        for (record, meta) in records.into_iter().zip(outgoing.metas.iter_mut()) {
             let failed = FailedRecord {
-                record: record.clone(),
+                record,
                 error: error.clone(),
                 attempts: outgoing.attempts,
                 shard_id: outgoing.shard_id.clone(),
@@ -190,8 +191,7 @@ impl Shared {
     }
 
     fn release(&self, outgoing: &Outgoing) {
-        self.backlog
-            .release(outgoing.records.len(), outgoing.backlog_bytes);
+        self.backlog.release(outgoing.len(), outgoing.backlog_bytes);
         outgoing.for_each_epoch_run(|epoch, count| self.backlog.leave_epoch(epoch, count));
     }
 
@@ -279,7 +279,7 @@ impl Shared {
 /// The per-user-record metrics of a Kinesis record's records ending: `UserRecordsPut` (1
 /// acknowledged, 0 failed) and `RetriesPerRecord`.
 fn record_ends(metrics: &mut Recorder, outgoing: &Outgoing, put: f64, shard: Option<&Arc<str>>) {
-    let n = outgoing.records.len() as u64;
+    let n = outgoing.len() as u64;
     metrics.record(
         MetricName::UserRecordsPut,
         Statistics::repeated(put, n),
@@ -465,6 +465,7 @@ impl Producer {
             epoch: 0,
             // Validation bounds data + key by max_record_size (≤ 10 MiB) and the EHK by 39.
             backlog_bytes: record.backlog_size() as u32,
+            data_len: record.data().len() as u32,
             receipt: None,
         })
     }

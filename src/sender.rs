@@ -333,7 +333,7 @@ impl Sender {
 
     /// Routes a not-yet-written Kinesis record's user records again, under the current map.
     fn resplit(&mut self, outgoing: Outgoing) {
-        aggregator::reroute(&self.shared, outgoing.records, outgoing.metas);
+        aggregator::reroute(&self.shared, outgoing.user_records(), outgoing.metas);
         if self.stop_deadline.is_some() {
             // Stopping: the aggregators are not waited for, so send them out now.
             aggregator::flush_all(&self.shared);
@@ -641,7 +641,7 @@ impl Sender {
         let span = tracing::debug_span!(
             "put_records",
             kinesis_records = batch.len(),
-            user_records = batch.iter().map(|o| o.records.len()).sum::<usize>(),
+            user_records = batch.iter().map(|o| o.len()).sum::<usize>(),
             attempt = batch.iter().map(|o| o.attempts).max().unwrap_or(1),
         );
         let results = self.results_tx.clone();
@@ -814,16 +814,16 @@ impl Sender {
             _ => {
                 add(
                     &self.shared.stats.records_resent_after_reshard,
-                    outgoing.records.len() as u64,
+                    outgoing.len() as u64,
                 );
                 if self.shared.metrics_on {
                     lock(&self.shared.metrics).record(
                         MetricName::UserRecordsResentAfterReshard,
-                        Statistics::repeated(1.0, outgoing.records.len() as u64),
+                        Statistics::repeated(1.0, outgoing.len() as u64),
                         Some(&actual),
                     );
                 }
-                tracing::debug!(shard = %actual, records = outgoing.records.len(), "re-sending an aggregate written to a shard that does not own all its records");
+                tracing::debug!(shard = %actual, records = outgoing.len(), "re-sending an aggregate written to a shard that does not own all its records");
                 self.release(&outgoing);
                 self.resplit(outgoing);
             }
@@ -1104,7 +1104,7 @@ fn record_sent(metrics: &mut Recorder, batch: &[Outgoing], now: Instant) {
         let buffering = Statistics::of_integers(waited, 1e-6);
         let shard = outgoing.shard_id.as_ref();
         metrics.record(MetricName::BufferingTime, buffering, shard);
-        let n = outgoing.records.len();
+        let n = outgoing.len();
         user_records += n;
         metrics.add(MetricName::UserRecordsPerKinesisRecord, n as f64, shard);
     }

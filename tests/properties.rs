@@ -28,41 +28,48 @@ fn user_record() -> impl Strategy<Value = UserRecord> {
     })
 }
 
-/// Packs records the way the producer's aggregators do, checking the accounting as it goes.
+/// Packs records the way the producer's aggregators do, checking the accounting as it goes;
+/// returns each Kinesis record with the user records pushed into it.
 fn pack(records: &[UserRecord], limits: AggregateLimits) -> Vec<(KinesisEntry, Vec<UserRecord>)> {
     let mut out = Vec::new();
     let mut builder = AggregateBuilder::new(limits);
-    let finish = |builder: &mut AggregateBuilder, out: &mut Vec<_>| {
-        let expected = builder.encoded_len();
-        if let Some((entry, records)) = builder.finish() {
-            let entry: KinesisEntry = entry;
-            if entry.aggregated {
-                assert_eq!(entry.data.len(), expected, "accounted size = encoded size");
-                assert!(entry.data.len() <= limits.max_size);
+    let mut pushed: Vec<UserRecord> = Vec::new();
+    let finish =
+        |builder: &mut AggregateBuilder, pushed: &mut Vec<UserRecord>, out: &mut Vec<_>| {
+            let expected = builder.encoded_len();
+            assert_eq!(builder.len(), pushed.len());
+            if let Some(entry) = builder.finish() {
+                let entry: KinesisEntry = entry;
+                if entry.aggregated {
+                    assert_eq!(entry.data.len(), expected, "accounted size = encoded size");
+                    assert!(entry.data.len() <= limits.max_size);
+                }
+                assert!(pushed.len() <= limits.max_count);
+                out.push((entry, std::mem::take(pushed)));
             }
-            assert!(records.len() <= limits.max_count);
-            out.push((entry, records));
-        }
-    };
+            assert!(builder.is_empty());
+        };
     for record in records {
         if AggregateBuilder::solo_len(record) > limits.max_size {
-            finish(&mut builder, &mut out);
+            finish(&mut builder, &mut pushed, &mut out);
             let mut alone = AggregateBuilder::new(AggregateLimits {
                 max_size: usize::MAX,
                 max_count: 1,
             });
             alone.try_push(record.clone()).unwrap();
-            finish(&mut alone, &mut out);
+            let mut one = vec![record.clone()];
+            finish(&mut alone, &mut one, &mut out);
             continue;
         }
         if let Err(back) = builder.try_push(record.clone()) {
-            finish(&mut builder, &mut out);
+            finish(&mut builder, &mut pushed, &mut out);
             builder
                 .try_push(back)
                 .expect("an empty aggregate takes a record that fits alone");
         }
+        pushed.push(record.clone());
     }
-    finish(&mut builder, &mut out);
+    finish(&mut builder, &mut pushed, &mut out);
     out
 }
 

@@ -19,6 +19,8 @@ mod job;
 mod local_kinesis;
 #[path = "../../tests/support/moto.rs"]
 mod moto;
+#[path = "../common/plot.rs"]
+mod plot;
 
 use std::path::{Path, PathBuf};
 
@@ -196,42 +198,6 @@ fn plot_csv(out: &Path) -> Result<(), Error> {
 
 /// Total time against N, log-log, one line per variant and one for the seed's chunked medians.
 fn plot(rows: &[(String, usize, f64)], path: &Path) -> Result<(), Error> {
-    use plotters::prelude::*;
-
-    let font = [
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    ]
-    .iter()
-    .find_map(|p| std::fs::read(p).ok())
-    .ok_or("no DejaVu Sans font to label the plot (apt package fonts-dejavu-core)")?;
-    plotters::style::register_font(
-        "sans-serif",
-        FontStyle::Normal,
-        Box::leak(font.into_boxed_slice()),
-    )
-    .map_err(|_| "the DejaVu Sans font could not be read")?;
-
-    let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Scatter-gather: total time by records (local servers vs the seed on AWS)",
-            ("sans-serif", 20),
-        )
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(60)
-        .build_cartesian_2d(
-            (500f64..2_000_000f64).log_scale(),
-            (0.05f64..1_000f64).log_scale(),
-        )?;
-    chart
-        .configure_mesh()
-        .x_desc("records")
-        .y_desc("seconds (scatter + process + gather)")
-        .label_style(("sans-serif", 14))
-        .draw()?;
     let mut names: Vec<&String> = Vec::new();
     for (name, _, _) in rows {
         if !names.contains(&name) {
@@ -253,27 +219,15 @@ fn plot(rows: &[(String, usize, f64)], path: &Path) -> Result<(), Error> {
         "seed, chunked, AWS Lambda (published medians)".to_owned(),
         SEED_CHUNKED.iter().map(|(n, s)| (*n as f64, *s)).collect(),
     ));
-    for (i, (name, points)) in series.into_iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart.draw_series(
-            points
-                .into_iter()
-                .map(|p| Circle::new(p, 5, color.filled())),
-        )?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 13))
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    plot::draw(
+        plot::Chart {
+            title: "Scatter-gather: total time by records (local servers vs the seed on AWS)",
+            x_desc: "records",
+            y_desc: "seconds (scatter + process + gather)",
+            x_range: (500.0, 2_000_000.0),
+            y_range: (0.05, 1_000.0),
+            series,
+        },
+        path,
+    )
 }
