@@ -49,6 +49,13 @@ impl Backlog {
 
     /// Waits for room for one record of `bytes` bytes.
     pub async fn acquire(&self, bytes: u32) -> Result<(), NoRoom> {
+        // The usual case, room at once, without building the waiting futures. (Permits given
+        // back while others wait go to those waiters first, so this never jumps the queue.)
+        match self.try_acquire(bytes) {
+            Ok(()) => return Ok(()),
+            Err(NoRoom::Closed) => return Err(NoRoom::Closed),
+            Err(NoRoom::Full) => {}
+        }
         let record = self.records.acquire().await.map_err(|_| NoRoom::Closed)?;
         match self.bytes.acquire_many(bytes).await {
             Ok(room) => {
