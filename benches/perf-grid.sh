@@ -22,7 +22,8 @@ run() {
   local sweep=$1 label=$2
   shift 2
   local out
-  out=$("$BIN" perf --null-sink "$@" || true)
+  # RUN_ENV: extra environment for this run (e.g. a glibc tunable).
+  out=$(env ${RUN_ENV:-} "$BIN" perf --null-sink "$@" || true)
   local line="$sweep,$label"
   for column in "${COLUMNS_[@]}"; do
     line="$line,$(sed -n "s/^$column=//p" <<<"$out" | head -1)"
@@ -48,13 +49,16 @@ for i in 1 2 3; do
   run workload W4 --record-size 100 --keys random --shards 10000 --records 1000000
 done
 echo "== memory: default backlog (64 MiB), the sink stops answering after 20 requests"
-run memory "W2, stalled sink" --record-size 1024 --shards 500 --records 300000 \
+run memory "W2 stalled sink" --record-size 1024 --shards 500 --records 300000 \
   --sink-stall-after 20 --record-ttl-ms 3000 --request-timeout-ms 1000
-run memory "W1, stalled sink" --record-size 100 --shards 1 --records 2000000 \
+RUN_ENV=GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072 \
+  run memory "W2 stalled sink; glibc mmap_threshold 128 KiB" --record-size 1024 --shards 500 \
+  --records 300000 --sink-stall-after 20 --record-ttl-ms 3000 --request-timeout-ms 1000
+run memory "W1 stalled sink" --record-size 100 --shards 1 --records 2000000 \
   --sink-stall-after 5 --record-ttl-ms 3000 --request-timeout-ms 1000
-run memory "W2, answering sink" --record-size 1024 --shards 500 --records 300000
-echo "== latency at 1,000 records/s (every record timed)"
-run latency "1,000 records/s" --record-size 100 --shards 4 --records 10000 --rate 1000 --latency-every 1
+run memory "W2 answering sink" --record-size 1024 --shards 500 --records 300000
+echo "== latency at 1000 records/s (every record timed)"
+run latency "1000 records/s" --record-size 100 --shards 4 --records 10000 --rate 1000 --latency-every 1
 
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && [ ! -f /usr/share/fonts/dejavu/DejaVuSans.ttf ]; then
   # The plots' labels need a font; plotters brings none.

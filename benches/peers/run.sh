@@ -52,12 +52,12 @@ run_workload() {
   endpoint=$(value endpoint "$OUT/sink.out")
   export AWS_ACCESS_KEY_ID=perf AWS_SECRET_ACCESS_KEY=perf AWS_REGION=us-east-1
   declare -A cpu rate
-  local peers=("ours, aggregation on" "ours, aggregation off" "python aws-kinesis-agg + boto3" "node aws-kinesis-agg + sdk v3")
+  local peers=("ours (aggregation on)" "ours (aggregation off)" "python aws-kinesis-agg + boto3" "node aws-kinesis-agg + sdk v3")
   for peer in "${peers[@]}"; do
     local log="$OUT/run.out"
     case "$peer" in
-      "ours, aggregation on") "$BIN" perf --endpoint-url "$endpoint" --records "$RECORDS" --record-size "$size" > "$log" ;;
-      "ours, aggregation off") "$BIN" perf --endpoint-url "$endpoint" --records "$RECORDS" --record-size "$size" --no-aggregation > "$log" ;;
+      "ours (aggregation on)") "$BIN" perf --endpoint-url "$endpoint" --records "$RECORDS" --record-size "$size" > "$log" ;;
+      "ours (aggregation off)") "$BIN" perf --endpoint-url "$endpoint" --records "$RECORDS" --record-size "$size" --no-aggregation > "$log" ;;
       "python aws-kinesis-agg + boto3") .venv/bin/python benches/peers/python_agg.py "$endpoint" "$RECORDS" "$size" > "$log" ;;
       "node aws-kinesis-agg + sdk v3") NODE_NO_WARNINGS=1 node benches/peers/node_agg.js "$endpoint" "$RECORDS" "$size" > "$log" ;;
     esac
@@ -69,7 +69,7 @@ run_workload() {
   echo "## $name: $size-byte records, random UUID keys, $shards shard(s), $RECORDS records"
   printf '| %-32s | %12s | %14s | %14s |\n' "producer" "records/s" "CPU ns/record" "CPU vs ours"
   printf '|%s|%s|%s|%s|\n' "----------------------------------" "--------------" "----------------" "----------------"
-  local ours=${cpu["ours, aggregation on"]}
+  local ours=${cpu["ours (aggregation on)"]}
   for peer in "${peers[@]}"; do
     local ratio
     ratio=$(awk -v p="${cpu[$peer]}" -v o="$ours" 'BEGIN { printf "%.1f×", p / o }')
