@@ -431,6 +431,48 @@ async fn stop_during_an_outage_returns_on_time_and_reports_every_record() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_hold_at_most_a_quarter_of_the_backlog() {
+    let _serial = SERIAL.lock().await;
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("in-flight-bytes", 4).await;
+    let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(7, 0.0, Vec::new())).await;
+    // Requests of at most 25,000 bytes and a backlog of 400,000: a quarter is 100,000 bytes,
+    // so at most four requests (five counting the one always allowed) may be out, where
+    // `max_in_flight` alone would allow twelve for these 300 KB.
+    let producer = through_faults(&proxy, "in-flight-bytes", |b| {
+        b.max_record_size(20_000)
+            .aggregation_max_size(10_000)
+            .max_backlog_bytes(400_000)
+            .collection_max_size(25_000)
+            .aggregation(false)
+            .rate_limit(0)
+            .record_max_buffered_time(Duration::from_millis(20))
+            // No timeout (and so no retry on a new connection) while the count is taken.
+            .request_timeout(Duration::from_secs(5))
+    })
+    .await;
+    proxy.stall();
+    for i in 0..300 {
+        producer
+            .try_put(UserRecord::new(vec![b'x'; 1_000], format!("k{i}")))
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = proxy.counts.held.load(Ordering::Relaxed);
+    let sent = producer.stats().requests;
+    assert!(
+        (1..=5).contains(&held),
+        "{held} requests in flight ({sent} sent)"
+    );
+    assert_eq!(held, sent, "every request sent is held by the outage");
+    proxy.resume();
+    producer.stop().await;
+    let stats = producer.stats();
+    assert_eq!(stats.user_records_put, 300, "{stats:?}");
+    println!("in-flight bytes cap: {held} requests held during the outage");
+}
+
 /// The soak: every fault mixed at 20% with 8 putters at a steady rate, for `KP_SOAK_SECONDS`
 /// (default 1,800), reporting the invariants and memory every minute. Not part of the suite:
 /// `KP_SOAK_SECONDS=1800 cargo test --test faults soak -- --ignored --nocapture`.

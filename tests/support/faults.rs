@@ -89,6 +89,8 @@ pub struct Counts {
     /// User records in Kinesis records whose outcome a fault made ambiguous.
     pub ambiguous_records: AtomicU64,
     pub by_fault: Mutex<Vec<(Fault, u64)>>,
+    /// Connections that sent a request during an outage (each request in flight has its own).
+    pub held: AtomicU64,
 }
 
 impl Counts {
@@ -267,15 +269,23 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
             request = read_message(&mut client, &mut from_client) => request,
             () = wait_for(&shared.stalled, true) => None,
         };
+        let read_one = request.is_some();
         let Some(request) = request.filter(|_| !shared.stalled.load(Ordering::SeqCst)) else {
             // Read and drop what the client sends, so that a client giving up (closing) frees
             // the connection at once; reset the rest when the outage ends.
             let mut scratch = vec![0u8; 65536];
+            let mut held = read_one || !from_client.is_empty();
+            if held {
+                shared.counts.held.fetch_add(1, Ordering::Relaxed);
+            }
             loop {
                 tokio::select! {
                     read = client.read(&mut scratch) => {
                         if !matches!(read, Ok(n) if n > 0) {
                             return;
+                        }
+                        if !std::mem::replace(&mut held, true) {
+                            shared.counts.held.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     () = wait_for(&shared.stalled, false) => {
