@@ -174,10 +174,15 @@ impl AggregateBuilder {
             return Err(record);
         }
         if self.count == 0 {
+            // Room like the previous aggregate's, up to a few KiB: what a slot reserves is not
+            // in the backlog's count, and 10,000 shards each holding one record must not each
+            // hold 50 KB.
             let (pk, ehk, records) = self.last_sizes;
-            self.partition_key_table.reserve_exact(pk);
-            self.explicit_hash_key_table.reserve_exact(ehk);
-            self.record_section.reserve_exact(records.max(added));
+            self.partition_key_table.reserve_exact(pk.min(RESERVE_MAX));
+            self.explicit_hash_key_table
+                .reserve_exact(ehk.min(RESERVE_MAX));
+            self.record_section
+                .reserve_exact(records.min(RESERVE_MAX).max(added));
         }
         if pk_new {
             let at = put_delimited(
@@ -217,19 +222,19 @@ impl AggregateBuilder {
     /// Encodes what was pushed and starts over. One record goes out as itself, not aggregated:
     /// that is smaller and every consumer reads it (as the KPL does). Returns `None` when empty.
     pub fn finish(&mut self) -> Option<KinesisEntry> {
-        let entry = match self.count {
-            0 => return None,
-            1 => KinesisEntry::plain(self.first.as_ref()?),
-            _ => {
-                let first = self.first.as_ref()?;
-                KinesisEntry {
-                    data: self.encode(),
-                    // The first record's key routes the aggregate to the first record's hash
-                    // key, which lies in the shard every record of this aggregate belongs to.
-                    partition_key: first.partition_key().to_owned(),
-                    explicit_hash_key: first.explicit_hash_key().map(str::to_owned),
-                    aggregated: true,
-                }
+        // `first` is set exactly when a record was pushed.
+        debug_assert_eq!(self.first.is_some(), self.count > 0);
+        let first = self.first.take()?;
+        let entry = if self.count == 1 {
+            KinesisEntry::plain(&first)
+        } else {
+            KinesisEntry {
+                data: self.encode(),
+                // The first record's key routes the aggregate to the first record's hash key,
+                // which lies in the shard every record of this aggregate belongs to.
+                partition_key: first.partition_key().to_owned(),
+                explicit_hash_key: first.explicit_hash_key().map(str::to_owned),
+                aggregated: true,
             }
         };
         self.clear();
@@ -249,7 +254,7 @@ impl AggregateBuilder {
             _ => {
                 let data = self.encode();
                 self.clear();
-                records_of_aggregate(data)
+                records_of_aggregate(&data)
             }
         }
     }
@@ -283,22 +288,44 @@ impl AggregateBuilder {
     }
 }
 
-/// The user records of an aggregate this module encoded, in order.
-pub(crate) fn records_of_aggregate(data: Bytes) -> Vec<UserRecord> {
-    match crate::deaggregation::deaggregate(data, "") {
-        Ok(records) => records
-            .into_iter()
-            .map(|r| {
-                let record = UserRecord::new(r.data, r.partition_key);
-                match r.explicit_hash_key {
-                    Some(ehk) => record.with_explicit_hash_key(ehk),
-                    None => record,
-                }
-            })
-            .collect(),
-        // Unreachable: the encoder's output always decodes (tests and fuzzing check it).
+/// The user records of an aggregate this module encoded, in order, with their own copies of
+/// the data (a record read back must not keep the whole aggregate alive). Nothing is validated:
+/// the records were checked when they were pushed, or, through the public builder, not at all,
+/// and either way they come back as they went in.
+pub(crate) fn records_of_aggregate(data: &[u8]) -> Vec<UserRecord> {
+    use prost::Message;
+
+    let body = data
+        .get(MAGIC.len()..data.len().saturating_sub(DIGEST_LEN))
+        .unwrap_or_default();
+    let aggregate = match crate::deaggregation::proto::AggregatedRecord::decode(body) {
+        Ok(aggregate) => aggregate,
+        // Unreachable: the encoder writes valid protobuf (tests and fuzzing check it).
         Err(error) => unreachable!("an aggregate this producer encoded does not decode: {error}"),
-    }
+    };
+    let table =
+        |table: &[String], index: Option<u64>| index.and_then(|i| table.get(i as usize)).cloned();
+    aggregate
+        .records
+        .iter()
+        .map(|r| {
+            let data = r
+                .data
+                .as_deref()
+                .map(Bytes::copy_from_slice)
+                .unwrap_or_default();
+            let key =
+                table(&aggregate.partition_key_table, r.partition_key_index).unwrap_or_default();
+            let record = UserRecord::new(data, key);
+            match table(
+                &aggregate.explicit_hash_key_table,
+                r.explicit_hash_key_index,
+            ) {
+                Some(ehk) => record.with_explicit_hash_key(ehk),
+                None => record,
+            }
+        })
+        .collect()
 }
 
 impl KinesisEntry {
@@ -340,6 +367,9 @@ struct KeyTable {
     /// Hash → first table index with it, once the table is past `SCAN_MAX` entries.
     by_hash: HashMap<u64, u32, BuildHasherDefault<PassThroughHasher>>,
 }
+
+/// Most bytes a section reserves when an aggregate starts (it grows past this as needed).
+const RESERVE_MAX: usize = 4 << 10;
 
 /// Up to this many entries, a lookup scans the hashes instead of using the index.
 const SCAN_MAX: usize = 16;
@@ -448,7 +478,7 @@ pub(crate) mod tests {
         assert!(entry.aggregated);
         assert_eq!(entry.partition_key, "pk1");
         assert_eq!(entry.explicit_hash_key, None);
-        assert_eq!(records_of_aggregate(entry.data), golden_records());
+        assert_eq!(records_of_aggregate(&entry.data), golden_records());
         assert!(builder.is_empty());
     }
 
@@ -527,6 +557,13 @@ pub(crate) mod tests {
             reused.try_push(r).unwrap();
         }
         assert_eq!(hex(&reused.finish().unwrap().data), GOLDEN);
+        // The public builder does not validate: whatever went in comes back.
+        let odd = vec![
+            UserRecord::new("a", "k").with_explicit_hash_key("not a number"),
+            UserRecord::new("", "k2"),
+        ];
+        let mut builder = build(odd.clone(), AggregateLimits::default());
+        assert_eq!(builder.take_records(), odd);
     }
 
     #[test]

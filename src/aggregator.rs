@@ -86,7 +86,7 @@ impl Outgoing {
     pub fn user_records(&self) -> Vec<UserRecord> {
         let entry = &self.entry;
         if entry.aggregated {
-            return records_of_aggregate(entry.data.clone());
+            return records_of_aggregate(&entry.data);
         }
         let record = UserRecord::new(entry.data.clone(), entry.partition_key.clone());
         vec![match &entry.explicit_hash_key {
@@ -333,6 +333,7 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
 
 /// Routes records the producer already holds again, under the current map (after a reshard).
 pub(crate) fn reroute(shared: &Shared, records: Vec<UserRecord>, metas: Vec<RecordMeta>) {
+    debug_assert_eq!(records.len(), metas.len());
     for (record, meta) in records.into_iter().zip(metas) {
         if let Err(refused) = enqueue(shared, record, meta, Admission::Reroute) {
             let (record, meta) = *refused;

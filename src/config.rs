@@ -176,10 +176,10 @@ impl ProducerBuilder {
     setters! {
         /// Most records held between `put` and their end (acknowledged or failed).
         max_backlog_records: usize,
-        /// Most bytes (data + keys) held between `put` and their end. Requests in flight hold
-        /// at most a quarter of it (beyond the first request), which bounds memory when an
-        /// endpoint stalls; a producer that must keep more bytes in flight (a fast stream far
-        /// away) needs a larger backlog.
+        /// Most bytes (data + keys) held between `put` and their end. A request goes out only
+        /// while those in flight hold less than a quarter of it (so at most a quarter plus one
+        /// request), which bounds memory when an endpoint stalls; a producer that must keep more
+        /// bytes in flight (a fast stream far away) needs a larger backlog.
         max_backlog_bytes: usize,
         /// Packs user records into KPL aggregates. Off: one Kinesis record per user record.
         aggregation: bool,

@@ -116,9 +116,9 @@ struct Sender {
     retry_seq: u64,
     in_flight: usize,
     /// Bytes (data + partition keys) of the requests in flight. Each request is held three
-    /// times while it is out (our aggregates, the SDK's JSON body in base64, the socket), so
-    /// these are capped at half the backlog: a stalled endpoint cannot make memory grow past
-    /// about twice the backlog.
+    /// times while it is out (our aggregates, the SDK's JSON body in base64, the socket), so a
+    /// request goes out only while these are under a quarter of the backlog: a stalled endpoint
+    /// cannot make memory grow far past the backlog.
     in_flight_bytes: usize,
     /// Requests in flight that were sent before they were full.
     partial_in_flight: usize,
@@ -616,7 +616,8 @@ impl Sender {
     }
 
     /// Whether another request may go out: fewer than `max_in_flight` are out, and their bytes
-    /// are under half the backlog (one request always may).
+    /// are under a quarter of the backlog (so they end at most one request past it; one request
+    /// may always be out).
     fn may_send_more(&self) -> bool {
         self.in_flight < self.shared.config.max_in_flight
             && (self.in_flight == 0

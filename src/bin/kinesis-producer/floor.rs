@@ -61,7 +61,7 @@ impl Intercept for SizeRecorder {
             for entry in input.records() {
                 let data = entry.data().as_ref();
                 sizes.blobs.push(data.len() as u32);
-                if data.len() >= 20 && data[..4] == MAGIC {
+                if data.len() > 20 && data[..4] == MAGIC {
                     sizes.aggregates.push(data.len() as u32 - 20);
                 }
             }

@@ -2,11 +2,17 @@
 //! back, de-aggregating KPL aggregates, one JSON line per user record; `perf` measures the
 //! producer and `perf-sink` serves the null endpoint it measures against.
 
+// `perf` reads per-thread CPU time and peak memory the Linux way (getrusage's RUSAGE_THREAD,
+// ru_maxrss in KiB): it is built on Linux only.
+#[cfg(target_os = "linux")]
 mod floor;
+#[cfg(target_os = "linux")]
 mod perf;
 mod put;
+#[cfg(target_os = "linux")]
 mod sink;
 mod tail;
+#[cfg(target_os = "linux")]
 mod usage;
 
 use std::io::Write;
@@ -33,11 +39,13 @@ enum Command {
     /// Reads the stream (every shard, or one), de-aggregates, and prints one JSON line per user
     /// record; follows new records and new shards unless --no-follow.
     Tail(tail::TailArgs),
-    /// Measures the producer: puts generated records (to the in-process null sink or an
+    /// Measures the producer (Linux only): puts generated records (to the in-process null sink or an
     /// endpoint) and prints CPU per record, throughput, memory, latency and the floor, one
     /// key=value per line.
+    #[cfg(target_os = "linux")]
     Perf(perf::PerfArgs),
     /// Runs the null sink alone on 127.0.0.1, so other producers can be measured against it.
+    #[cfg(target_os = "linux")]
     PerfSink(perf::SinkArgs),
 }
 
@@ -88,7 +96,9 @@ async fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Put(args) => put::run(args).await,
         Command::Tail(args) => tail::run(args).await,
+        #[cfg(target_os = "linux")]
         Command::Perf(args) => perf::run(args).await,
+        #[cfg(target_os = "linux")]
         Command::PerfSink(args) => perf::run_sink(args).await,
     };
     match outcome {

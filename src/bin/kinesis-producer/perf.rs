@@ -82,7 +82,7 @@ pub struct PerfArgs {
     /// The producer's request_timeout, in milliseconds.
     #[arg(long)]
     request_timeout_ms: Option<u64>,
-    /// With --null-sink: stop answering after this many PutRecords requests (a stalled
+    /// With --null-sink: stop answering PutRecords after this many of them (a stalled
     /// endpoint), to measure memory while nothing is acknowledged.
     #[arg(long, requires = "null_sink")]
     sink_stall_after: Option<u64>,
@@ -96,6 +96,10 @@ enum Keys {
 }
 
 const FIXED_KEY: &str = "fixed-key";
+/// Longest paced run (`--records / --rate`): ten days.
+const MAX_PACED_SECONDS: f64 = 864_000.0;
+/// Most put threads.
+const MAX_THREADS: usize = 1_024;
 /// Distinct explicit hash keys per put thread with `--keys ehk`.
 const EHK_POOL: usize = 65_536;
 /// Length of a hyphenated UUID, the default partitioner's keys.
@@ -119,6 +123,17 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
     }
     if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
         return Err("--rate must be a positive number of records per second".into());
+    }
+    if args
+        .rate
+        .is_some_and(|r| args.records as f64 / r > MAX_PACED_SECONDS)
+    {
+        return Err(format!(
+            "at --rate the run would last more than {MAX_PACED_SECONDS} seconds: raise it or put fewer --records"
+        ));
+    }
+    if args.threads > MAX_THREADS {
+        return Err(format!("--threads must be at most {MAX_THREADS}"));
     }
     let sink = if args.null_sink {
         let config = SinkConfig {
@@ -174,6 +189,9 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
             .map(|i| b'a' + (i % 26) as u8)
             .collect::<Vec<u8>>(),
     ));
+    let mut pools: Vec<Vec<String>> = (0..args.threads as u64)
+        .map(|t| ehk_pool(args.keys, t))
+        .collect();
     let workload = Arc::new(Workload {
         producer: producer.clone(),
         data: data.clone(),
@@ -185,9 +203,6 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
         refused: AtomicU64::new(0),
     });
 
-    let mut pools: Vec<Vec<String>> = (0..args.threads as u64)
-        .map(|t| ehk_pool(args.keys, t))
-        .collect();
     let cpu_before = usage::process_cpu_seconds();
     let started = Instant::now();
     let runtime = tokio::runtime::Handle::current();
@@ -199,9 +214,9 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
             std::thread::Builder::new()
                 .name(format!("perf-put-{t}"))
                 .spawn(move || runtime.block_on(put_share(&workload, share, pool)))
-                .expect("a put thread")
+                .map_err(|e| format!("starting a put thread: {e}"))
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     for thread in threads {
         tokio::task::spawn_blocking(move || thread.join())
             .await
@@ -216,6 +231,7 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
 
     let stats = producer.stats();
     let records = args.records;
+    let data_bytes = u128::from(records) * args.record_size as u128;
     let sink_cpu = sink_report.map_or(0.0, |r| r.cpu_seconds);
     let cpu = (process_cpu - sink_cpu).max(0.0);
     let cpu_ns_per_record = cpu * 1e9 / records as f64;
@@ -251,7 +267,7 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
     let lines: Vec<(&str, String)> = vec![
         ("records", records.to_string()),
         ("record_size", args.record_size.to_string()),
-        ("bytes", (records * args.record_size as u64).to_string()),
+        ("bytes", data_bytes.to_string()),
         (
             "keys",
             args.keys.to_possible_value().unwrap().get_name().to_owned(),
@@ -273,10 +289,7 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
         ),
         (
             "mb_per_second",
-            format!(
-                "{:.2}",
-                (records * args.record_size as u64) as f64 / wall / 1e6
-            ),
+            format!("{:.2}", data_bytes as f64 / wall / 1e6),
         ),
         ("kinesis_records", stats.kinesis_records_put.to_string()),
         ("requests", stats.requests.to_string()),
@@ -338,7 +351,8 @@ fn per_record(ns: u64, records: u64) -> String {
 
 /// Thread `t`'s records out of `n` split over `threads`.
 fn share(n: u64, threads: u64, t: u64) -> std::ops::Range<u64> {
-    (n * t / threads)..(n * (t + 1) / threads)
+    let at = |t: u64| (u128::from(n) * u128::from(t) / u128::from(threads)) as u64;
+    at(t)..at(t + 1)
 }
 
 /// A client for the null sink (fixed credentials, us-east-1) or for --endpoint-url (the
@@ -462,7 +476,7 @@ pub struct SinkArgs {
     /// Shards of the stream the sink pretends to hold.
     #[arg(long, default_value_t = 1)]
     shards: usize,
-    /// Stop answering after this many PutRecords requests.
+    /// Stop answering PutRecords after this many of them.
     #[arg(long)]
     stall_after: Option<u64>,
 }

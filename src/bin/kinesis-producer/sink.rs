@@ -26,8 +26,9 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct SinkConfig {
     /// Shards of the stream it pretends to hold, with uniform hash ranges.
     pub shards: usize,
-    /// After this many PutRecords requests, stop answering anything: requests are read and
-    /// left hanging, as a stalled endpoint does. `None`: always answer.
+    /// After this many PutRecords requests, stop answering PutRecords: requests are read and
+    /// left hanging, as a stalled endpoint does (ListShards and DescribeStreamSummary are
+    /// still answered, so a producer can start). `None`: always answer.
     pub stall_after: Option<u64>,
 }
 
@@ -216,17 +217,14 @@ async fn connection(mut stream: TcpStream, state: Arc<State>) {
     }
 }
 
-/// Whether this request falls past `stall_after` (counting PutRecords requests).
+/// Whether this request is a PutRecords past `stall_after`.
 fn stalled(state: &State, operation: &str) -> bool {
-    let Some(limit) = state.config.stall_after else {
-        return false;
-    };
-    let counters = &state.counters;
-    let counted = counters.put_records_requests.load(Ordering::Relaxed);
-    if operation == "PutRecords" && counted < limit {
-        return false;
-    }
-    counted >= limit
+    let counted = state.counters.put_records_requests.load(Ordering::Relaxed);
+    operation == "PutRecords"
+        && state
+            .config
+            .stall_after
+            .is_some_and(|limit| counted >= limit)
 }
 
 async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> bool {
@@ -317,6 +315,10 @@ async fn put_records(
         let available = buffer.len().min(left);
         if problem.is_none() {
             match scanner.feed(&buffer[..available], &mut route) {
+                // The whole body is here and a unit of it is still incomplete: it is cut short.
+                Ok(used) if used < available && available == left => {
+                    problem = Some("the PutRecords body ended early");
+                }
                 Ok(used) => {
                     buffer.drain(..used);
                     left -= used;
