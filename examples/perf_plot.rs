@@ -79,12 +79,23 @@ fn main() -> Result<(), Error> {
     let csv = Path::new(&csv);
     let runs = read(csv)?;
     let dir = csv.parent().unwrap_or(Path::new("."));
-    let points = |sweep: &str, x: fn(&Run) -> f64, y: fn(&Run) -> f64| -> Vec<(f64, f64)> {
-        runs.iter()
-            .filter(|r| r.sweep == sweep)
-            .map(|r| (x(r), y(r)))
+    // One line per (name, y) over the runs of one sweep, against `x`.
+    type Column = fn(&Run) -> f64;
+    let lines = |sweep: &str, x: Column, ys: &[(&str, Column)]| -> Vec<(String, Vec<(f64, f64)>)> {
+        ys.iter()
+            .map(|(name, y)| {
+                let points = runs
+                    .iter()
+                    .filter(|r| r.sweep == sweep)
+                    .map(|r| (x(r), y(r)))
+                    .collect();
+                (name.to_string(), points)
+            })
             .collect()
     };
+    let thousands: Column = |r| r.records_per_second / 1e3;
+    let cpu: Column = |r| r.cpu_ns_per_record / 1e3;
+    let floor: Column = |r| r.floor_ns_per_record / 1e3;
 
     let by_size = dir.join("perf-record-size.png");
     plot::draw(
@@ -94,24 +105,16 @@ fn main() -> Result<(), Error> {
             y_desc: "thousand records/s; MB/s; CPU µs per record",
             x_range: (5.0, 200_000.0),
             y_range: (0.1, 5_000.0),
-            series: vec![
-                (
-                    "thousand records/s".into(),
-                    points("size", |r| r.record_size, |r| r.records_per_second / 1e3),
-                ),
-                (
-                    "MB/s of record data".into(),
-                    points("size", |r| r.record_size, |r| r.mb_per_second),
-                ),
-                (
-                    "CPU µs per record".into(),
-                    points("size", |r| r.record_size, |r| r.cpu_ns_per_record / 1e3),
-                ),
-                (
-                    "floor µs per record".into(),
-                    points("size", |r| r.record_size, |r| r.floor_ns_per_record / 1e3),
-                ),
-            ],
+            series: lines(
+                "size",
+                |r| r.record_size,
+                &[
+                    ("thousand records/s", thousands),
+                    ("MB/s of record data", |r| r.mb_per_second),
+                    ("CPU µs per record", cpu),
+                    ("floor µs per record", floor),
+                ],
+            ),
         },
         &by_size,
     )?;
@@ -125,24 +128,16 @@ fn main() -> Result<(), Error> {
             y_desc: "thousand records/s; CPU µs per record; records per aggregate",
             x_range: (0.7, 20_000.0),
             y_range: (0.1, 5_000.0),
-            series: vec![
-                (
-                    "thousand records/s".into(),
-                    points("shards", |r| r.shards, |r| r.records_per_second / 1e3),
-                ),
-                (
-                    "CPU µs per record".into(),
-                    points("shards", |r| r.shards, |r| r.cpu_ns_per_record / 1e3),
-                ),
-                (
-                    "floor µs per record".into(),
-                    points("shards", |r| r.shards, |r| r.floor_ns_per_record / 1e3),
-                ),
-                (
-                    "user records per Kinesis record".into(),
-                    points("shards", |r| r.shards, |r| r.per_kinesis_record),
-                ),
-            ],
+            series: lines(
+                "shards",
+                |r| r.shards,
+                &[
+                    ("thousand records/s", thousands),
+                    ("CPU µs per record", cpu),
+                    ("floor µs per record", floor),
+                    ("user records per Kinesis record", |r| r.per_kinesis_record),
+                ],
+            ),
         },
         &by_shards,
     )?;
