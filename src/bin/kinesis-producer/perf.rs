@@ -508,12 +508,10 @@ pub async fn run_sink(args: SinkArgs) -> Result<bool, String> {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
-    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let served = counters.report(0.0);
     println!(
         "put_records_requests={}\nentries={}\nstalled_requests={}",
-        get(&counters.put_records_requests),
-        get(&counters.entries),
-        get(&counters.stalled_requests)
+        served.put_records_requests, served.entries, served.stalled_requests
     );
     Ok(true)
 }

@@ -50,11 +50,24 @@ pub struct SinkReport {
     pub cpu_seconds: f64,
 }
 
+impl SinkCounters {
+    /// What the counters say now, with the CPU time the caller measured.
+    pub fn report(&self, cpu_seconds: f64) -> SinkReport {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SinkReport {
+            put_records_requests: get(&self.put_records_requests),
+            entries: get(&self.entries),
+            stalled_requests: get(&self.stalled_requests),
+            cpu_seconds,
+        }
+    }
+}
+
 /// A sink running on its own thread; [`stop`](Self::stop) ends it and reports.
 pub struct Sink {
     pub endpoint: String,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<SinkReport>>,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<SinkReport>,
 }
 
 impl Sink {
@@ -63,48 +76,41 @@ impl Sink {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let endpoint = format!("http://{}", listener.local_addr()?);
+        // The runtime and the listener are made here, so that failing to make them is an error
+        // the caller sees rather than a panic on the sink's thread.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        let listener = {
+            let _entered = runtime.enter();
+            TcpListener::from_std(listener)?
+        };
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("null-sink".into())
             .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
-                    .build()
-                    .expect("a current-thread runtime");
                 let counters = Arc::new(SinkCounters::default());
                 runtime.block_on(async {
-                    let listener = TcpListener::from_std(listener).expect("listener");
                     tokio::select! {
                         _ = serve(listener, config, Arc::clone(&counters)) => {}
                         _ = stopped => {}
                     }
                 });
                 drop(runtime);
-                let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-                SinkReport {
-                    put_records_requests: get(&counters.put_records_requests),
-                    entries: get(&counters.entries),
-                    stalled_requests: get(&counters.stalled_requests),
-                    cpu_seconds: crate::usage::thread_cpu_seconds(),
-                }
+                counters.report(crate::usage::thread_cpu_seconds())
             })?;
         Ok(Sink {
             endpoint,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
+            shutdown,
+            thread,
         })
     }
 
     /// Stops serving (open connections are dropped) and reports.
-    pub fn stop(mut self) -> SinkReport {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        self.thread
-            .take()
-            .expect("stopped once")
-            .join()
-            .expect("the sink thread does not panic")
+    pub fn stop(self) -> SinkReport {
+        let _ = self.shutdown.send(());
+        // The thread only ends by returning its report; a panic there is a bug, passed on.
+        self.thread.join().expect("the sink thread does not panic")
     }
 }
 
