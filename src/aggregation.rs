@@ -177,14 +177,16 @@ impl AggregateBuilder {
             // Room like the previous aggregate's, up to a few KiB: what a slot reserves is not
             // in the backlog's count, and 10,000 shards each holding one record must not each
             // hold 50 KB.
+            // Half as much again as last time: an aggregate that closes on its deadline holds a
+            // varying number of records, and regrowing costs more than the spare room.
+            let room = |last: usize| (last + last / 2).min(RESERVE_MAX);
             let (pk, ehk, records) = self.last_sizes;
-            self.partition_key_table.reserve_exact(pk.min(RESERVE_MAX));
-            self.explicit_hash_key_table
-                .reserve_exact(ehk.min(RESERVE_MAX));
-            self.record_section
-                .reserve_exact(records.min(RESERVE_MAX).max(added));
+            self.partition_key_table.reserve_exact(room(pk));
+            self.explicit_hash_key_table.reserve_exact(room(ehk));
+            self.record_section.reserve_exact(room(records).max(added));
         }
         if pk_new {
+            grow(&mut self.partition_key_table, delimited_len(key.len()));
             let at = put_delimited(
                 &mut self.partition_key_table,
                 KEY_PARTITION_KEY_TABLE,
@@ -193,6 +195,7 @@ impl AggregateBuilder {
             self.partition_keys.insert(pk_hash, at, key.len());
         }
         if let Some((k, (_, true, hash))) = ehk {
+            grow(&mut self.explicit_hash_key_table, delimited_len(k.len()));
             let at = put_delimited(
                 &mut self.explicit_hash_key_table,
                 KEY_EXPLICIT_HASH_KEY_TABLE,
@@ -201,6 +204,7 @@ impl AggregateBuilder {
             self.explicit_hash_keys.insert(hash, at, k.len());
         }
         let out = &mut self.record_section;
+        grow(out, delimited_len(body_len));
         out.put_u8(KEY_RECORDS);
         encode_varint(body_len as u64, out);
         // proto2 `required`: the index is written even when it is 0. prost's proto3-style
@@ -288,16 +292,17 @@ impl AggregateBuilder {
     }
 }
 
-/// The user records of an aggregate this module encoded, in order, with their own copies of
-/// the data (a record read back must not keep the whole aggregate alive). Nothing is validated:
-/// the records were checked when they were pushed, or, through the public builder, not at all,
-/// and either way they come back as they went in.
-pub(crate) fn records_of_aggregate(data: &[u8]) -> Vec<UserRecord> {
+/// The user records of an aggregate this module encoded, in order. Their data are slices of
+/// `data`, not copies: when a whole aggregate fails (or is re-routed), its records hold the
+/// aggregate's memory between them instead of a second copy of it. Nothing is validated: the
+/// records were checked when they were pushed, or, through the public builder, not at all, and
+/// either way they come back as they went in.
+pub(crate) fn records_of_aggregate(data: &Bytes) -> Vec<UserRecord> {
     use prost::Message;
 
-    let body = data
-        .get(MAGIC.len()..data.len().saturating_sub(DIGEST_LEN))
-        .unwrap_or_default();
+    let end = data.len().saturating_sub(DIGEST_LEN);
+    let body = data.slice(MAGIC.len().min(end)..end);
+    // Decoding from `Bytes` makes each record's data a slice of it.
     let aggregate = match crate::deaggregation::proto::AggregatedRecord::decode(body) {
         Ok(aggregate) => aggregate,
         // Unreachable: the encoder writes valid protobuf (tests and fuzzing check it).
@@ -309,11 +314,7 @@ pub(crate) fn records_of_aggregate(data: &[u8]) -> Vec<UserRecord> {
         .records
         .iter()
         .map(|r| {
-            let data = r
-                .data
-                .as_deref()
-                .map(Bytes::copy_from_slice)
-                .unwrap_or_default();
+            let data = r.data.clone().unwrap_or_default();
             let key =
                 table(&aggregate.partition_key_table, r.partition_key_index).unwrap_or_default();
             let record = UserRecord::new(data, key);
@@ -345,6 +346,17 @@ fn record_body_len(pk_index: u32, ehk_index: Option<u32>, data_len: usize) -> us
 }
 
 /// Writes a length-delimited field; returns where its bytes start.
+/// Makes room for `more` bytes: doubling while the section is small, then growing by half, as
+/// an aggregate's sections count in the backlog only by what they hold, and a section of tens
+/// of kilobytes must not carry as much spare room.
+fn grow(buf: &mut Vec<u8>, more: usize) {
+    if buf.capacity() - buf.len() < more {
+        let len = buf.len();
+        let step = if len < RESERVE_MAX { len } else { len / 2 };
+        buf.reserve_exact(more.max(step));
+    }
+}
+
 fn put_delimited(out: &mut Vec<u8>, key: u8, bytes: &[u8]) -> usize {
     out.put_u8(key);
     encode_varint(bytes.len() as u64, out);

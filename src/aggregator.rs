@@ -245,7 +245,8 @@ fn add_to_slot(
         }
     }
     if slot.metas.capacity() == 0 {
-        slot.metas.reserve_exact(slot.builder.capacity());
+        let last = slot.builder.capacity();
+        slot.metas.reserve_exact(last + last / 2);
     }
     let put_at = meta.put_at;
     slot.metas.push(meta);

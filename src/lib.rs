@@ -80,6 +80,8 @@ pub mod metrics;
 mod producer;
 #[cfg(feature = "producer")]
 mod receipt;
+#[cfg(feature = "producer")]
+mod request_body;
 #[cfg(any(feature = "producer", feature = "batch"))]
 mod retry;
 #[cfg(feature = "producer")]

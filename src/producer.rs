@@ -20,6 +20,7 @@ use crate::config::{Config, ProducerBuilder};
 use crate::error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
 use crate::metrics::{MetricName, MetricsSnapshot, Recorder, Statistics};
 use crate::receipt::{Delivered, Receipt};
+use crate::request_body::BodyPool;
 use crate::shard_map::{load_shard_map, ShardMap, StreamId};
 use crate::stats::{add, Counters, Stats};
 
@@ -65,6 +66,8 @@ pub(crate) struct Shared {
     /// KPL-style metrics; `metrics_on` is false at level none, and nothing is recorded then.
     pub metrics: Mutex<Recorder>,
     pub metrics_on: bool,
+    /// Buffers of PutRecords bodies, reused from one request to the next.
+    pub bodies: Arc<BodyPool>,
     inbound: mpsc::UnboundedSender<Inbound>,
     failures: Mutex<Option<mpsc::UnboundedSender<FailedRecord>>>,
     /// A reload task is running.
@@ -356,6 +359,10 @@ impl ProducerBuilder {
                 config.metrics_granularity,
             )),
             metrics_on: Recorder::enabled(config.metrics_level),
+            // Bodies in flight hold at most about a third of the backlog (a quarter in data,
+            // base64 adds a third), and only buffers that were in flight come back: the pool
+            // never holds more than requests once did at the same time.
+            bodies: BodyPool::new(config.max_backlog_bytes / 2),
             inbound,
             failures: Mutex::new(None),
             refreshing: AtomicBool::new(false),

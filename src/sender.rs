@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::config::retry::RetryConfig;
 use aws_sdk_kinesis::operation::put_records::PutRecordsOutput;
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use aws_smithy_types::body::SdkBody;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
@@ -31,6 +30,7 @@ use crate::error::{DeliveryError, FailureKind};
 use crate::limiter::Limiter;
 use crate::metrics::{MetricName, Recorder, Statistics};
 use crate::producer::{Inbound, Shared};
+use crate::request_body;
 use crate::retry::{classify_sdk_error, entry_error_is_transient, AttemptError};
 use crate::shard_map::StreamId;
 use crate::stats::add;
@@ -1059,26 +1059,21 @@ fn is_invalid_input(code: &str) -> bool {
 }
 
 /// One PutRecords call, with the SDK's retries off (the sender retries, per entry).
+///
+/// The SDK gets an input without records and sends, in its place, the body the producer wrote
+/// ([`crate::request_body`]): the SDK signs that body, sends it and parses the answer as
+/// usual. Its own serializer would copy every blob twice more into a body it regrows by
+/// doubling, then drop the megabytes after each request.
 async fn put_records(
     shared: &Shared,
     batch: &[Outgoing],
 ) -> Result<PutRecordsOutput, AttemptError> {
-    let mut entries = Vec::with_capacity(batch.len());
-    for outgoing in batch {
-        let entry = PutRecordsRequestEntry::builder()
-            // Shares the bytes (no copy per attempt).
-            .data(Blob::from_maybe_shared(outgoing.entry.data.clone()))
-            .partition_key(outgoing.entry.partition_key.clone())
-            .set_explicit_hash_key(outgoing.entry.explicit_hash_key.clone())
-            .build()
-            .map_err(|e| AttemptError {
-                code: "ConstructionFailure".to_owned(),
-                message: e.to_string(),
-                transient: false,
-            })?;
-        entries.push(entry);
-    }
-    let request = shared.client.put_records().set_records(Some(entries));
+    let body = request_body::put_records(
+        &shared.bodies,
+        &shared.stream,
+        batch.iter().map(|outgoing| &outgoing.entry),
+    );
+    let request = shared.client.put_records().set_records(Some(Vec::new()));
     let request = match &shared.stream {
         StreamId::Name(name) => request.stream_name(name),
         StreamId::Arn(arn) => request.stream_arn(arn),
@@ -1088,6 +1083,12 @@ async fn put_records(
         .config_override(
             aws_sdk_kinesis::config::Config::builder().retry_config(RetryConfig::disabled()),
         )
+        .mutate_request(move |request| {
+            request
+                .headers_mut()
+                .insert("content-length", body.len().to_string());
+            *request.body_mut() = SdkBody::from(body.clone());
+        })
         .send()
         .await
         .map_err(|e| classify_sdk_error(&e))

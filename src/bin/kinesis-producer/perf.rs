@@ -175,11 +175,22 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
     let failure_counter = {
         let mut failures = producer.notify_failures();
         let failed = Arc::clone(&failed);
-        tokio::spawn(async move {
-            while failures.recv().await.is_some() {
-                failed.fetch_add(1, Ordering::Relaxed);
-            }
-        })
+        // A thread of its own, as a service's failure handler would be: the runtime's threads
+        // are busy sending, and reports waiting for them hold their records' memory.
+        std::thread::Builder::new()
+            .name("perf-failures".into())
+            .spawn(move || {
+                let count = async {
+                    while failures.recv().await.is_some() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                };
+                match tokio::runtime::Builder::new_current_thread().build() {
+                    Ok(runtime) => runtime.block_on(count),
+                    Err(e) => eprintln!("perf: the failure counter has no runtime: {e}"),
+                }
+            })
+            .map_err(|e| format!("cannot start the failure counter's thread: {e}"))?
     };
     // Static bytes: handing them over costs the caller nothing (no allocation, no shared
     // reference count bouncing between the put thread and the sender), so what is measured is
@@ -226,7 +237,7 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
     producer.stop().await;
     let wall = started.elapsed().as_secs_f64();
     let process_cpu = usage::process_cpu_seconds() - cpu_before;
-    let _ = failure_counter.await;
+    let _ = tokio::task::spawn_blocking(move || failure_counter.join()).await;
     let sink_report = sink.map(Sink::stop);
 
     let stats = producer.stats();

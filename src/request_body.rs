@@ -1,0 +1,318 @@
+//! PutRecords request bodies, written by the producer.
+//!
+//! The SDK's serializer builds a body by encoding each blob to a fresh base64 string, copying it
+//! into a growing JSON string (which doubles, copying again, as it grows) and dropping the
+//! multi-megabyte result after the request; a new body then starts on fresh pages. Here the
+//! body's exact length is computed first, the blobs are base64-encoded straight into place, and
+//! the buffer returns to a small pool when the request is done with it. The SDK still sends the
+//! request: it signs this body, sends it, and parses the answer (see `sender::put_records`).
+//!
+//! The JSON is what the SDK writes for the same input: `{"Records":[{"Data":"…","ExplicitHashKey":
+//! "…","PartitionKey":"…"},…],"StreamName":"…"}` (or `"StreamARN"`), strings escaped as JSON
+//! requires.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::aggregation::KinesisEntry;
+use crate::shard_map::StreamId;
+
+const ENTRY_OPEN: &[u8] = b"{\"Data\":\"";
+const EXPLICIT_HASH_KEY: &[u8] = b"\",\"ExplicitHashKey\":\"";
+const PARTITION_KEY: &[u8] = b"\",\"PartitionKey\":\"";
+const ENTRY_CLOSE: &[u8] = b"\"}";
+const RECORDS_OPEN: &[u8] = b"{\"Records\":[";
+const STREAM_NAME: &[u8] = b"],\"StreamName\":\"";
+const STREAM_ARN: &[u8] = b"],\"StreamARN\":\"";
+const BODY_CLOSE: &[u8] = b"\"}";
+
+/// Buffers of finished requests, kept for the next ones: up to `retain_bytes` of capacity.
+#[derive(Debug)]
+pub(crate) struct BodyPool {
+    free: Mutex<Vec<Vec<u8>>>,
+    retain_bytes: usize,
+}
+
+impl BodyPool {
+    pub fn new(retain_bytes: usize) -> Arc<Self> {
+        Arc::new(BodyPool {
+            free: Mutex::new(Vec::new()),
+            retain_bytes,
+        })
+    }
+
+    /// A buffer for `len` bytes: the smallest free one that holds them, else the largest (grown).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let reused = {
+            let mut free = crate::backlog::lock(&self.free);
+            let fits = free
+                .iter()
+                .enumerate()
+                .filter(|(_, buf)| buf.capacity() >= len)
+                .min_by_key(|(_, buf)| buf.capacity());
+            let pick = fits.or_else(|| {
+                free.iter()
+                    .enumerate()
+                    .max_by_key(|(_, buf)| buf.capacity())
+            });
+            pick.map(|(i, _)| i).map(|i| free.swap_remove(i))
+        };
+        let mut buf = reused.unwrap_or_default();
+        buf.clear();
+        buf.reserve_exact(len);
+        buf
+    }
+
+    fn give_back(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        let mut free = crate::backlog::lock(&self.free);
+        let held: usize = free.iter().map(Vec::capacity).sum();
+        if held + buf.capacity() <= self.retain_bytes {
+            free.push(buf);
+        }
+    }
+
+    /// Capacity the pool holds now.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        crate::backlog::lock(&self.free)
+            .iter()
+            .map(Vec::capacity)
+            .sum()
+    }
+}
+
+/// A body's buffer while the request holds it; back to the pool when dropped.
+struct PooledBody {
+    buf: Vec<u8>,
+    pool: Arc<BodyPool>,
+}
+
+impl AsRef<[u8]> for PooledBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        self.pool.give_back(std::mem::take(&mut self.buf));
+    }
+}
+
+/// The JSON body of a PutRecords request carrying `entries` to `stream`.
+pub(crate) fn put_records<'a>(
+    pool: &Arc<BodyPool>,
+    stream: &StreamId,
+    entries: impl Iterator<Item = &'a KinesisEntry> + Clone,
+) -> Bytes {
+    let (stream_field, stream_value) = match stream {
+        StreamId::Name(name) => (STREAM_NAME, name.as_str()),
+        StreamId::Arn(arn) => (STREAM_ARN, arn.as_str()),
+    };
+    let mut len = RECORDS_OPEN.len() + stream_field.len() + escaped_len(stream_value);
+    len += BODY_CLOSE.len();
+    let mut count: usize = 0;
+    for entry in entries.clone() {
+        count += 1;
+        len += ENTRY_OPEN.len()
+            + base64_simd::STANDARD.encoded_length(entry.data.len())
+            + PARTITION_KEY.len()
+            + escaped_len(&entry.partition_key)
+            + ENTRY_CLOSE.len();
+        if let Some(ehk) = &entry.explicit_hash_key {
+            len += EXPLICIT_HASH_KEY.len() + escaped_len(ehk);
+        }
+    }
+    len += count.saturating_sub(1); // commas
+
+    let mut out = pool.take(len);
+    out.extend_from_slice(RECORDS_OPEN);
+    for (i, entry) in entries.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(ENTRY_OPEN);
+        base64_simd::STANDARD.encode_append(&entry.data, &mut out);
+        if let Some(ehk) = &entry.explicit_hash_key {
+            out.extend_from_slice(EXPLICIT_HASH_KEY);
+            put_escaped(&mut out, ehk);
+        }
+        out.extend_from_slice(PARTITION_KEY);
+        put_escaped(&mut out, &entry.partition_key);
+        out.extend_from_slice(ENTRY_CLOSE);
+    }
+    out.extend_from_slice(stream_field);
+    put_escaped(&mut out, stream_value);
+    out.extend_from_slice(BODY_CLOSE);
+    debug_assert_eq!(out.len(), len);
+    Bytes::from_owner(PooledBody {
+        buf: out,
+        pool: Arc::clone(pool),
+    })
+}
+
+/// How a byte of a string is written inside JSON quotes.
+enum Escape {
+    Plain,
+    /// A backslash and this character.
+    Short(u8),
+    /// `\u00XX`.
+    Unicode,
+}
+
+fn escape_of(byte: u8) -> Escape {
+    match byte {
+        b'"' => Escape::Short(b'"'),
+        b'\\' => Escape::Short(b'\\'),
+        b'\n' => Escape::Short(b'n'),
+        b'\r' => Escape::Short(b'r'),
+        b'\t' => Escape::Short(b't'),
+        0x08 => Escape::Short(b'b'),
+        0x0C => Escape::Short(b'f'),
+        0x00..=0x1F => Escape::Unicode,
+        _ => Escape::Plain,
+    }
+}
+
+fn escaped_len(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match escape_of(b) {
+            Escape::Plain => 1,
+            Escape::Short(_) => 2,
+            Escape::Unicode => 6,
+        })
+        .sum()
+}
+
+/// Appends `s` as the inside of a JSON string (UTF-8 passes through as it is).
+fn put_escaped(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    let mut plain_from = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape = escape_of(b);
+        if matches!(escape, Escape::Plain) {
+            continue;
+        }
+        out.extend_from_slice(&bytes[plain_from..i]);
+        plain_from = i + 1;
+        match escape {
+            Escape::Short(c) => out.extend_from_slice(&[b'\\', c]),
+            Escape::Unicode => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+            }
+            Escape::Plain => {}
+        }
+    }
+    out.extend_from_slice(&bytes[plain_from..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+    use proptest::prelude::*;
+
+    fn entry(data: &[u8], key: &str, ehk: Option<&str>) -> KinesisEntry {
+        KinesisEntry {
+            data: Bytes::copy_from_slice(data),
+            partition_key: key.to_owned(),
+            explicit_hash_key: ehk.map(str::to_owned),
+            aggregated: false,
+        }
+    }
+
+    /// Reads a body back with serde_json: the entries' data, keys and the stream field.
+    fn read_back(body: &[u8]) -> (Vec<(Vec<u8>, String, Option<String>)>, serde_json::Value) {
+        let value: serde_json::Value = serde_json::from_slice(body).expect("valid JSON");
+        let records = value["Records"]
+            .as_array()
+            .expect("Records")
+            .iter()
+            .map(|r| {
+                let data = base64::engine::general_purpose::STANDARD
+                    .decode(r["Data"].as_str().expect("Data"))
+                    .expect("base64");
+                let key = r["PartitionKey"].as_str().expect("PartitionKey").to_owned();
+                let ehk = r
+                    .get("ExplicitHashKey")
+                    .map(|v| v.as_str().unwrap().to_owned());
+                (data, key, ehk)
+            })
+            .collect();
+        (records, value)
+    }
+
+    #[test]
+    fn a_body_reads_back_as_its_entries() {
+        let pool = BodyPool::new(1 << 20);
+        let entries = [
+            entry(b"hello", "key-1", None),
+            entry(
+                &[0, 255, 7],
+                "quote\" back\\slash\n\u{1}\u{7f} é ✓",
+                Some("123"),
+            ),
+            entry(b"", "k", None),
+        ];
+        let body = put_records(&pool, &StreamId::Name("s".into()), entries.iter());
+        let (records, value) = read_back(&body);
+        assert_eq!(value["StreamName"], "s");
+        assert_eq!(records.len(), 3);
+        for (entry, (data, key, ehk)) in entries.iter().zip(records) {
+            assert_eq!(entry.data.as_ref(), data.as_slice());
+            assert_eq!(entry.partition_key, key);
+            assert_eq!(entry.explicit_hash_key, ehk);
+        }
+        let arn = "arn:aws:kinesis:us-east-1:000000000000:stream/s";
+        let body = put_records(&pool, &StreamId::Arn(arn.into()), entries[..1].iter());
+        assert_eq!(read_back(&body).1["StreamARN"], arn);
+    }
+
+    #[test]
+    fn buffers_return_to_the_pool_within_its_bound() {
+        let pool = BodyPool::new(100_000);
+        let big = entry(&[1; 30_000], "k", None);
+        let small = entry(b"x", "k", None);
+        let first = put_records(&pool, &StreamId::Name("s".into()), [&big].into_iter());
+        let second = put_records(&pool, &StreamId::Name("s".into()), [&big].into_iter());
+        assert_eq!(pool.held(), 0);
+        drop(first);
+        drop(second);
+        let held = pool.held();
+        assert!(held >= 80_000 && held <= 100_000, "{held}");
+        // A third, larger than what is left of the bound, is not kept.
+        let third = put_records(&pool, &StreamId::Name("s".into()), [&big, &big].into_iter());
+        let fourth = put_records(&pool, &StreamId::Name("s".into()), [&small].into_iter());
+        assert_eq!(pool.held(), 0);
+        drop(third);
+        drop(fourth);
+        assert!(pool.held() <= 100_000);
+    }
+
+    proptest! {
+        #[test]
+        fn any_keys_and_data_survive_the_json(
+            items in prop::collection::vec(
+                (prop::collection::vec(any::<u8>(), 0..200), "\\PC{1,40}|[\\x00-\\x1f\"\\\\]{1,8}", prop::option::of("[0-9]{1,39}")),
+                1..20,
+            ),
+            name in "[a-zA-Z0-9_.-]{1,128}",
+        ) {
+            let pool = BodyPool::new(1 << 20);
+            let entries: Vec<_> = items.iter().map(|(d, k, e)| entry(d, k, e.as_deref())).collect();
+            let body = put_records(&pool, &StreamId::Name(name.clone()), entries.iter());
+            let (records, value) = read_back(&body);
+            prop_assert_eq!(value["StreamName"].as_str(), Some(name.as_str()));
+            prop_assert_eq!(records.len(), entries.len());
+            for (entry, (data, key, ehk)) in entries.iter().zip(records) {
+                prop_assert_eq!(entry.data.as_ref(), data.as_slice());
+                prop_assert_eq!(&entry.partition_key, &key);
+                prop_assert_eq!(&entry.explicit_hash_key, &ehk);
+            }
+        }
+    }
+}
