@@ -225,8 +225,11 @@ mod tests {
         }
     }
 
-    /// Reads a body back with serde_json: the entries' data, keys and the stream field.
-    fn read_back(body: &[u8]) -> (Vec<(Vec<u8>, String, Option<String>)>, serde_json::Value) {
+    /// An entry as read back: data, partition key, explicit hash key.
+    type ReadEntry = (Vec<u8>, String, Option<String>);
+
+    /// Reads a body back with serde_json: the entries and the whole document.
+    fn read_back(body: &[u8]) -> (Vec<ReadEntry>, serde_json::Value) {
         let value: serde_json::Value = serde_json::from_slice(body).expect("valid JSON");
         let records = value["Records"]
             .as_array()
@@ -283,7 +286,7 @@ mod tests {
         drop(first);
         drop(second);
         let held = pool.held();
-        assert!(held >= 80_000 && held <= 100_000, "{held}");
+        assert!((80_000..=100_000).contains(&held), "{held}");
         // A third, larger than what is left of the bound, is not kept.
         let third = put_records(&pool, &StreamId::Name("s".into()), [&big, &big].into_iter());
         let fourth = put_records(&pool, &StreamId::Name("s".into()), [&small].into_iter());
