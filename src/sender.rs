@@ -116,7 +116,7 @@ struct Sender {
     retry_seq: u64,
     in_flight: usize,
     /// Bytes (data + partition keys) of the requests in flight. Each request is held three
-    /// times while it is out (our aggregates, the SDK's JSON body in base64, the socket), so a
+    /// times while it is out (our aggregates, the JSON body in base64, the socket), so a
     /// request goes out only while these are under a quarter of the backlog: a stalled endpoint
     /// cannot make memory grow far past the backlog.
     in_flight_bytes: usize,
