@@ -166,6 +166,65 @@ async fn a_throttling_stream_still_receives_every_record() {
     assert_eq!(kinesis.read_all("throttled").await.len(), 2_500);
 }
 
+/// The producer writes the PutRecords JSON itself: keys JSON must escape reach the server as
+/// they were put, and each record lands on the shard the MD5 of its exact key names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_json_must_escape_arrive_exactly_and_on_their_own_shard() {
+    let kinesis = LocalKinesis::start(false).await;
+    let keys = [
+        "quote\"d",
+        "back\\slash",
+        "\\\"",
+        "new\nline",
+        "tab\tand\rreturn",
+        "control\u{1}\u{8}\u{c}\u{1f}",
+        "delete\u{7f}",
+        "slash/and<html>&",
+        "separator\u{2028}\u{2029}",
+        "key🔑ключ",
+    ];
+    for aggregation in [true, false] {
+        let stream = format!("escapes-{aggregation}");
+        kinesis.create_stream(&stream, 4).await;
+        let producer =
+            producer_for(&kinesis.endpoint, &stream, |b| b.aggregation(aggregation)).await;
+        let failures = producer.notify_failures();
+        let mut sent = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            for j in 0..3 {
+                let data = format!("{key} {i} {j}").into_bytes();
+                producer.put(data.clone(), *key).await.expect("accepted");
+                sent.push((key.to_string(), data));
+            }
+        }
+        producer.stop().await;
+        assert!(
+            drain(failures).await.is_empty(),
+            "aggregation {aggregation}"
+        );
+        let (read, discarded) = kinesis.read_as_kcl(&stream).await;
+        assert_eq!(discarded, 0);
+        let ranges = kinesis.hash_ranges(&stream).await;
+        let mut got: Vec<(String, Vec<u8>)> = read
+            .iter()
+            .map(|r| {
+                let (start, end) = ranges[&r.shard_id];
+                let hash = partition_key_hash(&r.record.partition_key);
+                assert!(
+                    (start..=end).contains(&hash),
+                    "{:?} read from {}",
+                    r.record.partition_key,
+                    r.shard_id
+                );
+                (r.record.partition_key.clone(), r.record.data.to_vec())
+            })
+            .collect();
+        got.sort();
+        sent.sort();
+        assert_eq!(got, sent, "aggregation {aggregation}");
+    }
+}
+
 #[tokio::test]
 async fn bad_records_are_refused_with_a_clear_error_and_given_back() {
     let kinesis = LocalKinesis::start(false).await;
