@@ -4,12 +4,14 @@
 //! into a growing JSON string (which doubles, copying again, as it grows) and dropping the
 //! multi-megabyte result after the request; a new body then starts on fresh pages. Here the
 //! body's exact length is computed first, the blobs are base64-encoded straight into place, and
-//! the buffer returns to a small pool when the request is done with it. The SDK still sends the
-//! request: it signs this body, sends it, and parses the answer (see `sender::put_records`).
+//! the buffer returns to a pool (bounded by `BodyPool::new`) when the request is done with it.
+//! The SDK still sends the request: it signs this body, sends it, and parses the answer (see
+//! `sender::put_records`).
 //!
-//! The JSON is what the SDK writes for the same input: `{"Records":[{"Data":"…","ExplicitHashKey":
-//! "…","PartitionKey":"…"},…],"StreamName":"…"}` (or `"StreamARN"`), strings escaped as JSON
-//! requires.
+//! The JSON has the members the SDK writes for the same input, in its order:
+//! `{"Records":[{"Data":"…","ExplicitHashKey":"…","PartitionKey":"…"},…],"StreamName":"…"}` (or
+//! `"StreamARN"`), strings escaped as JSON requires (the tests read it back with a JSON parser,
+//! and every server the suite runs against parses it).
 
 use std::sync::{Arc, Mutex};
 
