@@ -186,22 +186,20 @@ impl AggregateBuilder {
             self.record_section.reserve_exact(room(records).max(added));
         }
         if pk_new {
-            grow(&mut self.partition_key_table, delimited_len(key.len()));
-            let at = put_delimited(
+            self.partition_keys.append(
                 &mut self.partition_key_table,
                 KEY_PARTITION_KEY_TABLE,
-                key.as_bytes(),
+                key,
+                pk_hash,
             );
-            self.partition_keys.insert(pk_hash, at, key.len());
         }
         if let Some((k, (_, true, hash))) = ehk {
-            grow(&mut self.explicit_hash_key_table, delimited_len(k.len()));
-            let at = put_delimited(
+            self.explicit_hash_keys.append(
                 &mut self.explicit_hash_key_table,
                 KEY_EXPLICIT_HASH_KEY_TABLE,
-                k.as_bytes(),
+                k,
+                hash,
             );
-            self.explicit_hash_keys.insert(hash, at, k.len());
         }
         let out = &mut self.record_section;
         grow(out, delimited_len(body_len));
@@ -411,6 +409,13 @@ impl KeyTable {
     }
 
     /// A new entry whose key bytes start at `at` in the encoded table.
+    /// Writes `key` (new to the table) into the encoded `table` as field `field`, and indexes it.
+    fn append(&mut self, table: &mut Vec<u8>, field: u8, key: &str, hash: u64) {
+        grow(table, delimited_len(key.len()));
+        let at = put_delimited(table, field, key.as_bytes());
+        self.insert(hash, at, key.len());
+    }
+
     fn insert(&mut self, hash: u64, at: usize, len: usize) {
         let index = self.entries.len() as u32;
         // Aggregates are at most a few MiB (the record size limit): offsets fit in 32 bits.
