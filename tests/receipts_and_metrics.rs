@@ -120,7 +120,10 @@ async fn metrics_agree_exactly_with_what_was_put_acknowledged_retried_and_failed
     let producer = producer_for(&proxy.endpoint, "metered", |b| {
         b.aggregation(false)
             .rate_limit(300) // above the server's limit, so the server throttles
-            .record_ttl(Duration::from_secs(3))
+            // Long enough for a refused record to be isolated (its requests bisected between
+            // throttled retries) before it could expire, even with the rest of the suite
+            // running: a 3 s TTL once let two of the three expire first.
+            .record_ttl(Duration::from_secs(5))
             .retry_base_delay(Duration::from_millis(50))
             .request_timeout(Duration::from_millis(500))
     })
