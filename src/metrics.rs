@@ -354,10 +354,24 @@ impl Recorder {
 
     /// Merges samples of `name`, for `shard` when it concerns one.
     pub fn record(&mut self, name: MetricName, samples: Statistics, shard: Option<&Arc<str>>) {
-        if name.level() > self.level || samples.count == 0 {
+        self.record_all(&[(name, samples)], shard);
+    }
+
+    /// Merges samples of several metrics about one shard, looking its row up once (with
+    /// thousands of shards, each lookup is likely a cache miss).
+    pub fn record_all(&mut self, samples: &[(MetricName, Statistics)], shard: Option<&Arc<str>>) {
+        let level = self.level;
+        let kept = || {
+            samples
+                .iter()
+                .filter(move |(name, s)| name.level() <= level && s.count > 0)
+        };
+        if kept().next().is_none() {
             return;
         }
-        self.global[name.index()].merge(&samples);
+        for (name, s) in kept() {
+            self.global[name.index()].merge(s);
+        }
         if let Some(shard) = shard.filter(|_| self.granularity == MetricsGranularity::Shard) {
             let row = match self.shards.get_mut(shard.as_ref()) {
                 Some(row) => row,
@@ -366,7 +380,9 @@ impl Recorder {
                     .entry(Arc::clone(shard))
                     .or_insert([Statistics::default(); METRIC_COUNT]),
             };
-            row[name.index()].merge(&samples);
+            for (name, s) in kept() {
+                row[name.index()].merge(s);
+            }
         }
     }
 

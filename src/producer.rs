@@ -119,9 +119,9 @@ impl Shared {
             let shard = landed.as_ref().map(|(shard, _)| shard);
             let sizes = outgoing.metas.iter().map(|m| u64::from(m.data_len));
             let data = Statistics::of_integers(sizes, 1.0);
-            let mut metrics = lock(&self.metrics);
-            record_ends(&mut metrics, &outgoing, 1.0, shard);
-            metrics.record(MetricName::UserRecordsDataPut, data, shard);
+            let [put, retries] = ends(&outgoing, 1.0);
+            let samples = [put, retries, (MetricName::UserRecordsDataPut, data)];
+            lock(&self.metrics).record_all(&samples, shard);
         }
         if let Some((shard_id, sequence_number)) = landed {
             let aggregated = outgoing.entry.aggregated;
@@ -146,12 +146,11 @@ impl Shared {
         add(&self.stats.user_records_failed, count as u64);
         if self.metrics_on {
             let shard = outgoing.shard_id.as_ref();
-            let mut metrics = lock(&self.metrics);
-            record_ends(&mut metrics, &outgoing, 0.0, shard);
-            if error.kind == FailureKind::Expired {
-                let expired = Statistics::repeated(1.0, count as u64);
-                metrics.record(MetricName::UserRecordExpired, expired, shard);
-            }
+            let [put, retries] = ends(&outgoing, 0.0);
+            let expired = (error.kind == FailureKind::Expired) as u64;
+            let expired = Statistics::repeated(1.0, count as u64 * expired);
+            let samples = [put, retries, (MetricName::UserRecordExpired, expired)];
+            lock(&self.metrics).record_all(&samples, shard);
         }
         let subscriber = lock(&self.failures).clone();
         let mut unobserved = 0;
@@ -282,19 +281,17 @@ impl Shared {
 
 /// The per-user-record metrics of a Kinesis record's records ending: `UserRecordsPut` (1
 /// acknowledged, 0 failed) and `RetriesPerRecord`.
-fn record_ends(metrics: &mut Recorder, outgoing: &Outgoing, put: f64, shard: Option<&Arc<str>>) {
+/// The samples every ended user record adds: put (1) or not (0), and its retries.
+fn ends(outgoing: &Outgoing, put: f64) -> [(MetricName, Statistics); 2] {
     let n = outgoing.len() as u64;
-    metrics.record(
-        MetricName::UserRecordsPut,
-        Statistics::repeated(put, n),
-        shard,
-    );
     let retries = f64::from(outgoing.attempts.saturating_sub(1));
-    metrics.record(
-        MetricName::RetriesPerRecord,
-        Statistics::repeated(retries, n),
-        shard,
-    );
+    [
+        (MetricName::UserRecordsPut, Statistics::repeated(put, n)),
+        (
+            MetricName::RetriesPerRecord,
+            Statistics::repeated(retries, n),
+        ),
+    ]
 }
 
 /// A long-lived Kinesis producer. Cheap to clone: clones share one pipeline.
@@ -359,10 +356,10 @@ impl ProducerBuilder {
                 config.metrics_granularity,
             )),
             metrics_on: Recorder::enabled(config.metrics_level),
-            // Bodies in flight hold at most about a third of the backlog (a quarter in data,
-            // base64 adds a third), and only buffers that were in flight come back: the pool
-            // never holds more than requests once did at the same time.
-            bodies: BodyPool::new(config.max_backlog_bytes / 2),
+            // Bodies in flight hold about a sixth of the backlog at most (an eighth in data,
+            // base64 adds a third, plus one request), and only buffers that were in flight
+            // come back: the pool keeps no more idle ones than an eighth of the backlog.
+            bodies: BodyPool::new(config.max_backlog_bytes / crate::sender::IN_FLIGHT_SHARE),
             inbound,
             failures: Mutex::new(None),
             refreshing: AtomicBool::new(false),

@@ -41,6 +41,14 @@ const PARKED_RELOADS: u32 = 3;
 /// Requests sent before they were full that may be in flight at once (see `should_send`).
 const MAX_PARTIAL_IN_FLIGHT: usize = 2;
 
+/// Requests in flight may hold at most this fraction of `max_backlog_bytes` (one request may
+/// always be out): each exists three times while out, and a stalled endpoint must not grow
+/// memory far past the backlog's bound.
+pub(crate) const IN_FLIGHT_SHARE: usize = 8;
+
+/// Inbound messages handled in one pass of the sender's loop at most.
+const INBOUND_BATCH: usize = 256;
+
 /// A lane its limiter holds back waits at least this long before it may send again.
 const LIMITED_LANE_PACE: Duration = Duration::from_millis(50);
 
@@ -117,7 +125,7 @@ struct Sender {
     in_flight: usize,
     /// Bytes (data + partition keys) of the requests in flight. Each request is held three
     /// times while it is out (our aggregates, the JSON body in base64, the socket), so a
-    /// request goes out only while these are under a quarter of the backlog: a stalled endpoint
+    /// request goes out only while these are under an eighth of the backlog: a stalled endpoint
     /// cannot make memory grow far past the backlog.
     in_flight_bytes: usize,
     /// Requests in flight that were sent before they were full.
@@ -238,7 +246,18 @@ impl Sender {
             let wake = self.next_wake(now);
             tokio::select! {
                 Some(completed) = self.results_rx.recv() => self.complete(completed),
-                Some(message) = self.inbound.recv() => self.handle(message),
+                Some(message) = self.inbound.recv() => {
+                    self.handle(message);
+                    // What else has arrived is handled in the same pass: one round of timers
+                    // and dispatch per batch of messages, not per message (with thousands of
+                    // shards, each aggregate's deadline and close is a message).
+                    for _ in 1..INBOUND_BATCH {
+                        match self.inbound.try_recv() {
+                            Ok(message) => self.handle(message),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
         }
@@ -292,7 +311,7 @@ impl Sender {
     /// written, so this loses and duplicates nothing.
     fn enqueue(&mut self, outgoing: Outgoing, front: bool) {
         if let Some(shard) = &outgoing.shard_id {
-            if !self.shared.routing().has_shard(shard) {
+            if !self.shared.routing.load().has_shard(shard) {
                 self.resplit(outgoing);
                 return;
             }
@@ -369,11 +388,20 @@ impl Sender {
     /// A record taken from its lane has ended or gone back to it: in order mode, the lane may
     /// send again.
     fn release(&mut self, outgoing: &Outgoing) {
-        let key = self.lane_of(outgoing);
-        if let Some(lane) = self.lanes.get_mut(&key) {
+        self.release_with_limiter(outgoing, |_| {});
+    }
+
+    /// `release`, and `f` applied to the lane's limiter (one lookup of the lane for both).
+    fn release_with_limiter(&mut self, outgoing: &Outgoing, f: impl FnOnce(&mut Limiter)) {
+        let key = outgoing.shard_id.as_deref().unwrap_or(&self.unrouted);
+        if let Some(lane) = self.lanes.get_mut(key) {
+            if let Some(limiter) = &mut lane.limiter {
+                f(limiter);
+            }
             lane.outstanding = lane.outstanding.saturating_sub(1);
             if lane.outstanding == 0 && !lane.queue.is_empty() && !lane.listed && !lane.waiting {
                 lane.listed = true;
+                let key = self.lane_of(outgoing);
                 self.ready.push_back(key);
             }
         }
@@ -616,12 +644,12 @@ impl Sender {
     }
 
     /// Whether another request may go out: fewer than `max_in_flight` are out, and their bytes
-    /// are under a quarter of the backlog (so they end at most one request past it; one request
+    /// are under an eighth of the backlog (so they end at most one request past it; one request
     /// may always be out).
     fn may_send_more(&self) -> bool {
         self.in_flight < self.shared.config.max_in_flight
             && (self.in_flight == 0
-                || self.in_flight_bytes < self.shared.config.max_backlog_bytes / 4)
+                || self.in_flight_bytes < self.shared.config.max_backlog_bytes / IN_FLIGHT_SHARE)
     }
 
     fn spawn_request(&mut self, mut batch: Vec<Outgoing>, partial: bool) {
@@ -726,12 +754,12 @@ impl Sender {
                                 .as_deref()
                                 .is_some_and(|expected| !actual.is_empty() && expected != actual);
                             stale_map |= misplaced;
-                            self.with_limiter(&outgoing, Limiter::acknowledged);
                             if misplaced && outgoing.entry.aggregated {
+                                self.with_limiter(&outgoing, Limiter::acknowledged);
                                 self.settle_misplaced(outgoing, Arc::from(actual), true);
                             } else {
                                 // A plain record is wherever Kinesis routed its own key: fine.
-                                self.release(&outgoing);
+                                self.release_with_limiter(&outgoing, Limiter::acknowledged);
                                 self.shared.acknowledge(outgoing);
                             }
                         }
@@ -783,8 +811,8 @@ impl Sender {
     }
 
     fn with_limiter(&mut self, outgoing: &Outgoing, f: impl FnOnce(&mut Limiter)) {
-        let key = self.lane_of(outgoing);
-        if let Some(limiter) = self.lanes.get_mut(&key).and_then(|l| l.limiter.as_mut()) {
+        let key = outgoing.shard_id.as_deref().unwrap_or(&self.unrouted);
+        if let Some(limiter) = self.lanes.get_mut(key).and_then(|l| l.limiter.as_mut()) {
             f(limiter);
         }
     }
@@ -1104,11 +1132,14 @@ fn record_sent(metrics: &mut Recorder, batch: &[Outgoing], now: Instant) {
             now.saturating_duration_since(since).as_nanos() as u64
         });
         let buffering = Statistics::of_integers(waited, 1e-6);
-        let shard = outgoing.shard_id.as_ref();
-        metrics.record(MetricName::BufferingTime, buffering, shard);
         let n = outgoing.len();
         user_records += n;
-        metrics.add(MetricName::UserRecordsPerKinesisRecord, n as f64, shard);
+        let per_kinesis_record = Statistics::repeated(n as f64, 1);
+        let samples = [
+            (MetricName::BufferingTime, buffering),
+            (MetricName::UserRecordsPerKinesisRecord, per_kinesis_record),
+        ];
+        metrics.record_all(&samples, outgoing.shard_id.as_ref());
     }
     metrics.add(
         MetricName::KinesisRecordsPerPutRecordsRequest,
@@ -1132,10 +1163,14 @@ fn record_answered(metrics: &mut Recorder, batch: &[Outgoing], outcome: &Outcome
                 let shard = outgoing.shard_id.as_ref();
                 match result.error_code() {
                     None => {
-                        metrics.add(MetricName::KinesisRecordsPut, 1.0, shard);
+                        let one = |value: f64| Statistics::repeated(value, 1);
                         let size = outgoing.request_size() as f64;
-                        metrics.add(MetricName::KinesisRecordsDataPut, size, shard);
-                        metrics.add(MetricName::AllErrors, 0.0, shard);
+                        let samples = [
+                            (MetricName::KinesisRecordsPut, one(1.0)),
+                            (MetricName::KinesisRecordsDataPut, one(size)),
+                            (MetricName::AllErrors, one(0.0)),
+                        ];
+                        metrics.record_all(&samples, shard);
                     }
                     Some(code) => {
                         metrics.add(MetricName::KinesisRecordsPut, 0.0, shard);
