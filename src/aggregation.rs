@@ -259,12 +259,13 @@ impl AggregateBuilder {
         let entry = if self.count == 1 {
             KinesisEntry::plain(&first)
         } else {
+            // The first record's key routes the aggregate to the first record's hash key,
+            // which lies in the shard every record of this aggregate belongs to.
+            let (_, partition_key, explicit_hash_key) = first.into_parts();
             KinesisEntry {
                 data: self.encode(),
-                // The first record's key routes the aggregate to the first record's hash key,
-                // which lies in the shard every record of this aggregate belongs to.
-                partition_key: first.partition_key().to_owned(),
-                explicit_hash_key: first.explicit_hash_key().map(str::to_owned),
+                partition_key,
+                explicit_hash_key,
                 aggregated: true,
             }
         };
