@@ -86,10 +86,8 @@ pub struct AggregateBuilder {
     partition_key_table: Vec<u8>,
     /// Encoded `explicit_hash_key_table` entries (field 2).
     explicit_hash_key_table: Vec<u8>,
-    /// Encoded `records` entries (field 3), behind `head_room` bytes kept free for the magic
-    /// and the key tables.
+    /// Encoded `records` entries (field 3).
     record_section: Vec<u8>,
-    head_room: usize,
     partition_keys: KeyTable,
     explicit_hash_keys: KeyTable,
     /// Section sizes of the previous aggregate: the next one reserves this much at its first
@@ -97,10 +95,6 @@ pub struct AggregateBuilder {
     last_sizes: (usize, usize, usize),
     /// Records in the previous aggregate.
     last_count: usize,
-    /// A record did not fit: this aggregate closes full.
-    full: bool,
-    /// The previous aggregate closed full: the next one will likely fill too.
-    last_full: bool,
 }
 
 impl AggregateBuilder {
@@ -112,13 +106,10 @@ impl AggregateBuilder {
             partition_key_table: Vec::new(),
             explicit_hash_key_table: Vec::new(),
             record_section: Vec::new(),
-            head_room: 0,
             partition_keys: KeyTable::default(),
             explicit_hash_keys: KeyTable::default(),
             last_sizes: (0, 0, 0),
             last_count: 0,
-            full: false,
-            last_full: false,
         }
     }
 
@@ -140,7 +131,6 @@ impl AggregateBuilder {
         self.partition_key_table.len()
             + self.explicit_hash_key_table.len()
             + self.record_section.len()
-            - self.head_room
     }
 
     /// Encoded size of the aggregate as it stands, magic and checksum included.
@@ -160,7 +150,6 @@ impl AggregateBuilder {
     /// Adds `record` if the aggregate stays within its limits; otherwise hands it back untouched.
     pub fn try_push(&mut self, record: UserRecord) -> Result<(), UserRecord> {
         if self.count >= self.limits.max_count {
-            self.full = true;
             return Err(record);
         }
         let key = record.partition_key();
@@ -182,7 +171,6 @@ impl AggregateBuilder {
             added += delimited_len(k.len());
         }
         if FRAME_LEN + self.body_len() + added > self.limits.max_size {
-            self.full = true;
             return Err(record);
         }
         if self.count == 0 {
@@ -195,23 +183,7 @@ impl AggregateBuilder {
             let (pk, ehk, records) = self.last_sizes;
             self.partition_key_table.reserve_exact(room(pk));
             self.explicit_hash_key_table.reserve_exact(room(ehk));
-            if self.last_full {
-                // The aggregate will likely fill, as the previous one did (most do under
-                // load): the record section reserves room for all of it and becomes it
-                // (`encode`), with room in front for the magic and the key tables (what the
-                // previous aggregate's took, and a little more). No buffer to allocate at the
-                // end, no regrowing on the way, and the buffers all have about one size, which
-                // the allocator reuses well. (Tried for every aggregate: those that close on
-                // their deadline then cost 5% more CPU, in shrinking and unused room.)
-                let tables = pk + ehk;
-                let slack = tables / 8 + 16;
-                self.head_room = MAGIC.len() + tables + slack;
-                self.record_section
-                    .reserve_exact(self.limits.max_size.max(self.head_room + added) + slack);
-                self.record_section.resize(self.head_room, 0);
-            } else {
-                self.record_section.reserve_exact(room(records).max(added));
-            }
+            self.record_section.reserve_exact(room(records).max(added));
         }
         if pk_new {
             self.partition_keys.append(
@@ -255,7 +227,6 @@ impl AggregateBuilder {
         // `first` is set exactly when a record was pushed.
         debug_assert_eq!(self.first.is_some(), self.count > 0);
         let first = self.first.take()?;
-        self.note_sizes();
         let entry = if self.count == 1 {
             KinesisEntry::plain(&first)
         } else {
@@ -280,12 +251,10 @@ impl AggregateBuilder {
             0 => Vec::new(),
             1 => {
                 let first = self.first.take();
-                self.note_sizes();
                 self.clear();
                 first.into_iter().collect()
             }
             _ => {
-                self.note_sizes();
                 let data = self.encode();
                 self.clear();
                 records_of_aggregate(&data)
@@ -293,71 +262,31 @@ impl AggregateBuilder {
         }
     }
 
-    /// Remembers the closing aggregate's sizes: the next one reserves room by them.
-    fn note_sizes(&mut self) {
+    fn clear(&mut self) {
         self.last_sizes = (
             self.partition_key_table.len(),
             self.explicit_hash_key_table.len(),
-            self.record_section.len() - self.head_room,
+            self.record_section.len(),
         );
         self.last_count = self.count;
-        self.last_full = self.full;
-    }
-
-    fn clear(&mut self) {
         self.count = 0;
-        self.full = false;
         self.first = None;
         self.partition_key_table = Vec::new();
         self.explicit_hash_key_table = Vec::new();
         self.record_section = Vec::new();
-        self.head_room = 0;
         self.partition_keys.clear();
         self.explicit_hash_keys.clear();
     }
 
-    /// The aggregate. When the key tables fit the room kept in front of the record section
-    /// (see `try_push`) without leaving much of it unused, in the section's own buffer: the
-    /// magic and the tables are written in front of the records and the checksum behind, the
-    /// records never move, and spare room at the end is given back. Otherwise the parts are
-    /// copied into a buffer of the exact size. Either way the builder must be cleared next.
-    fn encode(&mut self) -> Bytes {
-        let (pk, ehk) = (&self.partition_key_table, &self.explicit_hash_key_table);
-        let head = MAGIC.len() + pk.len() + ehk.len();
-        let records = self.record_section.len() - self.head_room;
-        let len = head + records + DIGEST_LEN;
-        if head <= self.head_room && self.head_room - head <= 64 + len / 8 {
-            // The section reserved all of `max_size` (and the slack) for this.
-            let start = self.head_room - head;
-            let mut out = std::mem::take(&mut self.record_section);
-            let (magic, rest) = out[start..].split_at_mut(MAGIC.len());
-            magic.copy_from_slice(&MAGIC);
-            let (pk_part, rest) = rest.split_at_mut(pk.len());
-            pk_part.copy_from_slice(pk);
-            rest[..ehk.len()].copy_from_slice(ehk);
-            let digest = Md5::digest(&out[start + MAGIC.len()..]);
-            out.extend_from_slice(&digest);
-            debug_assert_eq!(out.len() - start, len);
-            if out.capacity() - out.len() > 64 + len / 8 {
-                // Closed early after all (a flush): shrinking keeps the buffer where it is.
-                out.shrink_to_fit();
-            }
-            return Bytes::from(out).slice(start..);
-        }
-        self.encode_copied()
-    }
-
-    /// The aggregate, copied into a buffer of its exact size (the builder is unchanged).
-    fn encode_copied(&self) -> Bytes {
-        let (pk, ehk) = (&self.partition_key_table, &self.explicit_hash_key_table);
-        let len = self.encoded_len();
-        let mut out = Vec::with_capacity(len);
+    fn encode(&self) -> Bytes {
+        let mut out = Vec::with_capacity(self.encoded_len());
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(pk);
-        out.extend_from_slice(ehk);
-        out.extend_from_slice(&self.record_section[self.head_room..]);
-        out.extend_from_slice(&Md5::digest(&out[MAGIC.len()..]));
-        debug_assert_eq!(out.len(), len);
+        out.extend_from_slice(&self.partition_key_table);
+        out.extend_from_slice(&self.explicit_hash_key_table);
+        out.extend_from_slice(&self.record_section);
+        let digest = Md5::digest(&out[MAGIC.len()..]);
+        out.extend_from_slice(&digest);
+        debug_assert_eq!(out.len(), self.encoded_len());
         Bytes::from(out)
     }
 }
@@ -598,7 +527,7 @@ pub(crate) mod tests {
             }
             builder.try_push(record).unwrap();
             let expected = builder.encoded_len();
-            let probe = builder.encode_copied();
+            let probe = builder.encode();
             assert_eq!(probe.len(), expected, "after {} records", i + 1);
         }
     }
@@ -624,10 +553,10 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn aggregates_that_close_full_encode_in_place_and_read_back_exactly() {
-        // Full aggregates one after another: from the second on, the record section keeps
-        // room in front for the key tables and becomes the aggregate. Batches with far more
-        // distinct keys than the one before overflow that room and take the copying path.
+    fn full_aggregates_one_after_another_read_back_exactly() {
+        // Full aggregates one after another, each sized by the one before (see `try_push`),
+        // with runs of few distinct keys and of many, with and without explicit hash keys:
+        // each reads back, checksum included, as exactly the records pushed into it.
         let limits = AggregateLimits {
             max_size: 4_000,
             max_count: usize::MAX,

@@ -356,10 +356,10 @@ impl ProducerBuilder {
                 config.metrics_granularity,
             )),
             metrics_on: Recorder::enabled(config.metrics_level),
-            // Bodies in flight hold about a sixth of the backlog at most (an eighth in data,
-            // base64 adds a third, plus one request), and only buffers that were in flight
-            // come back: the pool keeps no more idle ones than an eighth of the backlog.
-            bodies: BodyPool::new(config.max_backlog_bytes / crate::sender::IN_FLIGHT_SHARE),
+            // Bodies in flight hold at most about a third of the backlog (a quarter in data,
+            // base64 adds a third), and only buffers that were in flight come back: the pool
+            // never holds more than requests once did at the same time.
+            bodies: BodyPool::new(config.max_backlog_bytes / 2),
             inbound,
             failures: Mutex::new(None),
             refreshing: AtomicBool::new(false),

@@ -41,11 +41,6 @@ const PARKED_RELOADS: u32 = 3;
 /// Requests sent before they were full that may be in flight at once (see `should_send`).
 const MAX_PARTIAL_IN_FLIGHT: usize = 2;
 
-/// Requests in flight may hold at most this fraction of `max_backlog_bytes` (one request may
-/// always be out): each exists three times while out, and a stalled endpoint must not grow
-/// memory far past the backlog's bound.
-pub(crate) const IN_FLIGHT_SHARE: usize = 8;
-
 /// Inbound messages handled in one pass of the sender's loop at most.
 const INBOUND_BATCH: usize = 256;
 
@@ -125,7 +120,7 @@ struct Sender {
     in_flight: usize,
     /// Bytes (data + partition keys) of the requests in flight. Each request is held three
     /// times while it is out (our aggregates, the JSON body in base64, the socket), so a
-    /// request goes out only while these are under an eighth of the backlog: a stalled endpoint
+    /// request goes out only while these are under a quarter of the backlog: a stalled endpoint
     /// cannot make memory grow far past the backlog.
     in_flight_bytes: usize,
     /// Requests in flight that were sent before they were full.
@@ -644,12 +639,12 @@ impl Sender {
     }
 
     /// Whether another request may go out: fewer than `max_in_flight` are out, and their bytes
-    /// are under an eighth of the backlog (so they end at most one request past it; one request
+    /// are under a quarter of the backlog (so they end at most one request past it; one request
     /// may always be out).
     fn may_send_more(&self) -> bool {
         self.in_flight < self.shared.config.max_in_flight
             && (self.in_flight == 0
-                || self.in_flight_bytes < self.shared.config.max_backlog_bytes / IN_FLIGHT_SHARE)
+                || self.in_flight_bytes < self.shared.config.max_backlog_bytes / 4)
     }
 
     fn spawn_request(&mut self, mut batch: Vec<Outgoing>, partial: bool) {
