@@ -279,9 +279,8 @@ impl Shared {
     }
 }
 
-/// The per-user-record metrics of a Kinesis record's records ending: `UserRecordsPut` (1
+/// The per-user-record samples of a Kinesis record's records ending: `UserRecordsPut` (1
 /// acknowledged, 0 failed) and `RetriesPerRecord`.
-/// The samples every ended user record adds: put (1) or not (0), and its retries.
 fn ends(outgoing: &Outgoing, put: f64) -> [(MetricName, Statistics); 2] {
     let n = outgoing.len() as u64;
     let retries = f64::from(outgoing.attempts.saturating_sub(1));
