@@ -316,14 +316,11 @@ pub(crate) fn records_of_aggregate(data: &Bytes) -> Vec<UserRecord> {
             let data = r.data.clone().unwrap_or_default();
             let key =
                 table(&aggregate.partition_key_table, r.partition_key_index).unwrap_or_default();
-            let record = UserRecord::new(data, key);
-            match table(
+            let ehk = table(
                 &aggregate.explicit_hash_key_table,
                 r.explicit_hash_key_index,
-            ) {
-                Some(ehk) => record.with_explicit_hash_key(ehk),
-                None => record,
-            }
+            );
+            UserRecord::from_parts(data, key, ehk)
         })
         .collect()
 }
@@ -583,13 +580,7 @@ pub(crate) mod tests {
                         .expect("a valid aggregate, checksum included");
                 let read: Vec<UserRecord> = read
                     .into_iter()
-                    .map(|r| {
-                        let back = UserRecord::new(r.data, r.partition_key);
-                        match r.explicit_hash_key {
-                            Some(k) => back.with_explicit_hash_key(k),
-                            None => back,
-                        }
-                    })
+                    .map(|r| UserRecord::from_parts(r.data, r.partition_key, r.explicit_hash_key))
                     .collect();
                 assert_eq!(read, std::mem::take(&mut pushed), "aggregate {checked}");
                 checked += 1;

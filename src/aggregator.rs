@@ -88,11 +88,11 @@ impl Outgoing {
         if entry.aggregated {
             return records_of_aggregate(&entry.data);
         }
-        let record = UserRecord::new(entry.data.clone(), entry.partition_key.clone());
-        vec![match &entry.explicit_hash_key {
-            Some(ehk) => record.with_explicit_hash_key(ehk.clone()),
-            None => record,
-        }]
+        vec![UserRecord::from_parts(
+            entry.data.clone(),
+            entry.partition_key.clone(),
+            entry.explicit_hash_key.clone(),
+        )]
     }
 
     /// Bytes this record counts against the PutRecords request limit.

@@ -37,11 +37,11 @@ pub fn parse_line(line: &[u8]) -> Result<UserRecord, JsonlError> {
         }
         (None, None) => return Err(JsonlError("missing field `data` (or `data_base64`)".into())),
     };
-    let record = UserRecord::new(data, parsed.partition_key);
-    Ok(match parsed.explicit_hash_key {
-        Some(ehk) => record.with_explicit_hash_key(ehk),
-        None => record,
-    })
+    Ok(UserRecord::from_parts(
+        data.into(),
+        parsed.partition_key,
+        parsed.explicit_hash_key,
+    ))
 }
 
 #[cfg(test)]

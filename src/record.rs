@@ -57,6 +57,19 @@ impl UserRecord {
         (self.data, self.partition_key, self.explicit_hash_key)
     }
 
+    /// Puts a record together from its parts (the inverse of [`into_parts`](Self::into_parts)).
+    pub(crate) fn from_parts(
+        data: Bytes,
+        partition_key: String,
+        explicit_hash_key: Option<String>,
+    ) -> Self {
+        UserRecord {
+            data,
+            partition_key,
+            explicit_hash_key,
+        }
+    }
+
     /// The bytes Kinesis counts against its record size limit: data plus partition key.
     pub fn kinesis_size(&self) -> usize {
         self.data.len() + self.partition_key.len()

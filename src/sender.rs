@@ -388,18 +388,24 @@ impl Sender {
 
     /// `release`, and `f` applied to the lane's limiter (one lookup of the lane for both).
     fn release_with_limiter(&mut self, outgoing: &Outgoing, f: impl FnOnce(&mut Limiter)) {
-        let key = outgoing.shard_id.as_deref().unwrap_or(&self.unrouted);
-        if let Some(lane) = self.lanes.get_mut(key) {
-            if let Some(limiter) = &mut lane.limiter {
-                f(limiter);
-            }
-            lane.outstanding = lane.outstanding.saturating_sub(1);
-            if lane.outstanding == 0 && !lane.queue.is_empty() && !lane.listed && !lane.waiting {
-                lane.listed = true;
-                let key = self.lane_of(outgoing);
-                self.ready.push_back(key);
-            }
+        let Some(lane) = self.lane_mut(outgoing) else {
+            return;
+        };
+        if let Some(limiter) = &mut lane.limiter {
+            f(limiter);
         }
+        lane.outstanding = lane.outstanding.saturating_sub(1);
+        if lane.outstanding == 0 && !lane.queue.is_empty() && !lane.listed && !lane.waiting {
+            lane.listed = true;
+            let key = self.lane_of(outgoing);
+            self.ready.push_back(key);
+        }
+    }
+
+    /// The lane of `outgoing`, looked up by borrowed key (no reference count touched).
+    fn lane_mut(&mut self, outgoing: &Outgoing) -> Option<&mut Lane> {
+        let key = outgoing.shard_id.as_deref().unwrap_or(&self.unrouted);
+        self.lanes.get_mut(key)
     }
 
     fn fire_deadlines(&mut self, now: Instant) {
@@ -806,8 +812,7 @@ impl Sender {
     }
 
     fn with_limiter(&mut self, outgoing: &Outgoing, f: impl FnOnce(&mut Limiter)) {
-        let key = outgoing.shard_id.as_deref().unwrap_or(&self.unrouted);
-        if let Some(limiter) = self.lanes.get_mut(key).and_then(|l| l.limiter.as_mut()) {
+        if let Some(limiter) = self.lane_mut(outgoing).and_then(|l| l.limiter.as_mut()) {
             f(limiter);
         }
     }
