@@ -67,6 +67,170 @@ pub struct KinesisEntry {
     pub aggregated: bool,
 }
 
+/// A Kinesis record as the producer holds it until Kinesis has it: like [`KinesisEntry`], but
+/// an aggregate stays in the pieces it was built in.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub data: EntryData,
+    pub partition_key: String,
+    pub explicit_hash_key: Option<String>,
+    pub aggregated: bool,
+}
+
+/// A Kinesis record's bytes: one buffer, or an aggregate's pieces. The request body
+/// base64-encodes the pieces one after another, so an aggregate is never copied into one
+/// buffer on its way out.
+#[derive(Debug)]
+pub(crate) enum EntryData {
+    Whole(Bytes),
+    Pieces(Box<AggregatePieces>),
+}
+
+/// A finished aggregate: its sections as the builder wrote them, and their checksum.
+#[derive(Debug)]
+pub(crate) struct AggregatePieces {
+    sections: Sections,
+    digest: [u8; DIGEST_LEN],
+}
+
+/// The protobuf of an aggregate, in the buffers it was written to: the two key tables, and the
+/// `records` field in chunks that are added as it grows (a record never spans two chunks).
+/// Growing by a new chunk instead of reallocating means no byte is copied twice.
+#[derive(Debug, Default)]
+struct Sections {
+    /// Encoded `partition_key_table` entries (field 1), in table order.
+    partition_key_table: Vec<u8>,
+    /// Encoded `explicit_hash_key_table` entries (field 2).
+    explicit_hash_key_table: Vec<u8>,
+    /// Encoded `records` entries (field 3): the first chunk (often the only one) ...
+    records: Vec<u8>,
+    /// ... and the chunks after it.
+    more_records: Vec<Vec<u8>>,
+    /// Bytes in all the record chunks.
+    records_len: usize,
+}
+
+impl Sections {
+    /// Encoded protobuf length.
+    fn len(&self) -> usize {
+        self.partition_key_table.len() + self.explicit_hash_key_table.len() + self.records_len
+    }
+
+    /// The protobuf's bytes, in order.
+    fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        [
+            &self.partition_key_table,
+            &self.explicit_hash_key_table,
+            &self.records,
+        ]
+        .into_iter()
+        .chain(&self.more_records)
+        .map(Vec::as_slice)
+    }
+
+    fn digest(&self) -> [u8; DIGEST_LEN] {
+        let mut md5 = Md5::new();
+        for part in self.parts() {
+            md5.update(part);
+        }
+        md5.finalize().into()
+    }
+
+    /// The whole aggregate in one buffer: magic, protobuf, checksum.
+    fn to_bytes(&self, digest: &[u8; DIGEST_LEN]) -> Bytes {
+        let mut out = Vec::with_capacity(FRAME_LEN + self.len());
+        out.extend_from_slice(&MAGIC);
+        for part in self.parts() {
+            out.extend_from_slice(part);
+        }
+        out.extend_from_slice(digest);
+        Bytes::from(out)
+    }
+
+    /// Room for `more` bytes of the record section, contiguous: the last chunk if they fit,
+    /// else a new chunk of `CHUNK_LEN` (or of `more`, if larger). Nothing written moves.
+    fn record_room(&mut self, more: usize) -> &mut Vec<u8> {
+        self.records_len += more;
+        let last = self.more_records.last().unwrap_or(&self.records);
+        if last.capacity() - last.len() < more {
+            self.more_records
+                .push(Vec::with_capacity(more.max(CHUNK_LEN)));
+        }
+        match self.more_records.last_mut() {
+            Some(chunk) => chunk,
+            None => &mut self.records,
+        }
+    }
+}
+
+impl AggregatePieces {
+    /// Encoded length, magic and checksum included.
+    pub fn len(&self) -> usize {
+        FRAME_LEN + self.sections.len()
+    }
+
+    /// The aggregate's bytes, in order, as slices.
+    pub fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::once(&MAGIC[..])
+            .chain(self.sections.parts())
+            .chain(std::iter::once(&self.digest[..]))
+    }
+
+    /// The aggregate in one buffer (a failure report or a re-route reads its records back).
+    pub fn to_bytes(&self) -> Bytes {
+        self.sections.to_bytes(&self.digest)
+    }
+}
+
+impl EntryData {
+    pub fn len(&self) -> usize {
+        match self {
+            EntryData::Whole(bytes) => bytes.len(),
+            EntryData::Pieces(pieces) => pieces.len(),
+        }
+    }
+
+    /// The bytes in one buffer: a cheap clone of a whole one, a copy of an aggregate's pieces.
+    pub fn to_bytes(&self) -> Bytes {
+        match self {
+            EntryData::Whole(bytes) => bytes.clone(),
+            EntryData::Pieces(pieces) => pieces.to_bytes(),
+        }
+    }
+}
+
+impl KinesisEntry {
+    /// A user record sent to Kinesis as it is.
+    pub fn plain(record: &UserRecord) -> Self {
+        Entry::plain(record).into_kinesis_entry()
+    }
+}
+
+impl Entry {
+    /// A user record sent to Kinesis as it is.
+    pub fn plain(record: &UserRecord) -> Self {
+        Entry {
+            data: EntryData::Whole(record.data().clone()),
+            partition_key: record.partition_key().to_owned(),
+            explicit_hash_key: record.explicit_hash_key().map(str::to_owned),
+            aggregated: false,
+        }
+    }
+
+    fn into_kinesis_entry(self) -> KinesisEntry {
+        let data = match self.data {
+            EntryData::Whole(bytes) => bytes,
+            EntryData::Pieces(pieces) => pieces.to_bytes(),
+        };
+        KinesisEntry {
+            data,
+            partition_key: self.partition_key,
+            explicit_hash_key: self.explicit_hash_key,
+            aggregated: self.aggregated,
+        }
+    }
+}
+
 /// Builds one aggregate for one shard, knowing its exact encoded size at every step.
 ///
 /// Each record is encoded as it is pushed: its partition key (and explicit hash key) into the
@@ -82,12 +246,8 @@ pub struct AggregateBuilder {
     first: Option<UserRecord>,
     /// Records pushed.
     count: usize,
-    /// Encoded `partition_key_table` entries (field 1), in table order.
-    partition_key_table: Vec<u8>,
-    /// Encoded `explicit_hash_key_table` entries (field 2).
-    explicit_hash_key_table: Vec<u8>,
-    /// Encoded `records` entries (field 3).
-    record_section: Vec<u8>,
+    /// What is encoded so far.
+    sections: Sections,
     partition_keys: KeyTable,
     explicit_hash_keys: KeyTable,
     /// Section sizes of the previous aggregate: the next one reserves this much at its first
@@ -103,9 +263,7 @@ impl AggregateBuilder {
             limits,
             first: None,
             count: 0,
-            partition_key_table: Vec::new(),
-            explicit_hash_key_table: Vec::new(),
-            record_section: Vec::new(),
+            sections: Sections::default(),
             partition_keys: KeyTable::default(),
             explicit_hash_keys: KeyTable::default(),
             last_sizes: (0, 0, 0),
@@ -128,9 +286,7 @@ impl AggregateBuilder {
 
     /// Encoded protobuf length (without magic and checksum).
     fn body_len(&self) -> usize {
-        self.partition_key_table.len()
-            + self.explicit_hash_key_table.len()
-            + self.record_section.len()
+        self.sections.len()
     }
 
     /// Encoded size of the aggregate as it stands, magic and checksum included.
@@ -153,12 +309,14 @@ impl AggregateBuilder {
             return Err(record);
         }
         let key = record.partition_key();
-        let (pk_index, pk_new, pk_hash) = self.partition_keys.find(key, &self.partition_key_table);
+        let (pk_index, pk_new, pk_hash) = self
+            .partition_keys
+            .find(key, &self.sections.partition_key_table);
         let ehk = record.explicit_hash_key().map(|k| {
             (
                 k,
                 self.explicit_hash_keys
-                    .find(k, &self.explicit_hash_key_table),
+                    .find(k, &self.sections.explicit_hash_key_table),
             )
         });
         let ehk_index = ehk.map(|(_, (index, _, _))| index);
@@ -181,13 +339,14 @@ impl AggregateBuilder {
             // varying number of records, and regrowing costs more than the spare room.
             let room = |last: usize| (last + last / 2).min(RESERVE_MAX);
             let (pk, ehk, records) = self.last_sizes;
-            self.partition_key_table.reserve_exact(room(pk));
-            self.explicit_hash_key_table.reserve_exact(room(ehk));
-            self.record_section.reserve_exact(room(records).max(added));
+            let sections = &mut self.sections;
+            sections.partition_key_table.reserve_exact(room(pk));
+            sections.explicit_hash_key_table.reserve_exact(room(ehk));
+            sections.records.reserve_exact(room(records).max(added));
         }
         if pk_new {
             self.partition_keys.append(
-                &mut self.partition_key_table,
+                &mut self.sections.partition_key_table,
                 KEY_PARTITION_KEY_TABLE,
                 key,
                 pk_hash,
@@ -195,14 +354,13 @@ impl AggregateBuilder {
         }
         if let Some((k, (_, true, hash))) = ehk {
             self.explicit_hash_keys.append(
-                &mut self.explicit_hash_key_table,
+                &mut self.sections.explicit_hash_key_table,
                 KEY_EXPLICIT_HASH_KEY_TABLE,
                 k,
                 hash,
             );
         }
-        let out = &mut self.record_section;
-        grow(out, delimited_len(body_len));
+        let out = self.sections.record_room(delimited_len(body_len));
         out.put_u8(KEY_RECORDS);
         encode_varint(body_len as u64, out);
         // proto2 `required`: the index is written even when it is 0. prost's proto3-style
@@ -224,24 +382,36 @@ impl AggregateBuilder {
     /// Encodes what was pushed and starts over. One record goes out as itself, not aggregated:
     /// that is smaller and every consumer reads it (as the KPL does). Returns `None` when empty.
     pub fn finish(&mut self) -> Option<KinesisEntry> {
+        self.finish_entry().map(Entry::into_kinesis_entry)
+    }
+
+    /// [`finish`](Self::finish), keeping an aggregate in its pieces.
+    pub(crate) fn finish_entry(&mut self) -> Option<Entry> {
         // `first` is set exactly when a record was pushed.
         debug_assert_eq!(self.first.is_some(), self.count > 0);
         let first = self.first.take()?;
-        let entry = if self.count == 1 {
-            KinesisEntry::plain(&first)
+        if self.count == 1 {
+            self.clear();
+            return Some(Entry::plain(&first));
+        }
+        // The first record's key routes the aggregate to the first record's hash key, which
+        // lies in the shard every record of this aggregate belongs to.
+        let (_, partition_key, explicit_hash_key) = first.into_parts();
+        let sections = self.clear();
+        let digest = sections.digest();
+        // A small aggregate is copied into one exact buffer, as the pieces' spare room would
+        // cost more than the copy; a large one stays in its pieces.
+        let data = if sections.len() <= PIECES_MIN {
+            EntryData::Whole(sections.to_bytes(&digest))
         } else {
-            // The first record's key routes the aggregate to the first record's hash key,
-            // which lies in the shard every record of this aggregate belongs to.
-            let (_, partition_key, explicit_hash_key) = first.into_parts();
-            KinesisEntry {
-                data: self.encode(),
-                partition_key,
-                explicit_hash_key,
-                aggregated: true,
-            }
+            EntryData::Pieces(Box::new(AggregatePieces { sections, digest }))
         };
-        self.clear();
-        Some(entry)
+        Some(Entry {
+            data,
+            partition_key,
+            explicit_hash_key,
+            aggregated: true,
+        })
     }
 
     /// Removes and returns the records (used to re-route them): decoded from the encoding,
@@ -262,32 +432,26 @@ impl AggregateBuilder {
         }
     }
 
-    fn clear(&mut self) {
+    /// Starts over, remembering the sizes of what it held; returns what it held.
+    fn clear(&mut self) -> Sections {
+        let sections = std::mem::take(&mut self.sections);
         self.last_sizes = (
-            self.partition_key_table.len(),
-            self.explicit_hash_key_table.len(),
-            self.record_section.len(),
+            sections.partition_key_table.len(),
+            sections.explicit_hash_key_table.len(),
+            sections.records_len,
         );
         self.last_count = self.count;
         self.count = 0;
         self.first = None;
-        self.partition_key_table = Vec::new();
-        self.explicit_hash_key_table = Vec::new();
-        self.record_section = Vec::new();
         self.partition_keys.clear();
         self.explicit_hash_keys.clear();
+        sections
     }
 
     fn encode(&self) -> Bytes {
-        let mut out = Vec::with_capacity(self.encoded_len());
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&self.partition_key_table);
-        out.extend_from_slice(&self.explicit_hash_key_table);
-        out.extend_from_slice(&self.record_section);
-        let digest = Md5::digest(&out[MAGIC.len()..]);
-        out.extend_from_slice(&digest);
+        let out = self.sections.to_bytes(&self.sections.digest());
         debug_assert_eq!(out.len(), self.encoded_len());
-        Bytes::from(out)
+        out
     }
 }
 
@@ -323,18 +487,6 @@ pub(crate) fn records_of_aggregate(data: &Bytes) -> Vec<UserRecord> {
             UserRecord::from_parts(data, key, ehk)
         })
         .collect()
-}
-
-impl KinesisEntry {
-    /// A user record sent to Kinesis as it is.
-    pub fn plain(record: &UserRecord) -> Self {
-        KinesisEntry {
-            data: record.data().clone(),
-            partition_key: record.partition_key().to_owned(),
-            explicit_hash_key: record.explicit_hash_key().map(str::to_owned),
-            aggregated: false,
-        }
-    }
 }
 
 fn record_body_len(pk_index: u32, ehk_index: Option<u32>, data_len: usize) -> usize {
@@ -375,6 +527,12 @@ struct KeyTable {
     /// Hash → first table index with it, once the table is past `SCAN_MAX` entries.
     by_hash: HashMap<u64, u32, BuildHasherDefault<PassThroughHasher>>,
 }
+
+/// Size of the record chunks after the first: one size, so that a freed chunk fits the next.
+const CHUNK_LEN: usize = 8 << 10;
+
+/// Aggregates up to this size are sent from one buffer (see `finish_entry`).
+const PIECES_MIN: usize = 8 << 10;
 
 /// Most bytes a section reserves when an aggregate starts (it grows past this as needed).
 const RESERVE_MAX: usize = 4 << 10;
@@ -591,6 +749,29 @@ pub(crate) mod tests {
             }
         }
         assert!(checked > 20, "{checked} aggregates checked");
+    }
+
+    #[test]
+    fn a_large_aggregate_in_pieces_is_the_same_bytes() {
+        // Past `PIECES_MIN`, with records of every size around the chunk length: the pieces
+        // join into exactly the bytes `finish` returns, and those read back.
+        let records: Vec<UserRecord> = (0..200usize)
+            .map(|i| UserRecord::new(vec![i as u8; (i * 97) % (CHUNK_LEN + 300)], format!("k{i}")))
+            .collect();
+        let limits = AggregateLimits {
+            max_size: 1 << 20,
+            max_count: usize::MAX,
+        };
+        let entry = build(records.clone(), limits).finish_entry().unwrap();
+        let EntryData::Pieces(pieces) = &entry.data else {
+            panic!("a large aggregate stays in pieces");
+        };
+        assert!(pieces.parts().count() > 4, "several chunks");
+        let joined: Vec<u8> = pieces.parts().flatten().copied().collect();
+        let whole = build(records.clone(), limits).finish().unwrap().data;
+        assert_eq!(joined, whole);
+        assert_eq!(entry.data.len(), whole.len());
+        assert_eq!(records_of_aggregate(&entry.data.to_bytes()), records);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::aggregation::{records_of_aggregate, AggregateBuilder, AggregateLimits, KinesisEntry};
+use crate::aggregation::{records_of_aggregate, AggregateBuilder, AggregateLimits, Entry};
 use crate::backlog::lock;
 use crate::producer::{Inbound, Shared};
 use crate::receipt::ReceiptTx;
@@ -39,7 +39,7 @@ pub(crate) struct RecordMeta {
 /// needs them.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
-    pub entry: KinesisEntry,
+    pub entry: Entry,
     /// One per user record, in the order they sit in the entry.
     pub metas: Vec<RecordMeta>,
     pub backlog_bytes: usize,
@@ -57,7 +57,7 @@ pub(crate) struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(entry: KinesisEntry, metas: Vec<RecordMeta>, shard_id: Option<Arc<str>>) -> Self {
+    fn new(entry: Entry, metas: Vec<RecordMeta>, shard_id: Option<Arc<str>>) -> Self {
         let backlog_bytes = metas.iter().map(|m| m.backlog_bytes as usize).sum();
         let oldest_put = metas
             .iter()
@@ -86,10 +86,10 @@ impl Outgoing {
     pub fn user_records(&self) -> Vec<UserRecord> {
         let entry = &self.entry;
         if entry.aggregated {
-            return records_of_aggregate(&entry.data);
+            return records_of_aggregate(&entry.data.to_bytes());
         }
         vec![UserRecord::from_parts(
-            entry.data.clone(),
+            entry.data.to_bytes(),
             entry.partition_key.clone(),
             entry.explicit_hash_key.clone(),
         )]
@@ -226,7 +226,7 @@ fn add_to_slot(
         // Too big to share an aggregate (or aggregation is off): it goes out alone. Whatever
         // the slot holds goes first, so the shard's records leave in `put` order.
         emit_slot(shared, routing, index, slot);
-        let entry = KinesisEntry::plain(&record);
+        let entry = Entry::plain(&record);
         shared.send(Inbound::Record(Outgoing::new(
             entry,
             vec![meta],
@@ -239,7 +239,7 @@ fn add_to_slot(
         // always fits (its solo size was checked above).
         emit_slot(shared, routing, index, slot);
         if let Err(record) = slot.builder.try_push(record) {
-            let entry = KinesisEntry::plain(&record);
+            let entry = Entry::plain(&record);
             let shard_id = routing.shard_id(index);
             shared.send(Inbound::Record(Outgoing::new(entry, vec![meta], shard_id)));
             return;
@@ -271,7 +271,7 @@ fn add_to_slot(
 fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) {
     slot.cycle += 1;
     slot.earliest_put = None;
-    if let Some(entry) = slot.builder.finish() {
+    if let Some(entry) = slot.builder.finish_entry() {
         let metas = std::mem::take(&mut slot.metas);
         shared.send(Inbound::Record(Outgoing::new(
             entry,
@@ -340,7 +340,7 @@ pub(crate) fn reroute(shared: &Shared, records: Vec<UserRecord>, metas: Vec<Reco
         if let Err(refused) = enqueue(shared, record, meta, Admission::Reroute) {
             let (record, meta) = *refused;
             // Unreachable by construction (re-routing ignores `stop`), but never drop a record.
-            let entry = KinesisEntry::plain(&record);
+            let entry = Entry::plain(&record);
             shared.send(Inbound::Record(Outgoing::new(entry, vec![meta], None)));
         }
     }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use crate::aggregation::KinesisEntry;
+use crate::aggregation::{Entry, EntryData};
 use crate::shard_map::StreamId;
 
 const ENTRY_OPEN: &[u8] = b"{\"Data\":\"";
@@ -107,7 +107,7 @@ impl Drop for PooledBody {
 pub(crate) fn put_records<'a>(
     pool: &Arc<BodyPool>,
     stream: &StreamId,
-    entries: impl Iterator<Item = &'a KinesisEntry> + Clone,
+    entries: impl Iterator<Item = &'a Entry> + Clone,
 ) -> Bytes {
     let (stream_field, stream_value) = match stream {
         StreamId::Name(name) => (STREAM_NAME, name.as_str()),
@@ -136,7 +136,10 @@ pub(crate) fn put_records<'a>(
             out.push(b',');
         }
         out.extend_from_slice(ENTRY_OPEN);
-        base64_simd::STANDARD.encode_append(&entry.data, &mut out);
+        match &entry.data {
+            EntryData::Whole(data) => base64_simd::STANDARD.encode_append(data, &mut out),
+            EntryData::Pieces(pieces) => encode_pieces(pieces.parts(), &mut out),
+        }
         if let Some(ehk) = &entry.explicit_hash_key {
             out.extend_from_slice(EXPLICIT_HASH_KEY);
             put_escaped(&mut out, ehk);
@@ -153,6 +156,31 @@ pub(crate) fn put_records<'a>(
         buf: out,
         pool: Arc::clone(pool),
     })
+}
+
+/// Appends the base64 of the concatenation of `pieces`, without concatenating them: each
+/// piece's whole 3-byte groups are encoded in place, and the bytes left over join the next
+/// piece's first ones.
+fn encode_pieces<'a>(pieces: impl Iterator<Item = &'a [u8]>, out: &mut Vec<u8>) {
+    let mut carry = [0u8; 3];
+    let mut held = 0;
+    for mut piece in pieces {
+        if held > 0 {
+            let take = (3 - held).min(piece.len());
+            carry[held..held + take].copy_from_slice(&piece[..take]);
+            held += take;
+            piece = &piece[take..];
+            if held < 3 {
+                continue;
+            }
+            base64_simd::STANDARD.encode_append(carry, out);
+        }
+        let whole = piece.len() - piece.len() % 3;
+        base64_simd::STANDARD.encode_append(&piece[..whole], out);
+        held = piece.len() - whole;
+        carry[..held].copy_from_slice(&piece[whole..]);
+    }
+    base64_simd::STANDARD.encode_append(&carry[..held], out);
 }
 
 /// How a byte of a string is written inside JSON quotes.
@@ -218,9 +246,9 @@ mod tests {
     use base64::Engine as _;
     use proptest::prelude::*;
 
-    fn entry(data: &[u8], key: &str, ehk: Option<&str>) -> KinesisEntry {
-        KinesisEntry {
-            data: Bytes::copy_from_slice(data),
+    fn entry(data: &[u8], key: &str, ehk: Option<&str>) -> Entry {
+        Entry {
+            data: EntryData::Whole(Bytes::copy_from_slice(data)),
             partition_key: key.to_owned(),
             explicit_hash_key: ehk.map(str::to_owned),
             aggregated: false,
@@ -268,7 +296,7 @@ mod tests {
         assert_eq!(value["StreamName"], "s");
         assert_eq!(records.len(), 3);
         for (entry, (data, key, ehk)) in entries.iter().zip(records) {
-            assert_eq!(entry.data.as_ref(), data.as_slice());
+            assert_eq!(entry.data.to_bytes().as_ref(), data.as_slice());
             assert_eq!(entry.partition_key, key);
             assert_eq!(entry.explicit_hash_key, ehk);
         }
@@ -300,6 +328,21 @@ mod tests {
 
     proptest! {
         #[test]
+        fn pieces_encode_as_their_concatenation(
+            data in prop::collection::vec(any::<u8>(), 0..300),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(data.len() + 1)).collect();
+            at.sort_unstable();
+            let bounds = std::iter::once(0).chain(at).chain(std::iter::once(data.len()));
+            let bounds: Vec<usize> = bounds.collect();
+            let pieces = bounds.windows(2).map(|w| &data[w[0]..w[1]]);
+            let mut out = Vec::new();
+            encode_pieces(pieces, &mut out);
+            prop_assert_eq!(out, base64_simd::STANDARD.encode_type::<Vec<u8>>(&data));
+        }
+
+        #[test]
         fn any_keys_and_data_survive_the_json(
             items in prop::collection::vec(
                 (prop::collection::vec(any::<u8>(), 0..200), "\\PC{1,40}|[\\x00-\\x1f\"\\\\]{1,8}", prop::option::of("[0-9]{1,39}")),
@@ -314,7 +357,7 @@ mod tests {
             prop_assert_eq!(value["StreamName"].as_str(), Some(name.as_str()));
             prop_assert_eq!(records.len(), entries.len());
             for (entry, (data, key, ehk)) in entries.iter().zip(records) {
-                prop_assert_eq!(entry.data.as_ref(), data.as_slice());
+                prop_assert_eq!(entry.data.to_bytes(), Bytes::from(data));
                 prop_assert_eq!(&entry.partition_key, &key);
                 prop_assert_eq!(&entry.explicit_hash_key, &ehk);
             }
