@@ -176,9 +176,23 @@ impl AggregatePieces {
             .chain(std::iter::once(&self.digest[..]))
     }
 
-    /// The aggregate in one buffer (a failure report or a re-route reads its records back).
+    /// The aggregate in one buffer.
     pub fn to_bytes(&self) -> Bytes {
         self.sections.to_bytes(&self.digest)
+    }
+
+    /// The user records, byte for byte what was pushed, their data slices of the pieces (for a
+    /// failure report or a re-route: no copy of the aggregate is made).
+    pub fn into_records(self) -> Vec<UserRecord> {
+        let Sections {
+            partition_key_table,
+            explicit_hash_key_table,
+            records,
+            more_records,
+            records_len: _,
+        } = self.sections;
+        let parts = [partition_key_table, explicit_hash_key_table, records];
+        records_of_protobuf(parts.into_iter().chain(more_records).map(Bytes::from))
     }
 }
 
@@ -191,6 +205,7 @@ impl EntryData {
     }
 
     /// The bytes in one buffer: a cheap clone of a whole one, a copy of an aggregate's pieces.
+    #[cfg(test)]
     pub fn to_bytes(&self) -> Bytes {
         match self {
             EntryData::Whole(bytes) => bytes.clone(),
@@ -461,16 +476,23 @@ impl AggregateBuilder {
 /// records were checked when they were pushed, or, through the public builder, not at all, and
 /// either way they come back as they went in.
 pub(crate) fn records_of_aggregate(data: &Bytes) -> Vec<UserRecord> {
+    let end = data.len().saturating_sub(DIGEST_LEN);
+    records_of_protobuf([data.slice(MAGIC.len().min(end)..end)])
+}
+
+/// The user records of an aggregate's protobuf, given in parts that each hold whole fields (as
+/// the sections of [`AggregatePieces`] do): protobuf merges repeated fields from one part to
+/// the next. Decoding from `Bytes` makes each record's data a slice of its part.
+fn records_of_protobuf(parts: impl IntoIterator<Item = Bytes>) -> Vec<UserRecord> {
     use prost::Message;
 
-    let end = data.len().saturating_sub(DIGEST_LEN);
-    let body = data.slice(MAGIC.len().min(end)..end);
-    // Decoding from `Bytes` makes each record's data a slice of it.
-    let aggregate = match crate::deaggregation::proto::AggregatedRecord::decode(body) {
-        Ok(aggregate) => aggregate,
-        // Unreachable: the encoder writes valid protobuf (tests and fuzzing check it).
-        Err(error) => unreachable!("an aggregate this producer encoded does not decode: {error}"),
-    };
+    let mut aggregate = crate::deaggregation::proto::AggregatedRecord::default();
+    for part in parts {
+        if let Err(error) = aggregate.merge(part) {
+            // Unreachable: the encoder writes valid protobuf (tests and fuzzing check it).
+            unreachable!("an aggregate this producer encoded does not decode: {error}");
+        }
+    }
     let table =
         |table: &[String], index: Option<u64>| index.and_then(|i| table.get(i as usize)).cloned();
     aggregate
@@ -756,7 +778,14 @@ pub(crate) mod tests {
         // Past `PIECES_MIN`, with records of every size around the chunk length: the pieces
         // join into exactly the bytes `finish` returns, and those read back.
         let records: Vec<UserRecord> = (0..200usize)
-            .map(|i| UserRecord::new(vec![i as u8; (i * 97) % (CHUNK_LEN + 300)], format!("k{i}")))
+            .map(|i| {
+                let record =
+                    UserRecord::new(vec![i as u8; (i * 97) % (CHUNK_LEN + 300)], format!("k{i}"));
+                match i % 5 {
+                    0 => record.with_explicit_hash_key((i as u128 * 7919).to_string()),
+                    _ => record,
+                }
+            })
             .collect();
         let limits = AggregateLimits {
             max_size: 1 << 20,
@@ -772,6 +801,11 @@ pub(crate) mod tests {
         assert_eq!(joined, whole);
         assert_eq!(entry.data.len(), whole.len());
         assert_eq!(records_of_aggregate(&entry.data.to_bytes()), records);
+        // Read back from the pieces themselves, without joining them.
+        let EntryData::Pieces(pieces) = entry.data else {
+            unreachable!()
+        };
+        assert_eq!(pieces.into_records(), records);
     }
 
     #[test]

@@ -13,7 +13,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::aggregation::{records_of_aggregate, AggregateBuilder, AggregateLimits, Entry};
+use bytes::Bytes;
+
+use crate::aggregation::{
+    records_of_aggregate, AggregateBuilder, AggregateLimits, Entry, EntryData,
+};
 use crate::backlog::lock;
 use crate::producer::{Inbound, Shared};
 use crate::receipt::ReceiptTx;
@@ -82,17 +86,20 @@ impl Outgoing {
         self.metas.len()
     }
 
-    /// The user records carried, read back from the entry: byte for byte what was put.
-    pub fn user_records(&self) -> Vec<UserRecord> {
-        let entry = &self.entry;
-        if entry.aggregated {
-            return records_of_aggregate(&entry.data.to_bytes());
+    /// The user records carried, read back from the entry (which is left empty): byte for
+    /// byte what was put.
+    pub fn take_user_records(&mut self) -> Vec<UserRecord> {
+        let entry = &mut self.entry;
+        let data = std::mem::replace(&mut entry.data, EntryData::Whole(Bytes::new()));
+        match data {
+            EntryData::Pieces(pieces) => pieces.into_records(),
+            EntryData::Whole(data) if entry.aggregated => records_of_aggregate(&data),
+            EntryData::Whole(data) => vec![UserRecord::from_parts(
+                data,
+                entry.partition_key.clone(),
+                entry.explicit_hash_key.clone(),
+            )],
         }
-        vec![UserRecord::from_parts(
-            entry.data.to_bytes(),
-            entry.partition_key.clone(),
-            entry.explicit_hash_key.clone(),
-        )]
     }
 
     /// Bytes this record counts against the PutRecords request limit.

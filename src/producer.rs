@@ -154,7 +154,7 @@ impl Shared {
         }
         let subscriber = lock(&self.failures).clone();
         let mut unobserved = 0;
-        let records = outgoing.user_records();
+        let records = outgoing.take_user_records();
         debug_assert_eq!(records.len(), outgoing.metas.len());
         for (record, meta) in records.into_iter().zip(outgoing.metas.iter_mut()) {
             let failed = FailedRecord {

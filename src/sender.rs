@@ -346,8 +346,9 @@ impl Sender {
     }
 
     /// Routes a not-yet-written Kinesis record's user records again, under the current map.
-    fn resplit(&mut self, outgoing: Outgoing) {
-        aggregator::reroute(&self.shared, outgoing.user_records(), outgoing.metas);
+    fn resplit(&mut self, mut outgoing: Outgoing) {
+        let records = outgoing.take_user_records();
+        aggregator::reroute(&self.shared, records, outgoing.metas);
         if self.stop_deadline.is_some() {
             // Stopping: the aggregators are not waited for, so send them out now.
             aggregator::flush_all(&self.shared);
