@@ -148,13 +148,16 @@ impl Sections {
     }
 
     /// Room for `more` bytes of the record section, contiguous: the last chunk if they fit,
-    /// else a new chunk of `CHUNK_LEN` (or of `more`, if larger). Nothing written moves.
+    /// else a new chunk (see below). Nothing written moves.
     fn record_room(&mut self, more: usize) -> &mut Vec<u8> {
+        let written = self.records_len;
         self.records_len += more;
         let last = self.more_records.last().unwrap_or(&self.records);
         if last.capacity() - last.len() < more {
-            self.more_records
-                .push(Vec::with_capacity(more.max(CHUNK_LEN)));
+            // As large as what is written (doubling) while the section is small, so that a
+            // small aggregate holds little spare room; `CHUNK_LEN` past that.
+            let len = written.clamp(1, CHUNK_LEN);
+            self.more_records.push(Vec::with_capacity(more.max(len)));
         }
         match self.more_records.last_mut() {
             Some(chunk) => chunk,
@@ -550,7 +553,8 @@ struct KeyTable {
     by_hash: HashMap<u64, u32, BuildHasherDefault<PassThroughHasher>>,
 }
 
-/// Size of the record chunks after the first: one size, so that a freed chunk fits the next.
+/// Size of the record chunks after the first, once the section has grown past it: one size, so
+/// that a freed chunk fits the next.
 const CHUNK_LEN: usize = 8 << 10;
 
 /// Aggregates up to this size are sent from one buffer (see `finish_entry`).
