@@ -207,11 +207,10 @@ impl EntryData {
         }
     }
 
-    /// The bytes in one buffer: a cheap clone of a whole one, a copy of an aggregate's pieces.
-    #[cfg(test)]
-    pub fn to_bytes(&self) -> Bytes {
+    /// The bytes in one buffer: a whole one as it is, an aggregate's pieces joined.
+    pub fn into_bytes(self) -> Bytes {
         match self {
-            EntryData::Whole(bytes) => bytes.clone(),
+            EntryData::Whole(bytes) => bytes,
             EntryData::Pieces(pieces) => pieces.to_bytes(),
         }
     }
@@ -236,12 +235,8 @@ impl Entry {
     }
 
     fn into_kinesis_entry(self) -> KinesisEntry {
-        let data = match self.data {
-            EntryData::Whole(bytes) => bytes,
-            EntryData::Pieces(pieces) => pieces.to_bytes(),
-        };
         KinesisEntry {
-            data,
+            data: self.data.into_bytes(),
             partition_key: self.partition_key,
             explicit_hash_key: self.explicit_hash_key,
             aggregated: self.aggregated,
@@ -804,7 +799,7 @@ pub(crate) mod tests {
         let whole = build(records.clone(), limits).finish().unwrap().data;
         assert_eq!(joined, whole);
         assert_eq!(entry.data.len(), whole.len());
-        assert_eq!(records_of_aggregate(&entry.data.to_bytes()), records);
+        assert_eq!(records_of_aggregate(&pieces.to_bytes()), records);
         // Read back from the pieces themselves, without joining them.
         let EntryData::Pieces(pieces) = entry.data else {
             unreachable!()
