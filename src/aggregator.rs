@@ -39,8 +39,8 @@ pub(crate) struct RecordMeta {
 
 /// One finished Kinesis record on its way through the sender, with what the producer knows of
 /// each user record it carries. The records themselves are in the entry's bytes:
-/// [`take_user_records`](Self::take_user_records) reads them back when a failure report or a re-route
-/// needs them.
+/// [`take_user_records`](Self::take_user_records) reads them back when a failure report or a
+/// re-route needs them.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     pub entry: Entry,
