@@ -513,10 +513,9 @@ fn record_body_len(pk_index: u32, ehk_index: Option<u32>, data_len: usize) -> us
     varint_field_len(pk_index) + ehk_index.map_or(0, varint_field_len) + delimited_len(data_len)
 }
 
-/// Writes a length-delimited field; returns where its bytes start.
-/// Makes room for `more` bytes: doubling while the section is small, then growing by half, as
-/// an aggregate's sections count in the backlog only by what they hold, and a section of tens
-/// of kilobytes must not carry as much spare room.
+/// Makes room in a key table for `more` bytes: doubling while the table is small, then growing
+/// by half, as an aggregate counts in the backlog only by what it holds, and a table of tens of
+/// kilobytes must not carry as much spare room. (The record section grows by chunks instead.)
 fn grow(buf: &mut Vec<u8>, more: usize) {
     if buf.capacity() - buf.len() < more {
         let len = buf.len();
@@ -525,6 +524,7 @@ fn grow(buf: &mut Vec<u8>, more: usize) {
     }
 }
 
+/// Writes a length-delimited field; returns where its bytes start.
 fn put_delimited(out: &mut Vec<u8>, key: u8, bytes: &[u8]) -> usize {
     out.put_u8(key);
     encode_varint(bytes.len() as u64, out);
@@ -585,7 +585,6 @@ impl KeyTable {
         }
     }
 
-    /// A new entry whose key bytes start at `at` in the encoded table.
     /// Writes `key` (new to the table) into the encoded `table` as field `field`, and indexes it.
     fn append(&mut self, table: &mut Vec<u8>, field: u8, key: &str, hash: u64) {
         grow(table, delimited_len(key.len()));
@@ -593,6 +592,7 @@ impl KeyTable {
         self.insert(hash, at, key.len());
     }
 
+    /// A new entry whose key bytes start at `at` in the encoded table.
     fn insert(&mut self, hash: u64, at: usize, len: usize) {
         let index = self.entries.len() as u32;
         // Aggregates are at most a few MiB (the record size limit): offsets fit in 32 bits.

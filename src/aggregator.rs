@@ -96,8 +96,8 @@ impl Outgoing {
             EntryData::Whole(data) if entry.aggregated => records_of_aggregate(&data),
             EntryData::Whole(data) => vec![UserRecord::from_parts(
                 data,
-                entry.partition_key.clone(),
-                entry.explicit_hash_key.clone(),
+                std::mem::take(&mut entry.partition_key),
+                entry.explicit_hash_key.take(),
             )],
         }
     }
