@@ -116,6 +116,33 @@ impl Sections {
         self.partition_key_table.len() + self.explicit_hash_key_table.len() + self.records_len
     }
 
+    /// Bytes the buffers hold, written or not.
+    fn capacity(&self) -> usize {
+        self.partition_key_table.capacity()
+            + self.explicit_hash_key_table.capacity()
+            + self.records.capacity()
+            + self.more_records.iter().map(Vec::capacity).sum::<usize>()
+    }
+
+    /// The same buffers, emptied: the first record chunk and the key tables keep their room.
+    fn emptied(self) -> Sections {
+        let Sections {
+            mut partition_key_table,
+            mut explicit_hash_key_table,
+            mut records,
+            ..
+        } = self;
+        partition_key_table.clear();
+        explicit_hash_key_table.clear();
+        records.clear();
+        Sections {
+            partition_key_table,
+            explicit_hash_key_table,
+            records,
+            ..Sections::default()
+        }
+    }
+
     /// The protobuf's bytes, in order.
     fn parts(&self) -> impl Iterator<Item = &[u8]> {
         [
@@ -264,7 +291,8 @@ pub struct AggregateBuilder {
     partition_keys: KeyTable,
     explicit_hash_keys: KeyTable,
     /// Section sizes of the previous aggregate: the next one reserves this much at its first
-    /// record instead of regrowing step by step (and an idle builder holds no memory).
+    /// record instead of regrowing step by step (and an idle builder holds no memory, unless
+    /// `finish_entry` was told to keep its room).
     last_sizes: (usize, usize, usize),
     /// Records in the previous aggregate.
     last_count: usize,
@@ -287,6 +315,15 @@ impl AggregateBuilder {
     /// Records the previous aggregate held: what the next one is likely to hold.
     pub fn capacity(&self) -> usize {
         self.last_count
+    }
+
+    /// Bytes of buffer an empty builder holds for its next aggregate (see `finish_entry`).
+    pub(crate) fn idle_room(&self) -> usize {
+        if self.count > 0 {
+            0
+        } else {
+            self.sections.capacity()
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -350,12 +387,19 @@ impl AggregateBuilder {
             // hold 50 KB.
             // Half as much again as last time: an aggregate that closes on its deadline holds a
             // varying number of records, and regrowing costs more than the spare room.
-            let room = |last: usize| (last + last / 2).min(RESERVE_MAX);
+            // Buffers kept from the last aggregate are used as they are when they hold as much
+            // as it did.
+            let reserve = |buf: &mut Vec<u8>, last: usize, least: usize| {
+                let last = last.min(RESERVE_MAX).max(least);
+                if buf.capacity() < last {
+                    buf.reserve_exact((last + last / 2).min(RESERVE_MAX).max(least));
+                }
+            };
             let (pk, ehk, records) = self.last_sizes;
             let sections = &mut self.sections;
-            sections.partition_key_table.reserve_exact(room(pk));
-            sections.explicit_hash_key_table.reserve_exact(room(ehk));
-            sections.records.reserve_exact(room(records).max(added));
+            reserve(&mut sections.partition_key_table, pk, 0);
+            reserve(&mut sections.explicit_hash_key_table, ehk, 0);
+            reserve(&mut sections.records, records, added);
         }
         if pk_new {
             self.partition_keys.append(
@@ -395,16 +439,22 @@ impl AggregateBuilder {
     /// Encodes what was pushed and starts over. One record goes out as itself, not aggregated:
     /// that is smaller and every consumer reads it (as the KPL does). Returns `None` when empty.
     pub fn finish(&mut self) -> Option<KinesisEntry> {
-        self.finish_entry().map(Entry::into_kinesis_entry)
+        self.finish_entry(false).map(Entry::into_kinesis_entry)
     }
 
-    /// [`finish`](Self::finish), keeping an aggregate in its pieces.
-    pub(crate) fn finish_entry(&mut self) -> Option<Entry> {
+    /// [`finish`](Self::finish), keeping an aggregate in its pieces. With `keep_room`, the
+    /// buffers of an aggregate sent as one copy stay with the builder, emptied, and the next
+    /// aggregate writes into them instead of allocating ([`idle_room`](Self::idle_room) says
+    /// how much that is).
+    pub(crate) fn finish_entry(&mut self, keep_room: bool) -> Option<Entry> {
         // `first` is set exactly when a record was pushed.
         debug_assert_eq!(self.first.is_some(), self.count > 0);
         let first = self.first.take()?;
         if self.count == 1 {
-            self.clear();
+            let sections = self.clear();
+            if keep_room {
+                self.sections = sections.emptied();
+            }
             return Some(Entry::plain(&first));
         }
         // The first record's key routes the aggregate to the first record's hash key, which
@@ -415,7 +465,11 @@ impl AggregateBuilder {
         // A small aggregate is copied into one exact buffer, as the pieces' spare room would
         // cost more than the copy; a large one stays in its pieces.
         let data = if sections.len() <= PIECES_MIN {
-            EntryData::Whole(sections.to_bytes(&digest))
+            let data = EntryData::Whole(sections.to_bytes(&digest));
+            if keep_room {
+                self.sections = sections.emptied();
+            }
+            data
         } else {
             EntryData::Pieces(Box::new(AggregatePieces { sections, digest }))
         };
@@ -790,7 +844,7 @@ pub(crate) mod tests {
             max_size: 1 << 20,
             max_count: usize::MAX,
         };
-        let entry = build(records.clone(), limits).finish_entry().unwrap();
+        let entry = build(records.clone(), limits).finish_entry(false).unwrap();
         let EntryData::Pieces(pieces) = &entry.data else {
             panic!("a large aggregate stays in pieces");
         };
@@ -805,6 +859,55 @@ pub(crate) mod tests {
             unreachable!()
         };
         assert_eq!(pieces.into_records(), records);
+    }
+
+    #[test]
+    fn a_builder_that_keeps_its_room_encodes_the_same_bytes() {
+        // Aggregates of 1 to 40 records, some past `PIECES_MIN`, some with explicit hash keys,
+        // one after another through a builder that keeps its buffers and one that does not.
+        let limits = AggregateLimits {
+            max_size: 1 << 20,
+            max_count: usize::MAX,
+        };
+        let mut keeping = AggregateBuilder::new(limits);
+        let mut fresh = AggregateBuilder::new(limits);
+        for round in 0..60usize {
+            let count = 1 + (round * 7) % 40;
+            let size = if round % 9 == 8 {
+                900
+            } else {
+                (round * 31) % 200
+            };
+            let records: Vec<UserRecord> = (0..count)
+                .map(|i| {
+                    let record = UserRecord::new(vec![(round + i) as u8; size], format!("k{i}"));
+                    if (round + i) % 4 == 0 {
+                        record.with_explicit_hash_key((i as u128 * 104_729).to_string())
+                    } else {
+                        record
+                    }
+                })
+                .collect();
+            for record in &records {
+                keeping.try_push(record.clone()).unwrap();
+                fresh.try_push(record.clone()).unwrap();
+            }
+            let kept = keeping.finish_entry(true).unwrap();
+            let expected = fresh.finish().unwrap();
+            assert_eq!(kept.data.into_bytes(), expected.data, "round {round}");
+            assert_eq!(kept.partition_key, expected.partition_key);
+            assert!(keeping.is_empty());
+            // Room is kept only for what went out as one copy, and never past an aggregate's
+            // worth of it.
+            assert!(
+                keeping.idle_room() <= 2 * PIECES_MIN + RESERVE_MAX,
+                "round {round}"
+            );
+            assert_eq!(fresh.idle_room(), 0);
+        }
+        assert!(keeping.idle_room() > 0);
+        keeping.try_push(UserRecord::new("x", "k")).unwrap();
+        assert_eq!(keeping.idle_room(), 0, "room in use is not idle");
     }
 
     #[test]

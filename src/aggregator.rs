@@ -127,6 +127,38 @@ impl Outgoing {
     }
 }
 
+/// Emptied lists of [`RecordMeta`], handed back when Kinesis acknowledges a record and taken by
+/// a slot starting an aggregate, so that the list is not allocated on the putting thread and
+/// freed on the sender's once per Kinesis record. Only short lists are kept (the ones of small
+/// aggregates, where the allocation weighs most), at most `META_POOL_MAX` of them.
+#[derive(Default)]
+pub(crate) struct MetaPool {
+    free: Mutex<Vec<Vec<RecordMeta>>>,
+}
+
+/// Lists kept, and the most records a kept list may hold: 4 MiB at most between them.
+const META_POOL_MAX: usize = 1024;
+const META_POOL_LIST_MAX: usize = 64;
+
+impl MetaPool {
+    /// An empty list, with room when one was kept.
+    fn take(&self) -> Vec<RecordMeta> {
+        lock(&self.free).pop().unwrap_or_default()
+    }
+
+    /// Keeps `metas`' room for a later aggregate, if it is small and the pool is not full.
+    pub fn give(&self, mut metas: Vec<RecordMeta>) {
+        if metas.capacity() == 0 || metas.capacity() > META_POOL_LIST_MAX {
+            return;
+        }
+        metas.clear();
+        let mut free = lock(&self.free);
+        if free.len() < META_POOL_MAX {
+            free.push(metas);
+        }
+    }
+}
+
 /// The shard map with one aggregator per open shard, plus one last slot for records no open
 /// shard covers (they go out unaggregated and Kinesis routes them).
 pub(crate) struct Routing {
@@ -147,6 +179,9 @@ struct Slot {
     cycle: u64,
     /// Set when a newer map replaced this routing: writers must look up the routing again.
     retired: bool,
+    /// Buffer room the empty builder kept from its last aggregate, counted in
+    /// [`Shared::idle_room`] until the next record uses it.
+    idle_room: usize,
 }
 
 impl Routing {
@@ -159,6 +194,7 @@ impl Routing {
                     earliest_put: None,
                     cycle: 0,
                     retired: false,
+                    idle_room: 0,
                 })
             })
             .collect();
@@ -228,6 +264,13 @@ fn add_to_slot(
     record: UserRecord,
     meta: RecordMeta,
 ) {
+    if slot.idle_room > 0 {
+        // The kept room is about to hold records: it counts in the backlog from now on.
+        shared
+            .idle_room
+            .fetch_sub(slot.idle_room, Ordering::Relaxed);
+        slot.idle_room = 0;
+    }
     let aggregating = shared.config.aggregation && index < routing.map.len();
     if !aggregating || AggregateBuilder::solo_len(&record) > shared.config.aggregation_max_size {
         // Too big to share an aggregate (or aggregation is off): it goes out alone. Whatever
@@ -254,7 +297,10 @@ fn add_to_slot(
     }
     if slot.metas.capacity() == 0 {
         let last = slot.builder.capacity();
-        slot.metas.reserve_exact(last + last / 2);
+        slot.metas = shared.metas.take();
+        if slot.metas.capacity() < last {
+            slot.metas.reserve_exact(last + last / 2);
+        }
     }
     let put_at = meta.put_at;
     slot.metas.push(meta);
@@ -275,10 +321,16 @@ fn add_to_slot(
 
 /// Encodes what the slot holds (if anything) and hands it to the sender, while the slot is still
 /// locked, so the sender sees a shard's aggregates in order.
+///
+/// A slot keeps its aggregate's buffers for the next one while the producer's idle room stays
+/// under its cap: a busy shard then writes every aggregate into the same memory instead of
+/// allocating it on the putting thread and freeing it on the sender's, and all the shards
+/// together hold at most the cap in room no record uses.
 fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) {
     slot.cycle += 1;
     slot.earliest_put = None;
-    if let Some(entry) = slot.builder.finish_entry() {
+    let keep_room = shared.idle_room.load(Ordering::Relaxed) < shared.idle_room_max;
+    if let Some(entry) = slot.builder.finish_entry(keep_room) {
         let metas = std::mem::take(&mut slot.metas);
         shared.send(Inbound::Record(Outgoing::new(
             entry,
@@ -286,6 +338,17 @@ fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) 
             routing.shard_id(index),
         )));
     }
+    let kept = slot.builder.idle_room();
+    if kept > slot.idle_room {
+        shared
+            .idle_room
+            .fetch_add(kept - slot.idle_room, Ordering::Relaxed);
+    } else {
+        shared
+            .idle_room
+            .fetch_sub(slot.idle_room - kept, Ordering::Relaxed);
+    }
+    slot.idle_room = kept;
 }
 
 /// The sender's timer: flushes the aggregate of `slot` if it is still the one the deadline was
@@ -334,6 +397,11 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
             let mut slot = lock(slot);
             slot.retired = true;
             slot.earliest_put = None;
+            // `take_records` lets go of the builder's buffers, kept room included.
+            shared
+                .idle_room
+                .fetch_sub(slot.idle_room, Ordering::Relaxed);
+            slot.idle_room = 0;
             (slot.builder.take_records(), std::mem::take(&mut slot.metas))
         };
         reroute(shared, records, metas);
@@ -350,5 +418,43 @@ pub(crate) fn reroute(shared: &Shared, records: Vec<UserRecord>, metas: Vec<Reco
             let entry = Entry::plain(&record);
             shared.send(Inbound::Record(Outgoing::new(entry, vec![meta], None)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metas(capacity: usize, len: usize) -> Vec<RecordMeta> {
+        let mut metas = Vec::with_capacity(capacity);
+        metas.extend((0..len).map(|i| RecordMeta {
+            hash_key: i as u128,
+            put_at: Instant::now(),
+            epoch: 0,
+            backlog_bytes: 1,
+            data_len: 1,
+            receipt: None,
+        }));
+        metas
+    }
+
+    #[test]
+    fn the_meta_pool_keeps_only_short_lists_and_only_so_many() {
+        let pool = MetaPool::default();
+        pool.give(metas(META_POOL_LIST_MAX + 1, 3));
+        pool.give(Vec::new());
+        assert_eq!(
+            lock(&pool.free).len(),
+            0,
+            "long and roomless lists are let go"
+        );
+        for _ in 0..META_POOL_MAX + 10 {
+            pool.give(metas(8, 5));
+        }
+        assert_eq!(lock(&pool.free).len(), META_POOL_MAX);
+        let taken = pool.take();
+        assert!(taken.is_empty(), "a kept list comes back empty");
+        assert_eq!(taken.capacity(), 8);
+        assert_eq!(lock(&pool.free).len(), META_POOL_MAX - 1);
     }
 }

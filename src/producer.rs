@@ -2,7 +2,7 @@
 //! pipeline works on, and drives flush and stop.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use crate::aggregation::AggregateLimits;
-use crate::aggregator::{self, Admission, Outgoing, RecordMeta, Routing};
+use crate::aggregator::{self, Admission, MetaPool, Outgoing, RecordMeta, Routing};
 use crate::backlog::{lock, Backlog, NoRoom};
 use crate::config::{Config, ProducerBuilder};
 use crate::error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
@@ -68,6 +68,12 @@ pub(crate) struct Shared {
     pub metrics_on: bool,
     /// Buffers of PutRecords bodies, reused from one request to the next.
     pub bodies: Arc<BodyPool>,
+    /// Buffer room that empty aggregators keep for their next aggregate, in bytes, and the
+    /// most they may keep between them (see `aggregator::emit_slot`).
+    pub idle_room: AtomicUsize,
+    pub idle_room_max: usize,
+    /// Record lists of acknowledged Kinesis records, for new aggregates.
+    pub metas: MetaPool,
     inbound: mpsc::UnboundedSender<Inbound>,
     failures: Mutex<Option<mpsc::UnboundedSender<FailedRecord>>>,
     /// A reload task is running.
@@ -138,6 +144,7 @@ impl Shared {
             }
         }
         self.release(&outgoing);
+        self.metas.give(outgoing.metas);
     }
 
     /// A Kinesis record failed for good: each of its user records is reported.
@@ -359,6 +366,11 @@ impl ProducerBuilder {
             // base64 adds a third), and only buffers that were in flight come back: the pool
             // never holds more than requests once did at the same time.
             bodies: BodyPool::new(config.max_backlog_bytes / 2),
+            // A sixteenth of the backlog: 4 MiB by default, room for a few thousand small
+            // aggregates, within the memory the backlog's size promises.
+            idle_room: AtomicUsize::new(0),
+            idle_room_max: config.max_backlog_bytes / 16,
+            metas: MetaPool::default(),
             inbound,
             failures: Mutex::new(None),
             refreshing: AtomicBool::new(false),
@@ -536,7 +548,10 @@ impl Producer {
 
     /// Counters of what the producer has done so far.
     pub fn stats(&self) -> Stats {
-        self.shared().stats.snapshot()
+        let shared = self.shared();
+        let mut stats = shared.stats.snapshot();
+        stats.idle_aggregator_room_bytes = shared.idle_room.load(Ordering::Relaxed) as u64;
+        stats
     }
 
     /// The KPL's metrics (and ours), accumulated since the producer started, at the configured

@@ -747,14 +747,22 @@ impl Sender {
                     match result.error_code() {
                         None => {
                             let actual = result.shard_id().unwrap_or_default();
-                            outgoing.landed = Some((
-                                Arc::from(actual),
-                                Arc::from(result.sequence_number().unwrap_or_default()),
-                            ));
                             let misplaced = outgoing
                                 .shard_id
                                 .as_deref()
                                 .is_some_and(|expected| !actual.is_empty() && expected != actual);
+                            // The map's own name for the shard when the record is where it was
+                            // routed (nearly always): no new string per Kinesis record.
+                            let landed_on = match &outgoing.shard_id {
+                                Some(expected) if !misplaced && **expected == *actual => {
+                                    Arc::clone(expected)
+                                }
+                                _ => Arc::from(actual),
+                            };
+                            outgoing.landed = Some((
+                                landed_on,
+                                Arc::from(result.sequence_number().unwrap_or_default()),
+                            ));
                             stale_map |= misplaced;
                             if misplaced && outgoing.entry.aggregated {
                                 self.with_limiter(&outgoing, Limiter::acknowledged);

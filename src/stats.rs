@@ -56,6 +56,10 @@ pub struct Stats {
     pub records_resent_after_reshard: u64,
     /// User records accepted but not yet acknowledged or failed.
     pub user_records_pending: u64,
+    /// Buffer bytes that empty aggregators keep for their shard's next aggregate, so that a busy
+    /// shard does not allocate every aggregate anew. At most a sixteenth of
+    /// `max_backlog_bytes` between all shards (a little over while aggregates close at once).
+    pub idle_aggregator_room_bytes: u64,
 }
 
 impl Counters {
@@ -79,6 +83,8 @@ impl Counters {
             shard_map_refreshes: get(&self.shard_map_refreshes),
             records_resent_after_reshard: get(&self.records_resent_after_reshard),
             user_records_pending: received.saturating_sub(put + failed),
+            // Filled in by `Producer::stats`, which sees the aggregators.
+            idle_aggregator_room_bytes: 0,
         }
     }
 }

@@ -550,6 +550,37 @@ async fn flush_returns_once_earlier_records_are_acknowledged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregators_keep_room_for_their_next_aggregate_only_up_to_the_cap() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("room", 64).await;
+    let put_all = |producer: Producer, count: u64, size: usize| async move {
+        let mut rng = Rng(7);
+        for i in 0..count {
+            let key = format!("{:x}", rng.next());
+            producer.put(vec![i as u8; size], key).await.unwrap();
+        }
+        producer.flush().await;
+        let stats = producer.stats();
+        assert_eq!(stats.user_records_put, count);
+        producer.stop().await;
+        stats.idle_aggregator_room_bytes
+    };
+    // The default backlog (64 MiB) allows 4 MiB of room: every shard keeps its buffers.
+    let producer = producer_for(&kinesis.endpoint, "room", |b| b).await;
+    let kept = put_all(producer, 3_000, 100).await;
+    assert!(kept > 0, "busy shards keep their aggregate's buffers");
+    // The smallest backlog allows a sixteenth of it, 64 KiB; 64 shards of aggregates of a few
+    // 2 KB records would keep several times that. A shard or two may add theirs while the sender
+    // and the putter close aggregates at the same moment, never more.
+    let backlog = (1 << 20) + 64;
+    let producer = producer_for(&kinesis.endpoint, "room", |b| b.max_backlog_bytes(backlog)).await;
+    let kept = put_all(producer, 200, 2_000).await;
+    let cap = (backlog / 16) as u64;
+    assert!(kept > 0);
+    assert!(kept <= cap + 2 * 24 * 1024, "kept {kept} bytes, cap {cap}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_shard_is_noticed_and_the_map_reloaded() {
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("split", 1).await;
