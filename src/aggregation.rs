@@ -117,6 +117,7 @@ impl Sections {
     }
 
     /// Bytes the buffers hold, written or not.
+    #[cfg_attr(not(feature = "producer"), allow(dead_code))]
     fn capacity(&self) -> usize {
         self.partition_key_table.capacity()
             + self.explicit_hash_key_table.capacity()
@@ -193,6 +194,8 @@ impl Sections {
     }
 }
 
+// The producer sends and reads back aggregates in pieces; without it only `to_bytes` is used.
+#[cfg_attr(not(feature = "producer"), allow(dead_code))]
 impl AggregatePieces {
     /// Encoded length, magic and checksum included.
     pub fn len(&self) -> usize {
@@ -227,6 +230,7 @@ impl AggregatePieces {
 }
 
 impl EntryData {
+    #[cfg_attr(not(feature = "producer"), allow(dead_code))]
     pub fn len(&self) -> usize {
         match self {
             EntryData::Whole(bytes) => bytes.len(),
@@ -318,6 +322,7 @@ impl AggregateBuilder {
     }
 
     /// Bytes of buffer an empty builder holds for its next aggregate (see `finish_entry`).
+    #[cfg_attr(not(feature = "producer"), allow(dead_code))]
     pub(crate) fn idle_room(&self) -> usize {
         if self.count > 0 {
             0

@@ -63,6 +63,14 @@ pub(crate) struct Config {
     pub metrics_granularity: MetricsGranularity,
     /// Whether `max_record_size` was set by the user (else the stream's own is adopted).
     pub max_record_size_explicit: bool,
+    /// Where metrics are uploaded (CloudWatch client and namespace), if anywhere, and how often.
+    #[cfg(feature = "cloudwatch-metrics")]
+    pub metrics_upload_to: Option<(aws_sdk_cloudwatch::Client, String)>,
+    #[cfg(feature = "cloudwatch-metrics")]
+    pub metrics_upload_interval: Duration,
+    /// The upload, once `resolve` has checked the two above.
+    #[cfg(feature = "cloudwatch-metrics")]
+    pub metrics_upload: Option<crate::metrics_upload::Upload>,
 }
 
 /// Builds a [`Producer`](crate::Producer). Obtain one with `Producer::builder()`.
@@ -92,6 +100,8 @@ pub(crate) struct Config {
 /// | `preserve_order` | off | |
 /// | `metrics_level` | detailed | none, summary, detailed |
 /// | `metrics_granularity` | shard | global, stream, shard |
+/// | `cloudwatch_metrics` (feature `cloudwatch-metrics`) | off | a namespace of 1 to 255 characters, not `AWS/…` |
+/// | `metrics_upload_interval` | 60 s | 100 ms ..= 1 day |
 #[must_use]
 #[derive(Default)]
 pub struct ProducerBuilder {
@@ -127,6 +137,12 @@ impl Default for Config {
             metrics_level: MetricsLevel::Detailed,
             metrics_granularity: MetricsGranularity::Shard,
             max_record_size_explicit: false,
+            #[cfg(feature = "cloudwatch-metrics")]
+            metrics_upload_to: None,
+            #[cfg(feature = "cloudwatch-metrics")]
+            metrics_upload_interval: Duration::from_secs(60),
+            #[cfg(feature = "cloudwatch-metrics")]
+            metrics_upload: None,
         }
     }
 }
@@ -239,6 +255,28 @@ impl ProducerBuilder {
         self
     }
 
+    /// Uploads the metrics to CloudWatch under `namespace`, every
+    /// [`metrics_upload_interval`](Self::metrics_upload_interval), as the KPL does: each
+    /// upload holds the figures recorded since the previous one, one statistic set per metric
+    /// and dimension set, at the configured level and granularity. Off by default.
+    #[cfg(feature = "cloudwatch-metrics")]
+    pub fn cloudwatch_metrics(
+        mut self,
+        client: aws_sdk_cloudwatch::Client,
+        namespace: impl Into<String>,
+    ) -> Self {
+        self.config.metrics_upload_to = Some((client, namespace.into()));
+        self
+    }
+
+    /// How often metrics are uploaded with [`cloudwatch_metrics`](Self::cloudwatch_metrics)
+    /// (default 60 s, as the KPL's `MetricsUploadDelay`).
+    #[cfg(feature = "cloudwatch-metrics")]
+    pub fn metrics_upload_interval(mut self, interval: Duration) -> Self {
+        self.config.metrics_upload_interval = interval;
+        self
+    }
+
     /// Supplies partition keys for [`Producer::put_data`](crate::Producer::put_data).
     /// Default: a random UUID per record.
     pub fn partitioner(mut self, f: impl Fn(&[u8]) -> String + Send + Sync + 'static) -> Self {
@@ -339,6 +377,31 @@ impl ProducerBuilder {
             secs(86_400),
         )?;
         check_range("rate_limit", d.rate_limit as usize, 0, 10_000)?;
+        #[cfg(feature = "cloudwatch-metrics")]
+        let d = {
+            let mut d = d;
+            check_duration(
+                "metrics_upload_interval",
+                d.metrics_upload_interval,
+                ms(100),
+                secs(86_400),
+            )?;
+            if let Some((client, namespace)) = d.metrics_upload_to.take() {
+                let call = crate::batch::cloudwatch::PutMetricData::new(client, namespace.clone())
+                    .map_err(|_| {
+                        invalid(
+                            "cloudwatch_metrics",
+                            format!("namespace {namespace:?}"),
+                            "a namespace of 1 to 255 characters, not starting with \"AWS/\"",
+                        )
+                    })?;
+                d.metrics_upload = Some(crate::metrics_upload::Upload {
+                    call,
+                    interval: d.metrics_upload_interval,
+                });
+            }
+            d
+        };
 
         let client = match self.client {
             Some(client) => client,
@@ -429,6 +492,35 @@ mod tests {
         ProducerBuilder::default()
             .stream_name("s")
             .region("us-east-1")
+    }
+
+    #[cfg(feature = "cloudwatch-metrics")]
+    #[tokio::test]
+    async fn a_bad_metrics_upload_is_refused_by_name() {
+        let client = || {
+            let config = aws_sdk_cloudwatch::Config::builder()
+                .behavior_version(aws_sdk_cloudwatch::config::BehaviorVersion::latest())
+                .region(aws_sdk_cloudwatch::config::Region::new("us-east-1"))
+                .build();
+            aws_sdk_cloudwatch::Client::from_conf(config)
+        };
+        let e = error_of(base().cloudwatch_metrics(client(), "AWS/Kinesis")).await;
+        assert!(
+            e.contains("cloudwatch_metrics") && e.contains("AWS/"),
+            "{e}"
+        );
+        let e = error_of(base().cloudwatch_metrics(client(), "")).await;
+        assert!(e.contains("cloudwatch_metrics"), "{e}");
+        let e = error_of(base().metrics_upload_interval(Duration::from_millis(10))).await;
+        assert!(
+            e.contains("metrics_upload_interval") && e.contains("100ms"),
+            "{e}"
+        );
+        let ok = base()
+            .cloudwatch_metrics(client(), "KinesisProducerLibrary")
+            .resolve()
+            .await;
+        assert!(ok.is_ok_and(|(config, _, _)| config.metrics_upload.is_some()));
     }
 
     /// Every validated setting, below and above its range: each fails at `build` with the

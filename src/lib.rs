@@ -76,6 +76,8 @@ mod error;
 mod limiter;
 #[cfg(feature = "producer")]
 pub mod metrics;
+#[cfg(feature = "cloudwatch-metrics")]
+mod metrics_upload;
 #[cfg(feature = "producer")]
 mod producer;
 #[cfg(feature = "producer")]

@@ -320,17 +320,69 @@ impl MetricsSnapshot {
 type Row = [Statistics; METRIC_COUNT];
 
 /// The metrics as they are being recorded (behind a mutex in the producer's shared state).
+///
+/// Samples go into `current`. An upload to CloudWatch [`drain`](Self::drain)s it, reporting
+/// what it held as that interval's figures and merging it into `done`; a snapshot shows both
+/// together, so it is the same whether uploads run or not.
 pub(crate) struct Recorder {
     level: MetricsLevel,
     granularity: MetricsGranularity,
+    current: Rows,
+    done: Rows,
+    /// Whether `drain` ever ran (else `done` is empty and a snapshot reads `current` alone).
+    drained: bool,
+}
+
+/// Statistics at every granularity.
+#[derive(Clone)]
+struct Rows {
     global: Row,
     shards: HashMap<Arc<str>, Row>,
     /// `ErrorsByCode` per code.
     errors: HashMap<Arc<str>, ErrorCount>,
 }
 
+impl Default for Rows {
+    fn default() -> Self {
+        Rows {
+            global: [Statistics::default(); METRIC_COUNT],
+            shards: HashMap::default(),
+            errors: HashMap::default(),
+        }
+    }
+}
+
+impl Rows {
+    /// Adds `other`'s samples to these.
+    fn merge(&mut self, other: &Rows) {
+        let merge_row = |into: &mut Row, from: &Row| {
+            for (into, from) in into.iter_mut().zip(from) {
+                into.merge(from);
+            }
+        };
+        merge_row(&mut self.global, &other.global);
+        for (shard, row) in &other.shards {
+            let into = self
+                .shards
+                .entry(Arc::clone(shard))
+                .or_insert([Statistics::default(); METRIC_COUNT]);
+            merge_row(into, row);
+        }
+        for (code, count) in &other.errors {
+            let into = self.errors.entry(Arc::clone(code)).or_default();
+            into.total.merge(&count.total);
+            for (shard, statistics) in &count.per_shard {
+                into.per_shard
+                    .entry(Arc::clone(shard))
+                    .or_default()
+                    .merge(statistics);
+            }
+        }
+    }
+}
+
 /// One error code's count, in all and per shard.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct ErrorCount {
     total: Statistics,
     per_shard: HashMap<Arc<str>, Statistics>,
@@ -341,9 +393,9 @@ impl Recorder {
         Recorder {
             level,
             granularity,
-            global: [Statistics::default(); METRIC_COUNT],
-            shards: HashMap::default(),
-            errors: HashMap::default(),
+            current: Rows::default(),
+            done: Rows::default(),
+            drained: false,
         }
     }
 
@@ -369,13 +421,14 @@ impl Recorder {
         if kept().next().is_none() {
             return;
         }
+        let rows = &mut self.current;
         for (name, s) in kept() {
-            self.global[name.index()].merge(s);
+            rows.global[name.index()].merge(s);
         }
         if let Some(shard) = shard.filter(|_| self.granularity == MetricsGranularity::Shard) {
-            let row = match self.shards.get_mut(shard.as_ref()) {
+            let row = match rows.shards.get_mut(shard.as_ref()) {
                 Some(row) => row,
-                None => self
+                None => rows
                     .shards
                     .entry(Arc::clone(shard))
                     .or_insert([Statistics::default(); METRIC_COUNT]),
@@ -398,7 +451,7 @@ impl Recorder {
         if MetricName::ErrorsByCode.level() > self.level {
             return;
         }
-        let count = self.errors.entry(Arc::from(code)).or_default();
+        let count = self.current.errors.entry(Arc::from(code)).or_default();
         count.total.add(1.0);
         if let Some(shard) = shard.filter(|_| self.granularity == MetricsGranularity::Shard) {
             count
@@ -411,6 +464,31 @@ impl Recorder {
 
     /// The snapshot, with the gauges and put-side counters the recorder does not hold.
     pub fn snapshot(&self, stream: &str, gauges: &[(MetricName, Statistics)]) -> MetricsSnapshot {
+        if !self.drained {
+            return self.snapshot_of(&self.current, stream, gauges);
+        }
+        let mut all = self.done.clone();
+        all.merge(&self.current);
+        self.snapshot_of(&all, stream, gauges)
+    }
+
+    /// What was recorded since the last drain (with `gauges` for the same interval), which then
+    /// counts as done.
+    #[cfg_attr(not(feature = "cloudwatch-metrics"), allow(dead_code))]
+    pub fn drain(&mut self, stream: &str, gauges: &[(MetricName, Statistics)]) -> MetricsSnapshot {
+        let current = std::mem::take(&mut self.current);
+        let out = self.snapshot_of(&current, stream, gauges);
+        self.done.merge(&current);
+        self.drained = true;
+        out
+    }
+
+    fn snapshot_of(
+        &self,
+        rows: &Rows,
+        stream: &str,
+        gauges: &[(MetricName, Statistics)],
+    ) -> MetricsSnapshot {
         let mut out = MetricsSnapshot::default();
         if self.level == MetricsLevel::None {
             return out;
@@ -431,7 +509,7 @@ impl Recorder {
                 });
             }
         };
-        let mut global = self.global;
+        let mut global = rows.global;
         for (name, statistics) in gauges {
             global[name.index()] = *statistics;
         }
@@ -445,14 +523,14 @@ impl Recorder {
                 push(name, stream_dims(), global[name.index()]);
             }
         }
-        let mut shards: Vec<_> = self.shards.iter().collect();
+        let mut shards: Vec<_> = rows.shards.iter().collect();
         shards.sort_by(|a, b| a.0.cmp(b.0));
         for (shard, row) in shards {
             for name in ALL_METRICS {
                 push(name, shard_dims(shard), row[name.index()]);
             }
         }
-        let mut codes: Vec<_> = self.errors.iter().collect();
+        let mut codes: Vec<_> = rows.errors.iter().collect();
         codes.sort_by(|a, b| a.0.cmp(b.0));
         for (code, count) in codes {
             let with_code = |mut dims: Vec<(&'static str, String)>| {
@@ -531,6 +609,43 @@ mod tests {
             .filter(|m| m.dimensions == vec![("StreamName", "s".to_owned())])
             .count();
         assert_eq!(stream_level, 1);
+    }
+
+    #[test]
+    fn a_drain_reports_its_interval_only_and_snapshots_still_see_everything() {
+        let (a, b) = (shard("shardId-a"), shard("shardId-b"));
+        let record = |recorder: &mut Recorder, round: u32| {
+            for i in 0..=round {
+                let value = f64::from(10 * round + i);
+                recorder.add(MetricName::BufferingTime, value, Some(&a));
+                recorder.add(MetricName::UserRecordsPut, 1.0, Some(&b));
+            }
+            recorder.error(&format!("E{}", round % 2), Some(&a));
+        };
+        let mut draining = Recorder::new(MetricsLevel::Detailed, MetricsGranularity::Shard);
+        let mut plain = Recorder::new(MetricsLevel::Detailed, MetricsGranularity::Shard);
+        let mut drained = Vec::new();
+        for round in 0..4 {
+            record(&mut draining, round);
+            record(&mut plain, round);
+            drained.push(draining.drain("s", &[]));
+            assert_eq!(draining.snapshot("s", &[]), plain.snapshot("s", &[]));
+        }
+        // Each interval's figures are that interval's, extremes included.
+        let buffering = drained[2].shard(MetricName::BufferingTime, "shardId-a");
+        assert_eq!(
+            (buffering.count, buffering.min, buffering.max),
+            (3, 20.0, 22.0)
+        );
+        assert_eq!(drained[3].errors("E1").sum, 1.0);
+        assert_eq!(drained[3].errors("E0").count, 0);
+        // Together they are everything.
+        let total: u64 = drained
+            .iter()
+            .map(|d| d.shard(MetricName::UserRecordsPut, "shardId-b").count)
+            .sum();
+        assert_eq!(total, 1 + 2 + 3 + 4);
+        assert!(draining.drain("s", &[]).metrics.is_empty(), "nothing new");
     }
 
     #[test]

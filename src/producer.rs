@@ -84,6 +84,9 @@ pub(crate) struct Shared {
     stop_begun: AtomicBool,
     /// Becomes true when the sender task has ended: every record is acknowledged or failed.
     pub done: watch::Sender<bool>,
+    /// Becomes true when the last metrics upload after the end is over (true from the start
+    /// when metrics are not uploaded).
+    pub metrics_uploaded: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -345,6 +348,10 @@ impl ProducerBuilder {
             }
         }
         let (inbound, inbound_rx) = mpsc::unbounded_channel();
+        #[cfg(feature = "cloudwatch-metrics")]
+        let uploads_metrics = config.metrics_upload.is_some();
+        #[cfg(not(feature = "cloudwatch-metrics"))]
+        let uploads_metrics = false;
         let limits = AggregateLimits {
             max_size: config.aggregation_max_size,
             max_count: config.aggregation_max_count,
@@ -377,11 +384,16 @@ impl ProducerBuilder {
             refresh_wanted: AtomicBool::new(false),
             stop_begun: AtomicBool::new(false),
             done: watch::Sender::new(false),
+            metrics_uploaded: watch::Sender::new(!uploads_metrics),
             config,
             stream,
             client,
         });
         runtime.spawn(crate::sender::run(Arc::clone(&shared), inbound_rx));
+        #[cfg(feature = "cloudwatch-metrics")]
+        if let Some(upload) = shared.config.metrics_upload.clone() {
+            runtime.spawn(crate::metrics_upload::run(Arc::clone(&shared), upload));
+        }
         Ok(Producer {
             handle: Arc::new(Handle { shared, runtime }),
         })
@@ -525,9 +537,14 @@ impl Producer {
     /// again (from any clone) waits for the same end; a shorter timeout brings it forward.
     pub async fn stop_within(&self, timeout: Duration) {
         let shared = self.shared();
-        shared.begin_stop(deadline_after(timeout));
+        let deadline = deadline_after(timeout);
+        shared.begin_stop(deadline);
         let mut done = shared.done.subscribe();
         let _ = done.wait_for(|done| *done).await;
+        // With metrics uploaded to CloudWatch, the last interval's go out now; within the
+        // timeout, so a CloudWatch outage does not hold `stop` up.
+        let mut uploaded = shared.metrics_uploaded.subscribe();
+        let _ = tokio::time::timeout_at(deadline.into(), uploaded.wait_for(|up| *up)).await;
     }
 
     /// Subscribes to failed records. Each failed record is delivered to the most recent

@@ -17,6 +17,7 @@ pub(crate) struct Counters {
     pub throttled_entries: AtomicU64,
     pub shard_map_refreshes: AtomicU64,
     pub records_resent_after_reshard: AtomicU64,
+    pub metric_data_not_uploaded: AtomicU64,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -60,6 +61,9 @@ pub struct Stats {
     /// shard does not allocate every aggregate anew. At most a sixteenth of
     /// `max_backlog_bytes` between all shards (a little over while aggregates close at once).
     pub idle_aggregator_room_bytes: u64,
+    /// Metric data CloudWatch did not take (feature `cloudwatch-metrics`, with an upload
+    /// configured): each was retried within its upload's time and then logged.
+    pub metric_data_not_uploaded: u64,
 }
 
 impl Counters {
@@ -85,6 +89,7 @@ impl Counters {
             user_records_pending: received.saturating_sub(put + failed),
             // Filled in by `Producer::stats`, which sees the aggregators.
             idle_aggregator_room_bytes: 0,
+            metric_data_not_uploaded: get(&self.metric_data_not_uploaded),
         }
     }
 }

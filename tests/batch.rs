@@ -1211,3 +1211,163 @@ async fn cloudwatch_pages_a_thousand_data_retries_throttling_and_isolates_a_refu
         assert_eq!(sum as usize, expected, "Orders{metric}");
     }
 }
+
+/// Sum and sample count of a metric in `namespace` over the last ten minutes, at exactly
+/// `dimensions`.
+#[cfg(feature = "cloudwatch-metrics")]
+async fn metric_total(
+    client: &aws_sdk_cloudwatch::Client,
+    namespace: &str,
+    name: &str,
+    dimensions: &[(&str, &str)],
+) -> (f64, f64) {
+    use aws_sdk_cloudwatch::primitives::DateTime;
+    use aws_sdk_cloudwatch::types::{Dimension, Statistic};
+    let now = DateTime::from(std::time::SystemTime::now()).secs();
+    let stats = client
+        .get_metric_statistics()
+        .namespace(namespace)
+        .metric_name(name)
+        .set_dimensions(Some(
+            dimensions
+                .iter()
+                .map(|(n, v)| Dimension::builder().name(*n).value(*v).build())
+                .collect(),
+        ))
+        .start_time(DateTime::from_secs(now - 600))
+        .end_time(DateTime::from_secs(now + 600))
+        .period(3600)
+        .statistics(Statistic::Sum)
+        .statistics(Statistic::SampleCount)
+        .send()
+        .await
+        .expect("statistics");
+    let points = stats.datapoints();
+    (
+        points.iter().filter_map(|d| d.sum).sum(),
+        points.iter().filter_map(|d| d.sample_count).sum(),
+    )
+}
+
+#[cfg(feature = "cloudwatch-metrics")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_uploads_its_metrics_to_cloudwatch_each_interval_and_at_stop() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use support::local_kinesis::LocalKinesis;
+
+    let server = moto().await;
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("metered", 2).await;
+    // Counts the uploads on their way to CloudWatch.
+    let uploads = Arc::new(AtomicU32::new(0));
+    let counted = Arc::clone(&uploads);
+    let proxy = BatchFaultProxy::start(
+        &server.cloudwatch_endpoint,
+        on("PutMetricData", move |_: &Request| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Plan::Pass
+        }),
+    )
+    .await;
+    let cloudwatch = cloudwatch_client(&proxy.endpoint, false).await;
+    let producer = support::producer_for(&kinesis.endpoint, "metered", |b| {
+        b.cloudwatch_metrics(cloudwatch, "ProducerTest")
+            .metrics_upload_interval(Duration::from_millis(300))
+    })
+    .await;
+    for i in 0..1_000 {
+        producer.put(format!("{i}"), format!("k{i}")).await.unwrap();
+    }
+    producer.flush().await;
+    // A few intervals pass; then more records, which only the upload at `stop` can carry.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let before_last = uploads.load(Ordering::SeqCst);
+    assert!(before_last >= 1, "uploads every interval");
+    for i in 1_000..1_500 {
+        producer.put(format!("{i}"), format!("k{i}")).await.unwrap();
+    }
+    producer.stop().await;
+    assert!(
+        uploads.load(Ordering::SeqCst) > before_last,
+        "an upload at stop"
+    );
+    let stats = producer.stats();
+    assert_eq!(stats.user_records_put, 1_500);
+    assert_eq!(stats.metric_data_not_uploaded, 0);
+
+    // Read back from CloudWatch: each interval was uploaded once, nothing twice, nothing lost.
+    // moto answers a query with every datum whose dimensions include the ones asked for (real
+    // CloudWatch: exactly those), so each level's own figures are its total less the finer
+    // level's.
+    let client = cloudwatch_client(&server.cloudwatch_endpoint, true).await;
+    let ns = "ProducerTest";
+    let stream = [("StreamName", "metered")];
+    let shards: Vec<String> = producer
+        .shard_map()
+        .shards()
+        .iter()
+        .map(|s| s.shard_id.to_string())
+        .collect();
+    let levels = |name: &'static str| {
+        let client = client.clone();
+        let shards = shards.clone();
+        async move {
+            let all = metric_total(&client, ns, name, &[]).await;
+            let in_stream = metric_total(&client, ns, name, &stream).await;
+            let mut in_shards = (0.0, 0.0);
+            for shard in &shards {
+                let dims = [("StreamName", "metered"), ("ShardId", shard.as_str())];
+                let (sum, count) = metric_total(&client, ns, name, &dims).await;
+                in_shards = (in_shards.0 + sum, in_shards.1 + count);
+            }
+            let global = (all.0 - in_stream.0, all.1 - in_stream.1);
+            let stream_only = (in_stream.0 - in_shards.0, in_stream.1 - in_shards.1);
+            (global, stream_only, in_shards)
+        }
+    };
+    // (sum, sample count) globally, for the stream, and over its shards.
+    let all_put = (1_500.0, 1_500.0);
+    assert_eq!(levels("UserRecordsPut").await, (all_put, all_put, all_put));
+    let data: usize = (0..1_500).map(|i: usize| i.to_string().len()).sum();
+    let data = (data as f64, 1_500.0);
+    assert_eq!(levels("UserRecordsDataPut").await, (data, data, data));
+    // Received: global and stream only, one sample per record.
+    assert_eq!(
+        levels("UserRecordsReceived").await,
+        (all_put, all_put, (0.0, 0.0))
+    );
+}
+
+#[cfg(feature = "cloudwatch-metrics")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_metrics_upload_is_counted_and_holds_nothing_up() {
+    use support::local_kinesis::LocalKinesis;
+
+    let server = moto().await;
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("unmetered", 1).await;
+    let proxy = BatchFaultProxy::start(
+        &server.cloudwatch_endpoint,
+        on("PutMetricData", |_: &Request| Plan::Refuse {
+            status: 400,
+            code: "AccessDeniedException".to_owned(),
+        }),
+    )
+    .await;
+    let cloudwatch = cloudwatch_client(&proxy.endpoint, false).await;
+    let producer = support::producer_for(&kinesis.endpoint, "unmetered", |b| {
+        b.cloudwatch_metrics(cloudwatch, "ProducerTest")
+            .metrics_upload_interval(Duration::from_millis(200))
+    })
+    .await;
+    for i in 0..200 {
+        producer.put(format!("{i}"), format!("k{i}")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    producer.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let stats = producer.stats();
+    assert_eq!(stats.user_records_put, 200);
+    assert!(stats.metric_data_not_uploaded > 0);
+}
