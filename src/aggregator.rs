@@ -343,7 +343,7 @@ fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) 
         shared
             .idle_room
             .fetch_add(kept - slot.idle_room, Ordering::Relaxed);
-    } else {
+    } else if kept < slot.idle_room {
         shared
             .idle_room
             .fetch_sub(slot.idle_room - kept, Ordering::Relaxed);
