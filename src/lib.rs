@@ -50,6 +50,8 @@
 //! - `jsonl`: [`jsonl`], the parser of the CLI's JSON-lines input.
 //! - `batch-sqs`, `batch-dynamodb`, `batch-s3`, `batch-cloudwatch`, `batch-firehose`,
 //!   `batch-kinesis` (or `batch-all`): the batch helpers of `batch`, one service each.
+//! - `cloudwatch-metrics`: the producer uploads its metrics to CloudWatch
+//!   (`ProducerBuilder::cloudwatch_metrics`).
 //!
 //! With `default-features = false` the crate is the aggregation format alone —
 //! [`aggregation`], [`deaggregation`], [`record`], [`shard_map`] — for consumers that only

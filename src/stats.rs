@@ -50,7 +50,9 @@ pub struct Stats {
     pub entry_retries: u64,
     /// Kinesis records refused with ProvisionedThroughputExceededException.
     pub throttled_entries: u64,
-    /// Shard map reloads after a result showed a record on an unexpected shard.
+    /// Shard map reloads that succeeded: the periodic ones
+    /// (`shard_map_refresh_interval`) and those a result asked for by showing a record on an
+    /// unexpected shard.
     pub shard_map_refreshes: u64,
     /// User records sent again because their aggregate landed on a shard (after a reshard) that
     /// does not own all of them. Non-KCL consumers may see these records twice.
