@@ -516,6 +516,11 @@ mod tests {
             e.contains("metrics_upload_interval") && e.contains("100ms"),
             "{e}"
         );
+        let e = error_of(base().metrics_upload_interval(Duration::from_secs(86_401))).await;
+        assert!(
+            e.contains("metrics_upload_interval") && e.contains("86400s"),
+            "{e}"
+        );
         let ok = base()
             .cloudwatch_metrics(client(), "KinesisProducerLibrary")
             .resolve()
