@@ -542,9 +542,15 @@ impl Producer {
         let mut done = shared.done.subscribe();
         let _ = done.wait_for(|done| *done).await;
         // With metrics uploaded to CloudWatch, the last interval's go out now; within the
-        // timeout, so a CloudWatch outage does not hold `stop` up.
+        // timeout, so a CloudWatch outage does not hold `stop` up. The wait is timed on the
+        // producer's runtime: the caller's may have no timer.
         let mut uploaded = shared.metrics_uploaded.subscribe();
-        let _ = tokio::time::timeout_at(deadline.into(), uploaded.wait_for(|up| *up)).await;
+        if !*uploaded.borrow() {
+            let wait = self.handle.runtime.spawn(async move {
+                let _ = tokio::time::timeout_at(deadline.into(), uploaded.wait_for(|up| *up)).await;
+            });
+            let _ = wait.await;
+        }
     }
 
     /// Subscribes to failed records. Each failed record is delivered to the most recent

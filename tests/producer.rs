@@ -581,6 +581,26 @@ async fn aggregators_keep_room_for_their_next_aggregate_only_up_to_the_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_can_be_awaited_on_a_runtime_without_timers() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("timerless", 1).await;
+    let producer = producer_for(&kinesis.endpoint, "timerless", |b| b).await;
+    producer.put("x", "k").await.unwrap();
+    let stopping = producer.clone();
+    // The producer runs on this test's runtime; `stop` is awaited on one without a timer.
+    let stats = tokio::task::spawn_blocking(move || {
+        let bare = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        bare.block_on(stopping.stop());
+        stopping.stats()
+    })
+    .await
+    .unwrap();
+    assert_eq!(stats.user_records_put, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_shard_is_noticed_and_the_map_reloaded() {
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("split", 1).await;
