@@ -68,9 +68,9 @@ pub(crate) struct Config {
     pub metrics_upload_to: Option<(aws_sdk_cloudwatch::Client, String)>,
     #[cfg(feature = "cloudwatch-metrics")]
     pub metrics_upload_interval: Duration,
-    /// The upload, once `resolve` has checked the two above.
+    /// The upload's call, once `resolve` has checked the namespace.
     #[cfg(feature = "cloudwatch-metrics")]
-    pub metrics_upload: Option<crate::metrics_upload::Upload>,
+    pub metrics_upload: Option<crate::batch::cloudwatch::PutMetricData>,
 }
 
 /// Builds a [`Producer`](crate::Producer). Obtain one with `Producer::builder()`.
@@ -395,10 +395,7 @@ impl ProducerBuilder {
                             "a namespace of 1 to 255 characters, not starting with \"AWS/\"",
                         )
                     })?;
-                d.metrics_upload = Some(crate::metrics_upload::Upload {
-                    call,
-                    interval: d.metrics_upload_interval,
-                });
+                d.metrics_upload = Some(call);
             }
             d
         };

@@ -8,6 +8,7 @@
 //! in [`Stats::metric_data_not_uploaded`](crate::Stats::metric_data_not_uploaded); the
 //! producer's records are never held up by an upload.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -18,16 +19,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::backlog::lock;
 use crate::batch::cloudwatch::PutMetricData;
 use crate::batch::{BatchCall, BatchOptions};
-use crate::metrics::{Metric, MetricName, Statistics, Unit};
+use crate::metrics::{Metric, Unit};
 use crate::producer::Shared;
 use crate::stats::add;
-
-/// Where the metrics go, and how often.
-#[derive(Clone)]
-pub(crate) struct Upload {
-    pub call: PutMetricData,
-    pub interval: Duration,
-}
 
 /// The longest one upload may take, retries included; the last one, after the producer's end,
 /// gets at most `LAST_UPLOAD_BUDGET` (and `stop` waits no longer than its own timeout).
@@ -35,9 +29,10 @@ const UPLOAD_BUDGET_MAX: Duration = Duration::from_secs(30);
 const LAST_UPLOAD_BUDGET: Duration = Duration::from_secs(10);
 
 /// Uploads every interval until the producer has ended, then once more, and says so.
-pub(crate) async fn run(shared: Arc<Shared>, upload: Upload) {
+pub(crate) async fn run(shared: Arc<Shared>, call: PutMetricData) {
+    let interval = shared.config.metrics_upload_interval;
     let mut done = shared.done.subscribe();
-    let mut ticks = tokio::time::interval_at(Instant::now() + upload.interval, upload.interval);
+    let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut received_before = 0;
     loop {
@@ -48,9 +43,9 @@ pub(crate) async fn run(shared: Arc<Shared>, upload: Upload) {
         let budget = if last {
             LAST_UPLOAD_BUDGET
         } else {
-            upload.interval.min(UPLOAD_BUDGET_MAX)
+            interval.min(UPLOAD_BUDGET_MAX)
         };
-        send(&shared, &upload.call, budget, &mut received_before).await;
+        send(&shared, &call, budget, &mut received_before).await;
         if last {
             break;
         }
@@ -60,23 +55,9 @@ pub(crate) async fn run(shared: Arc<Shared>, upload: Upload) {
 
 /// One upload: the interval's figures, with the gauges read now.
 async fn send(shared: &Shared, call: &PutMetricData, budget: Duration, received_before: &mut u64) {
-    let stats = shared.stats.snapshot();
-    let received = stats.user_records_received - *received_before;
-    *received_before = stats.user_records_received;
-    let gauges = [
-        (
-            MetricName::UserRecordsReceived,
-            Statistics::repeated(1.0, received),
-        ),
-        (
-            MetricName::UserRecordsPending,
-            Statistics::repeated(stats.user_records_pending as f64, 1),
-        ),
-        (
-            MetricName::BacklogBytes,
-            Statistics::repeated(shared.backlog.bytes_held() as f64, 1),
-        ),
-    ];
+    let received = shared.stats.user_records_received.load(Ordering::Relaxed);
+    let gauges = shared.gauges(received - *received_before);
+    *received_before = received;
     let snapshot = lock(&shared.metrics).drain(shared.stream.name(), &gauges);
     let at = DateTime::from(SystemTime::now());
     let data: Vec<MetricDatum> = snapshot.metrics.iter().map(|m| datum(m, at)).collect();

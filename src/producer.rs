@@ -95,6 +95,27 @@ impl Shared {
         self.routing.load_full()
     }
 
+    /// The metrics the recorder does not hold, read now: `received` user records (one sample
+    /// each; since start for a snapshot, since the last upload for an upload), and one sample
+    /// each of the records pending and the backlog's bytes.
+    pub fn gauges(&self, received: u64) -> [(MetricName, Statistics); 3] {
+        let pending = self.stats.snapshot().user_records_pending;
+        [
+            (
+                MetricName::UserRecordsReceived,
+                Statistics::repeated(1.0, received),
+            ),
+            (
+                MetricName::UserRecordsPending,
+                Statistics::repeated(pending as f64, 1),
+            ),
+            (
+                MetricName::BacklogBytes,
+                Statistics::repeated(self.backlog.bytes_held() as f64, 1),
+            ),
+        ]
+    }
+
     pub fn aggregate_limits(&self) -> AggregateLimits {
         AggregateLimits {
             max_size: self.config.aggregation_max_size,
@@ -391,8 +412,8 @@ impl ProducerBuilder {
         });
         runtime.spawn(crate::sender::run(Arc::clone(&shared), inbound_rx));
         #[cfg(feature = "cloudwatch-metrics")]
-        if let Some(upload) = shared.config.metrics_upload.clone() {
-            runtime.spawn(crate::metrics_upload::run(Arc::clone(&shared), upload));
+        if let Some(call) = shared.config.metrics_upload.clone() {
+            runtime.spawn(crate::metrics_upload::run(Arc::clone(&shared), call));
         }
         Ok(Producer {
             handle: Arc::new(Handle { shared, runtime }),
@@ -581,22 +602,8 @@ impl Producer {
     /// level and granularity. Cheap enough to call every second: one short lock.
     pub fn metrics(&self) -> MetricsSnapshot {
         let shared = self.shared();
-        let stats = shared.stats.snapshot();
-        let gauges = [
-            (
-                MetricName::UserRecordsReceived,
-                Statistics::repeated(1.0, stats.user_records_received),
-            ),
-            (
-                MetricName::UserRecordsPending,
-                Statistics::repeated(stats.user_records_pending as f64, 1),
-            ),
-            (
-                MetricName::BacklogBytes,
-                Statistics::repeated(shared.backlog.bytes_held() as f64, 1),
-            ),
-        ];
-        lock(&shared.metrics).snapshot(shared.stream.name(), &gauges)
+        let received = shared.stats.snapshot().user_records_received;
+        lock(&shared.metrics).snapshot(shared.stream.name(), &shared.gauges(received))
     }
 
     /// The shard map records are currently routed by.

@@ -754,7 +754,7 @@ impl Sender {
                             // The map's own name for the shard when the record is where it was
                             // routed (nearly always): no new string per Kinesis record.
                             let landed_on = match &outgoing.shard_id {
-                                Some(expected) if !misplaced && **expected == *actual => {
+                                Some(expected) if !misplaced && !actual.is_empty() => {
                                     Arc::clone(expected)
                                 }
                                 _ => Arc::from(actual),
