@@ -51,6 +51,9 @@ pub(crate) struct Outgoing {
     pub oldest_put: Instant,
     /// The shard the records were routed to (`None` when no open shard covered them).
     pub shard_id: Option<Arc<str>>,
+    /// The generation of the routing that chose `shard_id`: while it is still the current
+    /// one, the shard is open without looking it up.
+    pub generation: u64,
     pub attempts: u32,
     pub last_error: Option<crate::retry::AttemptError>,
     /// When the last attempt ended (its answer, or its failure): later buffering counts from
@@ -61,7 +64,12 @@ pub(crate) struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(entry: Entry, metas: Vec<RecordMeta>, shard_id: Option<Arc<str>>) -> Self {
+    fn new(
+        entry: Entry,
+        metas: Vec<RecordMeta>,
+        shard_id: Option<Arc<str>>,
+        generation: u64,
+    ) -> Self {
         let backlog_bytes = metas.iter().map(|m| m.backlog_bytes as usize).sum();
         let oldest_put = metas
             .iter()
@@ -74,6 +82,7 @@ impl Outgoing {
             backlog_bytes,
             oldest_put,
             shard_id,
+            generation,
             attempts: 0,
             last_error: None,
             last_attempt_end: None,
@@ -281,6 +290,7 @@ fn add_to_slot(
             entry,
             vec![meta],
             routing.shard_id(index),
+            routing.generation,
         )));
         return;
     }
@@ -291,7 +301,8 @@ fn add_to_slot(
         if let Err(record) = slot.builder.try_push(record) {
             let entry = Entry::plain(&record);
             let shard_id = routing.shard_id(index);
-            shared.send(Inbound::Record(Outgoing::new(entry, vec![meta], shard_id)));
+            let outgoing = Outgoing::new(entry, vec![meta], shard_id, routing.generation);
+            shared.send(Inbound::Record(outgoing));
             return;
         }
     }
@@ -336,6 +347,7 @@ fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) 
             entry,
             metas,
             routing.shard_id(index),
+            routing.generation,
         )));
     }
     let kept = slot.builder.idle_room();
@@ -392,6 +404,9 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
         shared.aggregate_limits(),
     ));
     shared.routing.store(new);
+    shared
+        .routing_generation
+        .store(old.generation + 1, Ordering::Release);
     for slot in &old.slots {
         let (records, metas) = {
             let mut slot = lock(slot);
@@ -416,7 +431,7 @@ pub(crate) fn reroute(shared: &Shared, records: Vec<UserRecord>, metas: Vec<Reco
             let (record, meta) = *refused;
             // Unreachable by construction (re-routing ignores `stop`), but never drop a record.
             let entry = Entry::plain(&record);
-            shared.send(Inbound::Record(Outgoing::new(entry, vec![meta], None)));
+            shared.send(Inbound::Record(Outgoing::new(entry, vec![meta], None, 0)));
         }
     }
 }

@@ -426,7 +426,8 @@ impl Recorder {
             rows.global[name.index()].merge(s);
         }
         if let Some(shard) = shard.filter(|_| self.granularity == MetricsGranularity::Shard) {
-            let row = match rows.shards.get_mut(shard.as_ref()) {
+            // By the `Arc`: the row's key is usually the same allocation, compared by pointer.
+            let row = match rows.shards.get_mut(shard) {
                 Some(row) => row,
                 None => rows
                     .shards

@@ -14,6 +14,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -306,7 +307,10 @@ impl Sender {
     /// written, so this loses and duplicates nothing.
     fn enqueue(&mut self, outgoing: Outgoing, front: bool) {
         if let Some(shard) = &outgoing.shard_id {
-            if !self.shared.routing.load().has_shard(shard) {
+            // Routed by the current map: its shard is open. (A map installed after this check
+            // re-splits the lanes it closed when its reload is announced.)
+            let current = self.shared.routing_generation.load(Ordering::Acquire);
+            if outgoing.generation != current && !self.shared.routing.load().has_shard(shard) {
                 self.resplit(outgoing);
                 return;
             }
@@ -403,9 +407,11 @@ impl Sender {
         }
     }
 
-    /// The lane of `outgoing`, looked up by borrowed key (no reference count touched).
+    /// The lane of `outgoing`, looked up by borrowed key (no reference count touched). The key
+    /// is the `Arc` itself, not its text: the lane's key is nearly always the same allocation,
+    /// and `Arc` equality then compares pointers without reading the (likely cold) text.
     fn lane_mut(&mut self, outgoing: &Outgoing) -> Option<&mut Lane> {
-        let key = outgoing.shard_id.as_deref().unwrap_or(&self.unrouted);
+        let key = outgoing.shard_id.as_ref().unwrap_or(&self.unrouted);
         self.lanes.get_mut(key)
     }
 
@@ -751,14 +757,22 @@ impl Sender {
                                 .shard_id
                                 .as_deref()
                                 .is_some_and(|expected| !actual.is_empty() && expected != actual);
+                            let on_routed_shard =
+                                !misplaced && !actual.is_empty() && outgoing.shard_id.is_some();
                             // The map's own name for the shard when the record is where it was
                             // routed (nearly always): no new string per Kinesis record.
                             let landed_on = match &outgoing.shard_id {
-                                Some(expected) if !misplaced && !actual.is_empty() => {
-                                    Arc::clone(expected)
-                                }
+                                Some(expected) if on_routed_shard => Arc::clone(expected),
                                 _ => Arc::from(actual),
                             };
+                            // The answer's metrics count by the routed shard (as the KPL's do):
+                            // recorded with the acknowledgement when that is where it landed.
+                            let answered =
+                                self.shared.metrics_on.then(|| answered_samples(&outgoing));
+                            if let Some(answered) = answered.filter(|_| !on_routed_shard) {
+                                lock(&self.shared.metrics)
+                                    .record_all(&answered, outgoing.shard_id.as_ref());
+                            }
                             outgoing.landed = Some((
                                 landed_on,
                                 Arc::from(result.sequence_number().unwrap_or_default()),
@@ -770,7 +784,8 @@ impl Sender {
                             } else {
                                 // A plain record is wherever Kinesis routed its own key: fine.
                                 self.release_with_limiter(&outgoing, Limiter::acknowledged);
-                                self.shared.acknowledge(outgoing);
+                                let answered = answered.filter(|_| on_routed_shard);
+                                self.shared.acknowledge_with(outgoing, answered);
                             }
                         }
                         Some(code) => {
@@ -1162,29 +1177,31 @@ fn record_sent(metrics: &mut Recorder, batch: &[Outgoing], now: Instant) {
     );
 }
 
-/// Metrics of a request's answer: its duration, and each Kinesis record's outcome (as the KPL
-/// counts them: by the shard it was routed to).
+/// The metrics of a Kinesis record Kinesis accepted, for the shard it was routed to.
+fn answered_samples(outgoing: &Outgoing) -> [(MetricName, Statistics); 3] {
+    let one = |value: f64| Statistics::repeated(value, 1);
+    [
+        (MetricName::KinesisRecordsPut, one(1.0)),
+        (
+            MetricName::KinesisRecordsDataPut,
+            one(outgoing.request_size() as f64),
+        ),
+        (MetricName::AllErrors, one(0.0)),
+    ]
+}
+
+/// Metrics of a request's answer: its duration, and each failed Kinesis record's outcome (as
+/// the KPL counts them: by the shard it was routed to).
 fn record_answered(metrics: &mut Recorder, batch: &[Outgoing], outcome: &Outcome, took: Duration) {
     metrics.add(MetricName::RequestTime, millis(took), None);
     match outcome {
         Outcome::Answered(output) if output.records().len() == batch.len() => {
+            // Successes are recorded with their acknowledgement (`answered_samples`).
             for (outgoing, result) in batch.iter().zip(output.records()) {
-                let shard = outgoing.shard_id.as_ref();
-                match result.error_code() {
-                    None => {
-                        let one = |value: f64| Statistics::repeated(value, 1);
-                        let size = outgoing.request_size() as f64;
-                        let samples = [
-                            (MetricName::KinesisRecordsPut, one(1.0)),
-                            (MetricName::KinesisRecordsDataPut, one(size)),
-                            (MetricName::AllErrors, one(0.0)),
-                        ];
-                        metrics.record_all(&samples, shard);
-                    }
-                    Some(code) => {
-                        metrics.add(MetricName::KinesisRecordsPut, 0.0, shard);
-                        metrics.error(code, shard);
-                    }
+                if let Some(code) = result.error_code() {
+                    let shard = outgoing.shard_id.as_ref();
+                    metrics.add(MetricName::KinesisRecordsPut, 0.0, shard);
+                    metrics.error(code, shard);
                 }
             }
         }

@@ -264,6 +264,30 @@ async fn metrics_agree_exactly_with_what_was_put_acknowledged_retried_and_failed
         .map(|id| metrics.shard(MetricName::UserRecordsPut, id).sum)
         .sum();
     assert_eq!(per_shard as usize, acknowledged.len());
+    // The answer's metrics are recorded with the acknowledgement (one shard lookup for both):
+    // every shard's count and sum add up to the global ones.
+    for name in [
+        MetricName::KinesisRecordsPut,
+        MetricName::KinesisRecordsDataPut,
+        MetricName::AllErrors,
+    ] {
+        let shards = shard_ids
+            .iter()
+            .map(|id| exact(metrics.shard(name, id)))
+            .fold((0, 0), |(c, s), (count, sum)| (c + count, s + sum));
+        let whole = exact(global(name));
+        // Request errors concern no shard: only the global AllErrors has them.
+        let request_level = if name == MetricName::AllErrors {
+            (stats.request_errors, stats.request_errors)
+        } else {
+            (0, 0)
+        };
+        assert_eq!(
+            (shards.0 + request_level.0, shards.1 + request_level.1),
+            whole,
+            "{name:?}: shards against the whole"
+        );
+    }
     println!(
         "metrics: {} acknowledged, {} expired, {} refused; {} entries throttled, {} retries, {} requests ({} failed)",
         acknowledged.len(),
