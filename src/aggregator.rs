@@ -155,16 +155,19 @@ impl MetaPool {
         lock(&self.free).pop().unwrap_or_default()
     }
 
-    /// Keeps `metas`' room for a later aggregate, if it is small and the pool is not full.
-    pub fn give(&self, mut metas: Vec<RecordMeta>) {
-        if metas.capacity() == 0 || metas.capacity() > META_POOL_LIST_MAX {
+    /// Keeps the room of each of `lists` that is small for a later aggregate, while the pool is
+    /// not full (one lock for all of them).
+    pub fn give_all(&self, mut lists: Vec<Vec<RecordMeta>>) {
+        lists.retain(|metas| metas.capacity() > 0 && metas.capacity() <= META_POOL_LIST_MAX);
+        if lists.is_empty() {
             return;
         }
-        metas.clear();
-        let mut free = lock(&self.free);
-        if free.len() < META_POOL_MAX {
-            free.push(metas);
+        for metas in &mut lists {
+            metas.clear();
         }
+        let mut free = lock(&self.free);
+        let room = META_POOL_MAX.saturating_sub(free.len());
+        free.extend(lists.into_iter().take(room));
     }
 }
 
@@ -456,16 +459,14 @@ mod tests {
     #[test]
     fn the_meta_pool_keeps_only_short_lists_and_only_so_many() {
         let pool = MetaPool::default();
-        pool.give(metas(META_POOL_LIST_MAX + 1, 3));
-        pool.give(Vec::new());
+        pool.give_all(vec![metas(META_POOL_LIST_MAX + 1, 3), Vec::new()]);
         assert_eq!(
             lock(&pool.free).len(),
             0,
             "long and roomless lists are let go"
         );
-        for _ in 0..META_POOL_MAX + 10 {
-            pool.give(metas(8, 5));
-        }
+        pool.give_all(vec![metas(8, 5)]);
+        pool.give_all((1..META_POOL_MAX + 10).map(|_| metas(8, 5)).collect());
         assert_eq!(lock(&pool.free).len(), META_POOL_MAX);
         let taken = pool.take();
         assert!(taken.is_empty(), "a kept list comes back empty");

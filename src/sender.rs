@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::error::{DeliveryError, FailureKind};
 use crate::limiter::Limiter;
 use crate::metrics::{MetricName, Recorder, Statistics};
-use crate::producer::{Inbound, Shared};
+use crate::producer::{Inbound, Returns, Shared};
 use crate::request_body;
 use crate::retry::{classify_sdk_error, entry_error_is_transient, AttemptError};
 use crate::shard_map::StreamId;
@@ -749,6 +749,7 @@ impl Sender {
                     "PutRecords answered"
                 );
                 let mut stale_map = false;
+                let mut returns = Returns::default();
                 for (mut outgoing, result) in batch.into_iter().zip(output.records()) {
                     match result.error_code() {
                         None => {
@@ -785,7 +786,8 @@ impl Sender {
                                 // A plain record is wherever Kinesis routed its own key: fine.
                                 self.release_with_limiter(&outgoing, Limiter::acknowledged);
                                 let answered = answered.filter(|_| on_routed_shard);
-                                self.shared.acknowledge_with(outgoing, answered);
+                                self.shared
+                                    .acknowledge_with(outgoing, answered, &mut returns);
                             }
                         }
                         Some(code) => {
@@ -802,6 +804,7 @@ impl Sender {
                         }
                     }
                 }
+                self.shared.give_back(returns);
                 if stale_map {
                     // A record landed on a shard other than the map predicted: the stream was
                     // resharded. Reload the map so later aggregates match the new shards.
