@@ -14,6 +14,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A full disk shows up as some installer's ENOSPC far from its cause: say it first. A cold run
+# needs about 5 GB (the debug build 3.8 GB, the venv, node_modules and the fuzz build).
+free_kb=$(df -Pk . | awk 'NR == 2 { print $4 }')
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((5 * 1024 * 1024)) ]; then
+  echo "warning: $((free_kb / 1024)) MB free on this disk; a cold run needs about 5 GB" >&2
+fi
+
 echo "== interop peers, moto and kinesis-local (Python venv, node_modules)"
 source scripts/python-env.sh
 if [ ! -d tests/interop/node_modules/aws-kinesis-agg ] || [ ! -d tests/interop/node_modules/kinesis-local ]; then
