@@ -25,6 +25,9 @@ pub(crate) fn add(counter: &AtomicU64, n: u64) {
 }
 
 /// A snapshot of what the producer has done so far. Cheap: a handful of atomic loads.
+///
+/// The counters of acknowledged records move once per answered request, just after its records'
+/// receipts resolve; after `flush` or `stop` returns they include every record it waited for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
