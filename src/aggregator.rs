@@ -276,13 +276,8 @@ fn add_to_slot(
     record: UserRecord,
     meta: RecordMeta,
 ) {
-    if slot.idle_room > 0 {
-        // The kept room is about to hold records: it counts in the backlog from now on.
-        shared
-            .idle_room
-            .fetch_sub(slot.idle_room, Ordering::Relaxed);
-        slot.idle_room = 0;
-    }
+    // Kept room about to hold records counts in the backlog from now on, not as idle.
+    set_idle_room(shared, slot, 0);
     let aggregating = shared.config.aggregation && index < routing.map.len();
     if !aggregating || AggregateBuilder::solo_len(&record) > shared.config.aggregation_max_size {
         // Too big to share an aggregate (or aggregation is off): it goes out alone. Whatever
@@ -353,17 +348,22 @@ fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) 
             routing.generation,
         )));
     }
-    let kept = slot.builder.idle_room();
-    if kept > slot.idle_room {
+    set_idle_room(shared, slot, slot.builder.idle_room());
+}
+
+/// Records that `slot`'s empty builder keeps `room` bytes, keeping the producer's total
+/// ([`Shared::idle_room`]) in step.
+fn set_idle_room(shared: &Shared, slot: &mut Slot, room: usize) {
+    if room > slot.idle_room {
         shared
             .idle_room
-            .fetch_add(kept - slot.idle_room, Ordering::Relaxed);
-    } else if kept < slot.idle_room {
+            .fetch_add(room - slot.idle_room, Ordering::Relaxed);
+    } else if room < slot.idle_room {
         shared
             .idle_room
-            .fetch_sub(slot.idle_room - kept, Ordering::Relaxed);
+            .fetch_sub(slot.idle_room - room, Ordering::Relaxed);
     }
-    slot.idle_room = kept;
+    slot.idle_room = room;
 }
 
 /// The sender's timer: flushes the aggregate of `slot` if it is still the one the deadline was
@@ -416,10 +416,7 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
             slot.retired = true;
             slot.earliest_put = None;
             // `take_records` lets go of the builder's buffers, kept room included.
-            shared
-                .idle_room
-                .fetch_sub(slot.idle_room, Ordering::Relaxed);
-            slot.idle_room = 0;
+            set_idle_room(shared, &mut slot, 0);
             (slot.builder.take_records(), std::mem::take(&mut slot.metas))
         };
         reroute(shared, records, metas);
