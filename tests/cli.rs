@@ -597,6 +597,33 @@ async fn perf_against_the_null_sink_prints_every_figure_and_the_floor() {
 
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn perf_caps_the_aggregation_density_and_measures_without_metrics_on_request() {
+    // One shard and 100-byte records: uncapped, aggregates hold hundreds of records.
+    let output = run_perf(&[
+        "--null-sink",
+        "--records",
+        "6000",
+        "--aggregation-max-count",
+        "6",
+        "--metrics-level",
+        "none",
+        "--metrics-granularity",
+        "global",
+    ])
+    .await;
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let f = figures(&output.stdout);
+    assert_eq!(number(&f, "acknowledged"), 6000.0, "{f:?}");
+    assert_eq!(number(&f, "sink_entries"), number(&f, "kinesis_records"));
+    // At most six per aggregate; a deadline may close one early, but 6,000 records in
+    // well under a second leave nearly all of them full.
+    let per_kinesis = number(&f, "user_records_per_kinesis_record");
+    assert!(per_kinesis <= 6.0 && per_kinesis > 5.0, "{f:?}");
+    assert!(number(&f, "kinesis_records") >= 1000.0, "{f:?}");
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn perf_under_a_stalled_sink_ends_every_record_acknowledged_or_failed() {
     let output = run_perf(&[
         "--null-sink",
@@ -631,6 +658,13 @@ async fn perf_refuses_bad_arguments_with_a_clear_error() {
     let output = run_perf(&["--null-sink", "--rate", "0"]).await;
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr_of(&output).contains("--rate must be a positive number"));
+    let output = run_perf(&["--null-sink", "--aggregation-max-count", "0"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr_of(&output).contains("aggregation_max_count = 0"),
+        "{}",
+        stderr_of(&output)
+    );
     let output = run_perf(&["--records", "10"]).await;
     assert!(!output.status.success());
     assert!(

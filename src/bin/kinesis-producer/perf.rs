@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
 use bytes::Bytes;
 use clap::ValueEnum;
-use kinesis_producer::{Producer, PutRefusal, Receipt, UserRecord};
+use kinesis_producer::{
+    MetricsGranularity, MetricsLevel, Producer, PutRefusal, Receipt, UserRecord,
+};
 
 use crate::floor::{self, SizeRecorder};
 use crate::sink::{Sink, SinkConfig, SinkCounters};
@@ -82,6 +84,16 @@ pub struct PerfArgs {
     /// The producer's request_timeout, in milliseconds.
     #[arg(long)]
     request_timeout_ms: Option<u64>,
+    /// The producer's aggregation_max_count: user records per aggregate at most (to measure
+    /// what a Kinesis record costs at a given aggregation density).
+    #[arg(long)]
+    aggregation_max_count: Option<usize>,
+    /// The producer's metrics_level.
+    #[arg(long, value_enum, default_value_t = Level::Detailed)]
+    metrics_level: Level,
+    /// The producer's metrics_granularity.
+    #[arg(long, value_enum, default_value_t = Granularity::Shard)]
+    metrics_granularity: Granularity,
     /// With --null-sink: stop answering PutRecords after this many of them (a stalled
     /// endpoint), to measure memory while nothing is acknowledged.
     #[arg(long, requires = "null_sink")]
@@ -93,6 +105,22 @@ enum Keys {
     Random,
     Ehk,
     Fixed,
+}
+
+/// `--metrics-level`: the library's [`MetricsLevel`].
+#[derive(Clone, Copy, ValueEnum)]
+enum Level {
+    None,
+    Summary,
+    Detailed,
+}
+
+/// `--metrics-granularity`: the library's [`MetricsGranularity`].
+#[derive(Clone, Copy, ValueEnum)]
+enum Granularity {
+    Global,
+    Stream,
+    Shard,
 }
 
 const FIXED_KEY: &str = "fixed-key";
@@ -151,7 +179,20 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
         .stream_name(&args.stream_name)
         .client(client)
         .aggregation(!args.no_aggregation)
-        .rate_limit(args.rate_limit);
+        .rate_limit(args.rate_limit)
+        .metrics_level(match args.metrics_level {
+            Level::None => MetricsLevel::None,
+            Level::Summary => MetricsLevel::Summary,
+            Level::Detailed => MetricsLevel::Detailed,
+        })
+        .metrics_granularity(match args.metrics_granularity {
+            Granularity::Global => MetricsGranularity::Global,
+            Granularity::Stream => MetricsGranularity::Stream,
+            Granularity::Shard => MetricsGranularity::Shard,
+        });
+    if let Some(n) = args.aggregation_max_count {
+        builder = builder.aggregation_max_count(n);
+    }
     if let Some(ms) = args.record_max_buffered_time_ms {
         builder = builder.record_max_buffered_time(Duration::from_millis(ms));
     }
