@@ -93,11 +93,60 @@ pub(crate) struct AggregatePieces {
     digest: [u8; DIGEST_LEN],
 }
 
+/// A finished aggregate whose checksum is not computed yet (see
+/// [`AggregateBuilder::finish_unsealed`]), or a lone record that needs none.
+pub(crate) enum Unsealed {
+    Plain(Entry),
+    Aggregate {
+        body: UnsealedBody,
+        partition_key: String,
+        explicit_hash_key: Option<String>,
+    },
+}
+
+/// An unsealed aggregate's bytes: one buffer (magic and protobuf, room left for the
+/// checksum), or its sections.
+pub(crate) enum UnsealedBody {
+    Whole(Vec<u8>),
+    Pieces(Sections),
+}
+
+impl Unsealed {
+    /// Computes the checksum and gives the Kinesis record to send.
+    pub(crate) fn seal(self) -> Entry {
+        let (body, partition_key, explicit_hash_key) = match self {
+            Unsealed::Plain(entry) => return entry,
+            Unsealed::Aggregate {
+                body,
+                partition_key,
+                explicit_hash_key,
+            } => (body, partition_key, explicit_hash_key),
+        };
+        let data = match body {
+            UnsealedBody::Whole(mut frame) => {
+                let digest: [u8; DIGEST_LEN] = Md5::digest(&frame[MAGIC.len()..]).into();
+                frame.extend_from_slice(&digest);
+                EntryData::Whole(Bytes::from(frame))
+            }
+            UnsealedBody::Pieces(sections) => {
+                let digest = sections.digest();
+                EntryData::Pieces(Box::new(AggregatePieces { sections, digest }))
+            }
+        };
+        Entry {
+            data,
+            partition_key,
+            explicit_hash_key,
+            aggregated: true,
+        }
+    }
+}
+
 /// The protobuf of an aggregate, in the buffers it was written to: the two key tables, and the
 /// `records` field in chunks that are added as it grows (a record never spans two chunks).
 /// Growing by a new chunk instead of reallocating means no byte is copied twice.
 #[derive(Debug, Default)]
-struct Sections {
+pub(crate) struct Sections {
     /// Encoded `partition_key_table` entries (field 1), in table order.
     partition_key_table: Vec<u8>,
     /// Encoded `explicit_hash_key_table` entries (field 2).
@@ -162,6 +211,17 @@ impl Sections {
             md5.update(part);
         }
         md5.finalize().into()
+    }
+
+    /// Magic and protobuf in one buffer with room for the checksum, which
+    /// [`Unsealed::seal`] appends.
+    fn frame_without_digest(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(FRAME_LEN + self.len());
+        out.extend_from_slice(&MAGIC);
+        for part in self.parts() {
+            out.extend_from_slice(part);
+        }
+        out
     }
 
     /// The whole aggregate in one buffer: magic, protobuf, checksum.
@@ -452,6 +512,13 @@ impl AggregateBuilder {
     /// aggregate writes into them instead of allocating ([`idle_room`](Self::idle_room) says
     /// how much that is).
     pub(crate) fn finish_entry(&mut self, keep_room: bool) -> Option<Entry> {
+        self.finish_unsealed(keep_room).map(Unsealed::seal)
+    }
+
+    /// [`finish_entry`](Self::finish_entry) without its checksum: the builder is free for the
+    /// next aggregate at once, and the MD5 pass over this one ([`Unsealed::seal`]) can run
+    /// after the caller has let go of the builder's lock.
+    pub(crate) fn finish_unsealed(&mut self, keep_room: bool) -> Option<Unsealed> {
         // `first` is set exactly when a record was pushed.
         debug_assert_eq!(self.first.is_some(), self.count > 0);
         let first = self.first.take()?;
@@ -460,29 +527,27 @@ impl AggregateBuilder {
             if keep_room {
                 self.sections = sections.emptied();
             }
-            return Some(Entry::plain(&first));
+            return Some(Unsealed::Plain(Entry::plain(&first)));
         }
         // The first record's key routes the aggregate to the first record's hash key, which
         // lies in the shard every record of this aggregate belongs to.
         let (_, partition_key, explicit_hash_key) = first.into_parts();
         let sections = self.clear();
-        let digest = sections.digest();
         // A small aggregate is copied into one exact buffer, as the pieces' spare room would
         // cost more than the copy; a large one stays in its pieces.
-        let data = if sections.len() <= PIECES_MIN {
-            let data = EntryData::Whole(sections.to_bytes(&digest));
+        let body = if sections.len() <= PIECES_MIN {
+            let frame = sections.frame_without_digest();
             if keep_room {
                 self.sections = sections.emptied();
             }
-            data
+            UnsealedBody::Whole(frame)
         } else {
-            EntryData::Pieces(Box::new(AggregatePieces { sections, digest }))
+            UnsealedBody::Pieces(sections)
         };
-        Some(Entry {
-            data,
+        Some(Unsealed::Aggregate {
+            body,
             partition_key,
             explicit_hash_key,
-            aggregated: true,
         })
     }
 

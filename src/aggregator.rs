@@ -10,13 +10,13 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
 
 use crate::aggregation::{
-    records_of_aggregate, AggregateBuilder, AggregateLimits, Entry, EntryData,
+    records_of_aggregate, AggregateBuilder, AggregateLimits, Entry, EntryData, Unsealed,
 };
 use crate::backlog::lock;
 use crate::producer::{Inbound, Shared};
@@ -177,6 +177,10 @@ pub(crate) struct Routing {
     pub generation: u64,
     pub map: ShardMap,
     slots: Vec<Mutex<Slot>>,
+    /// One per slot: held from the moment an aggregate leaves its slot until it is handed to
+    /// the sender, so that a shard's aggregates reach the sender in the order they closed even
+    /// when one is checksummed after its slot's lock is let go (see `Emission`).
+    emitting: Vec<Mutex<()>>,
     /// Looked up for every Kinesis record the sender queues: a fast seeded hash.
     shard_ids: HashSet<Arc<str>, foldhash::fast::RandomState>,
 }
@@ -211,10 +215,12 @@ impl Routing {
             })
             .collect();
         let shard_ids = map.shards().iter().map(|s| s.shard_id.clone()).collect();
+        let emitting = (0..=map.len()).map(|_| Mutex::new(())).collect();
         Routing {
             generation,
             map,
             slots,
+            emitting,
             shard_ids,
         }
     }
@@ -263,19 +269,26 @@ pub(crate) fn enqueue(
             }
             meta.epoch = shared.backlog.enter_epoch();
         }
-        add_to_slot(shared, &routing, index, &mut slot, record, meta);
+        let emission = add_to_slot(shared, &routing, index, &mut slot, record, meta);
+        // The next `put` to this shard need not wait for the full aggregate's MD5 pass.
+        drop(slot);
+        if let Some(emission) = emission {
+            emission.send(shared);
+        }
         return Ok(());
     }
 }
 
-fn add_to_slot(
+/// Adds a record to its slot. When that closes a full aggregate, the aggregate comes back
+/// unsealed, for the caller to send once it has let go of the slot's lock.
+fn add_to_slot<'a>(
     shared: &Shared,
-    routing: &Routing,
+    routing: &'a Routing,
     index: usize,
     slot: &mut Slot,
     record: UserRecord,
     meta: RecordMeta,
-) {
+) -> Option<Emission<'a>> {
     // Kept room about to hold records counts in the backlog from now on, not as idle.
     set_idle_room(shared, slot, 0);
     let aggregating = shared.config.aggregation && index < routing.map.len();
@@ -290,19 +303,25 @@ fn add_to_slot(
             routing.shard_id(index),
             routing.generation,
         )));
-        return;
+        return None;
     }
+    let mut emission: Option<Emission> = None;
     if let Err(record) = slot.builder.try_push(record) {
         // The aggregate is full: it goes out and the record starts the next one, which it
         // always fits (its solo size was checked above).
-        emit_slot(shared, routing, index, slot);
+        let full = take_emission(shared, routing, index, slot);
         if let Err(record) = slot.builder.try_push(record) {
+            // Unreachable by the check above; if it were not, the aggregate still goes first.
+            if let Some(full) = full {
+                full.send(shared);
+            }
             let entry = Entry::plain(&record);
             let shard_id = routing.shard_id(index);
             let outgoing = Outgoing::new(entry, vec![meta], shard_id, routing.generation);
             shared.send(Inbound::Record(outgoing));
-            return;
+            return None;
         }
+        emission = full;
     }
     if slot.metas.capacity() == 0 {
         let last = slot.builder.capacity();
@@ -316,7 +335,7 @@ fn add_to_slot(
     // A deadline for the first record, and again for a re-routed record older than those held.
     if slot.earliest_put.is_none_or(|earliest| put_at < earliest) {
         slot.earliest_put = Some(put_at);
-        shared.send(Inbound::Deadline {
+        let deadline = Inbound::Deadline {
             // Half the buffered time: the sender sends a request when its oldest record has
             // waited the whole time, so aggregates flushed in the second half of that window
             // share one request instead of each leaving alone in a tiny one.
@@ -324,8 +343,14 @@ fn add_to_slot(
             generation: routing.generation,
             slot: index,
             cycle: slot.cycle,
-        });
+        };
+        match emission.as_mut() {
+            // Sent right after the full aggregate: one wake-up of the sender for both.
+            Some(emission) => emission.then = Some(deadline),
+            None => shared.send(deadline),
+        }
     }
+    emission
 }
 
 /// Encodes what the slot holds (if anything) and hands it to the sender, while the slot is still
@@ -336,19 +361,66 @@ fn add_to_slot(
 /// allocating it on the putting thread and freeing it on the sender's, and all the shards
 /// together hold at most the cap in room no record uses.
 fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) {
+    if let Some(emission) = take_emission(shared, routing, index, slot) {
+        emission.send(shared);
+    }
+}
+
+/// Takes the slot's aggregate out, unsealed, with the slot's place in the order of sending
+/// (its `emitting` lock, taken while the slot's lock is still held). `None` when it is empty.
+fn take_emission<'a>(
+    shared: &Shared,
+    routing: &'a Routing,
+    index: usize,
+    slot: &mut Slot,
+) -> Option<Emission<'a>> {
     slot.cycle += 1;
     slot.earliest_put = None;
     let keep_room = shared.idle_room.load(Ordering::Relaxed) < shared.idle_room_max;
-    if let Some(entry) = slot.builder.finish_entry(keep_room) {
-        let metas = std::mem::take(&mut slot.metas);
-        shared.send(Inbound::Record(Outgoing::new(
-            entry,
-            metas,
-            routing.shard_id(index),
-            routing.generation,
-        )));
-    }
+    let unsealed = slot.builder.finish_unsealed(keep_room);
     set_idle_room(shared, slot, slot.builder.idle_room());
+    let unsealed = unsealed?;
+    Some(Emission {
+        unsealed,
+        metas: std::mem::take(&mut slot.metas),
+        shard_id: routing.shard_id(index),
+        generation: routing.generation,
+        then: None,
+        _turn: lock(&routing.emitting[index]),
+    })
+}
+
+/// An aggregate taken out of its slot and not yet handed to the sender.
+struct Emission<'a> {
+    unsealed: Unsealed,
+    metas: Vec<RecordMeta>,
+    shard_id: Option<Arc<str>>,
+    generation: u64,
+    /// A message for the sender to follow it (the deadline of the aggregate it made room for).
+    then: Option<Inbound>,
+    /// Its shard's turn to send: the next aggregate of the shard waits for this one.
+    _turn: MutexGuard<'a, ()>,
+}
+
+impl Emission<'_> {
+    /// Computes the checksum and hands the Kinesis record to the sender.
+    fn send(self, shared: &Shared) {
+        let Emission {
+            unsealed,
+            metas,
+            shard_id,
+            generation,
+            then,
+            _turn,
+        } = self;
+        let entry = unsealed.seal();
+        shared.send(Inbound::Record(Outgoing::new(
+            entry, metas, shard_id, generation,
+        )));
+        if let Some(then) = then {
+            shared.send(then);
+        }
+    }
 }
 
 /// Records that `slot`'s empty builder keeps `room` bytes, keeping the producer's total

@@ -245,6 +245,57 @@ async fn order_mode_keeps_each_keys_records_in_order_under_throttling() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_putting_to_one_shard_keep_each_keys_order_in_order_mode() {
+    // Several threads fill one shard's small aggregates; an aggregate is checksummed after
+    // its shard's lock is let go, while the next one fills. The shard's aggregates must still
+    // reach Kinesis in the order they closed.
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("threads", 1).await;
+    let producer = producer_for(&kinesis.endpoint, "threads", |b| {
+        b.preserve_order(true).aggregation_max_size(4_096)
+    })
+    .await;
+    let failures = producer.notify_failures();
+    const THREADS: usize = 4;
+    const PER_THREAD: usize = 5_000;
+    let threads: Vec<_> = (0..THREADS)
+        .map(|thread| {
+            let producer = producer.clone();
+            std::thread::spawn(move || {
+                for seq in 0..PER_THREAD {
+                    let mut data = format!("{thread}:{seq}:").into_bytes();
+                    data.resize(100, b'.');
+                    let record = kinesis_producer::UserRecord::new(data, format!("t-{thread}"));
+                    producer.put_blocking(record).expect("accepted");
+                }
+            })
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| t.join().unwrap()))
+        .await
+        .unwrap();
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty());
+
+    let raw = kinesis.read_raw("threads").await; // in sequence-number order
+    let mut last: HashMap<usize, i64> = HashMap::new();
+    let mut count = 0;
+    for r in &raw {
+        for user in deaggregate(r.data.clone(), &r.partition_key).unwrap() {
+            let text = String::from_utf8_lossy(&user.data).into_owned();
+            let mut parts = text.split(':');
+            let thread: usize = parts.next().unwrap().parse().unwrap();
+            let seq: i64 = parts.next().unwrap().parse().unwrap();
+            let previous = last.insert(thread, seq).unwrap_or(-1);
+            assert!(seq > previous, "thread {thread}: {seq} after {previous}");
+            count += 1;
+        }
+    }
+    assert_eq!(count, THREADS * PER_THREAD);
+    assert!(raw.len() > 100, "aggregates closed often: {}", raw.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_held_back_by_its_limiter_does_not_make_other_shards_send_tiny_requests() {
     let kinesis = LocalKinesis::start(true).await;
     kinesis.create_stream("backlogged", 4).await;
