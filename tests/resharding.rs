@@ -8,8 +8,27 @@ use std::time::{Duration, Instant};
 
 use kinesis_producer::deaggregate;
 use kinesis_producer::record::partition_key_hash;
-use support::local_kinesis::{count_by_index, LocalKinesis};
+use support::local_kinesis::{count_by_index, LocalKinesis, RawRecord};
 use support::{drain, producer_for};
+
+/// Reads user records whose data start with `key:seq:` from Kinesis records in shard and
+/// sequence-number order, asserts that each key's numbers strictly increase, and counts them.
+fn count_in_order(raw: &[RawRecord]) -> usize {
+    let mut last: HashMap<usize, i64> = HashMap::new();
+    let mut count = 0;
+    for r in raw {
+        for user in deaggregate(r.data.clone(), &r.partition_key).unwrap() {
+            let text = String::from_utf8_lossy(&user.data).into_owned();
+            let mut parts = text.split(':');
+            let key: usize = parts.next().unwrap().parse().unwrap();
+            let seq: i64 = parts.next().unwrap().parse().unwrap();
+            let previous = last.insert(key, seq).unwrap_or(-1);
+            assert!(seq > previous, "key {key}: {seq} after {previous}");
+            count += 1;
+        }
+    }
+    count
+}
 
 async fn reshard(kinesis: &LocalKinesis, stream: &str, shards: i32) {
     kinesis
@@ -224,20 +243,7 @@ async fn order_mode_keeps_each_keys_records_in_order_under_throttling() {
 
     // Per shard, in sequence order, each key's numbers must strictly increase.
     let raw = kinesis.read_raw("ordered").await; // sorted by shard, then sequence number
-    let mut last: HashMap<usize, i64> = HashMap::new();
-    let mut count = 0;
-    for r in raw {
-        for user in deaggregate(r.data, &r.partition_key).unwrap() {
-            let text = String::from_utf8_lossy(&user.data).into_owned();
-            let mut parts = text.split(':');
-            let key: usize = parts.next().unwrap().parse().unwrap();
-            let seq: i64 = parts.next().unwrap().parse().unwrap();
-            let previous = last.insert(key, seq).unwrap_or(-1);
-            assert!(seq > previous, "key {key}: {seq} after {previous}");
-            count += 1;
-        }
-    }
-    assert_eq!(count, KEYS * PER_KEY);
+    assert_eq!(count_in_order(&raw), KEYS * PER_KEY);
     println!(
         "order mode: {} entries throttled, {} retried, order held",
         stats.throttled_entries, stats.entry_retries
@@ -278,20 +284,7 @@ async fn threads_putting_to_one_shard_keep_each_keys_order_in_order_mode() {
     assert!(drain(failures).await.is_empty());
 
     let raw = kinesis.read_raw("threads").await; // in sequence-number order
-    let mut last: HashMap<usize, i64> = HashMap::new();
-    let mut count = 0;
-    for r in &raw {
-        for user in deaggregate(r.data.clone(), &r.partition_key).unwrap() {
-            let text = String::from_utf8_lossy(&user.data).into_owned();
-            let mut parts = text.split(':');
-            let thread: usize = parts.next().unwrap().parse().unwrap();
-            let seq: i64 = parts.next().unwrap().parse().unwrap();
-            let previous = last.insert(thread, seq).unwrap_or(-1);
-            assert!(seq > previous, "thread {thread}: {seq} after {previous}");
-            count += 1;
-        }
-    }
-    assert_eq!(count, THREADS * PER_THREAD);
+    assert_eq!(count_in_order(&raw), THREADS * PER_THREAD);
     assert!(raw.len() > 100, "aggregates closed often: {}", raw.len());
 }
 
