@@ -273,7 +273,7 @@ pub(crate) fn enqueue(
         // The next `put` to this shard need not wait for the full aggregate's MD5 pass.
         drop(slot);
         if let Some(emission) = emission {
-            emission.send(shared);
+            emission.send(shared, admission == Admission::New);
         }
         return Ok(());
     }
@@ -313,7 +313,7 @@ fn add_to_slot<'a>(
         if let Err(record) = slot.builder.try_push(record) {
             // Unreachable by the check above; if it were not, the aggregate still goes first.
             if let Some(full) = full {
-                full.send(shared);
+                full.send(shared, false);
             }
             let entry = Entry::plain(&record);
             let shard_id = routing.shard_id(index);
@@ -362,7 +362,7 @@ fn add_to_slot<'a>(
 /// together hold at most the cap in room no record uses.
 fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) {
     if let Some(emission) = take_emission(shared, routing, index, slot) {
-        emission.send(shared);
+        emission.send(shared, false);
     }
 }
 
@@ -403,8 +403,12 @@ struct Emission<'a> {
 }
 
 impl Emission<'_> {
-    /// Computes the checksum and hands the Kinesis record to the sender.
-    fn send(self, shared: &Shared) {
+    /// Hands the aggregate to the sender, checksummed. With `hand_over` (a `put` closed it),
+    /// the checksum (an MD5 pass over up to 50 KB) is left to the sender while it keeps up,
+    /// as it then has time to spare and the putting thread, usually the busier, can go on
+    /// taking records; when the sender falls behind (larger records), this thread computes
+    /// it. Deadlines and flushes run on the sender or for `flush`: they compute it here.
+    fn send(self, shared: &Shared, hand_over: bool) {
         let Emission {
             unsealed,
             metas,
@@ -413,13 +417,48 @@ impl Emission<'_> {
             then,
             _turn,
         } = self;
-        let entry = unsealed.seal();
-        shared.send(Inbound::Record(Outgoing::new(
-            entry, metas, shard_id, generation,
-        )));
+        let closed = Closed {
+            unsealed,
+            metas,
+            shard_id,
+            generation,
+        };
+        if hand_over && shared.unsealed_at_sender.load(Ordering::Relaxed) < SENDER_CHECKSUMS_MAX {
+            shared.unsealed_at_sender.fetch_add(1, Ordering::Relaxed);
+            shared.send(Inbound::Closed(closed));
+        } else {
+            let outgoing = closed.seal_here();
+            shared.send(Inbound::Record(outgoing));
+        }
         if let Some(then) = then {
             shared.send(then);
         }
+    }
+}
+
+/// Most closed aggregates waiting for the sender to checksum them before putting threads
+/// checksum their own.
+const SENDER_CHECKSUMS_MAX: usize = 2;
+
+/// A closed aggregate on its way to the sender, which computes its checksum.
+pub(crate) struct Closed {
+    unsealed: Unsealed,
+    metas: Vec<RecordMeta>,
+    shard_id: Option<Arc<str>>,
+    generation: u64,
+}
+
+impl Closed {
+    /// Computes the checksum, on the sender: the Kinesis record to send.
+    pub(crate) fn seal(self, shared: &Shared) -> Outgoing {
+        let outgoing = self.seal_here();
+        shared.unsealed_at_sender.fetch_sub(1, Ordering::Relaxed);
+        outgoing
+    }
+
+    fn seal_here(self) -> Outgoing {
+        let entry = self.unsealed.seal();
+        Outgoing::new(entry, self.metas, self.shard_id, self.generation)
     }
 }
 

@@ -31,6 +31,8 @@ use crate::stats::{add, Counters, Stats};
 pub(crate) enum Inbound {
     /// A finished Kinesis record.
     Record(Outgoing),
+    /// A closed aggregate for the sender to checksum (it had time to spare).
+    Closed(aggregator::Closed),
     /// An aggregator received its first record; flush it at `at` if it is still that aggregate.
     Deadline {
         at: Instant,
@@ -112,6 +114,9 @@ pub(crate) struct Shared {
     pub idle_room_max: usize,
     /// Record lists of acknowledged Kinesis records, for new aggregates.
     pub metas: MetaPool,
+    /// Closed aggregates handed to the sender for it to checksum, not yet checksummed (see
+    /// `aggregator::Emission::send`).
+    pub unsealed_at_sender: AtomicUsize,
     inbound: mpsc::UnboundedSender<Inbound>,
     failures: Mutex<Option<mpsc::UnboundedSender<FailedRecord>>>,
     /// A reload task is running.
@@ -162,14 +167,17 @@ impl Shared {
     }
 
     pub fn send(&self, message: Inbound) {
-        if let Err(mpsc::error::SendError(Inbound::Record(outgoing))) = self.inbound.send(message) {
-            // Only when the sender task is gone (its runtime shut down): nothing will send
-            // this record, so it fails here rather than vanish.
-            self.fail(
-                outgoing,
-                DeliveryError::stopped("the producer's sender task is no longer running"),
-            );
-        }
+        let outgoing = match self.inbound.send(message) {
+            Err(mpsc::error::SendError(Inbound::Record(outgoing))) => outgoing,
+            Err(mpsc::error::SendError(Inbound::Closed(closed))) => closed.seal(self),
+            _ => return,
+        };
+        // Only when the sender task is gone (its runtime shut down): nothing will send this
+        // record, so it fails here rather than vanish.
+        self.fail(
+            outgoing,
+            DeliveryError::stopped("the producer's sender task is no longer running"),
+        );
     }
 
     /// A Kinesis record was acknowledged: its user records are done.
@@ -481,6 +489,7 @@ impl ProducerBuilder {
             idle_room: AtomicUsize::new(0),
             idle_room_max: config.max_backlog_bytes / 16,
             metas: MetaPool::default(),
+            unsealed_at_sender: AtomicUsize::new(0),
             inbound,
             failures: Mutex::new(None),
             refreshing: AtomicBool::new(false),

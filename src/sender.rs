@@ -262,6 +262,7 @@ impl Sender {
     fn handle(&mut self, message: Inbound) {
         match message {
             Inbound::Record(outgoing) => self.enqueue(outgoing, false),
+            Inbound::Closed(closed) => self.enqueue(closed.seal(&self.shared), false),
             Inbound::Deadline {
                 at,
                 generation,
@@ -1037,9 +1038,12 @@ impl Drop for Sender {
         }
         self.inbound.close();
         while let Ok(message) = self.inbound.try_recv() {
-            if let Inbound::Record(outgoing) = message {
-                self.shared.fail(outgoing, error.clone());
-            }
+            let outgoing = match message {
+                Inbound::Record(outgoing) => outgoing,
+                Inbound::Closed(closed) => closed.seal(&self.shared),
+                _ => continue,
+            };
+            self.shared.fail(outgoing, error.clone());
         }
         self.shared.finish();
     }
