@@ -226,11 +226,7 @@ impl Sections {
 
     /// The whole aggregate in one buffer: magic, protobuf, checksum.
     fn to_bytes(&self, digest: &[u8; DIGEST_LEN]) -> Bytes {
-        let mut out = Vec::with_capacity(FRAME_LEN + self.len());
-        out.extend_from_slice(&MAGIC);
-        for part in self.parts() {
-            out.extend_from_slice(part);
-        }
+        let mut out = self.frame_without_digest();
         out.extend_from_slice(digest);
         Bytes::from(out)
     }

@@ -381,10 +381,12 @@ fn take_emission<'a>(
     set_idle_room(shared, slot, slot.builder.idle_room());
     let unsealed = unsealed?;
     Some(Emission {
-        unsealed,
-        metas: std::mem::take(&mut slot.metas),
-        shard_id: routing.shard_id(index),
-        generation: routing.generation,
+        closed: Closed {
+            unsealed,
+            metas: std::mem::take(&mut slot.metas),
+            shard_id: routing.shard_id(index),
+            generation: routing.generation,
+        },
         then: None,
         _turn: lock(&routing.emitting[index]),
     })
@@ -392,10 +394,7 @@ fn take_emission<'a>(
 
 /// An aggregate taken out of its slot and not yet handed to the sender.
 struct Emission<'a> {
-    unsealed: Unsealed,
-    metas: Vec<RecordMeta>,
-    shard_id: Option<Arc<str>>,
-    generation: u64,
+    closed: Closed,
     /// A message for the sender to follow it (the deadline of the aggregate it made room for).
     then: Option<Inbound>,
     /// Its shard's turn to send: the next aggregate of the shard waits for this one.
@@ -410,19 +409,10 @@ impl Emission<'_> {
     /// it. Deadlines and flushes run on the sender or for `flush`: they compute it here.
     fn send(self, shared: &Shared, hand_over: bool) {
         let Emission {
-            unsealed,
-            metas,
-            shard_id,
-            generation,
+            closed,
             then,
             _turn,
         } = self;
-        let closed = Closed {
-            unsealed,
-            metas,
-            shard_id,
-            generation,
-        };
         if hand_over && shared.unsealed_at_sender.load(Ordering::Relaxed) < SENDER_CHECKSUMS_MAX {
             shared.unsealed_at_sender.fetch_add(1, Ordering::Relaxed);
             shared.send(Inbound::Closed(closed));
