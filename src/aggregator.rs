@@ -439,7 +439,8 @@ pub(crate) struct Closed {
 }
 
 impl Closed {
-    /// Computes the checksum, on the sender: the Kinesis record to send.
+    /// Computes the checksum of one that was handed over (`Inbound::Closed`), taking it off
+    /// [`Shared::unsealed_at_sender`]: the Kinesis record to send.
     pub(crate) fn seal(self, shared: &Shared) -> Outgoing {
         let outgoing = self.seal_here();
         shared.unsealed_at_sender.fetch_sub(1, Ordering::Relaxed);

@@ -49,6 +49,17 @@ pub(crate) enum Inbound {
     MapRefreshed { loaded: bool },
 }
 
+impl Inbound {
+    /// The Kinesis record a message carries, checksummed, if it carries one.
+    pub fn into_record(self, shared: &Shared) -> Option<Outgoing> {
+        match self {
+            Inbound::Record(outgoing) => Some(outgoing),
+            Inbound::Closed(closed) => Some(closed.seal(shared)),
+            _ => None,
+        }
+    }
+}
+
 /// What acknowledged Kinesis records give back, gathered over one answer and handed back in one
 /// go ([`Shared::give_back`]): the backlog's semaphores, its epoch book and the metadata pool
 /// each take a lock, and the counters are shared with the putting threads, so a request of 500
@@ -167,17 +178,16 @@ impl Shared {
     }
 
     pub fn send(&self, message: Inbound) {
-        let outgoing = match self.inbound.send(message) {
-            Err(mpsc::error::SendError(Inbound::Record(outgoing))) => outgoing,
-            Err(mpsc::error::SendError(Inbound::Closed(closed))) => closed.seal(self),
-            _ => return,
-        };
-        // Only when the sender task is gone (its runtime shut down): nothing will send this
-        // record, so it fails here rather than vanish.
-        self.fail(
-            outgoing,
-            DeliveryError::stopped("the producer's sender task is no longer running"),
-        );
+        if let Err(mpsc::error::SendError(message)) = self.inbound.send(message) {
+            // Only when the sender task is gone (its runtime shut down): nothing will send
+            // this record, so it fails here rather than vanish.
+            if let Some(outgoing) = message.into_record(self) {
+                self.fail(
+                    outgoing,
+                    DeliveryError::stopped("the producer's sender task is no longer running"),
+                );
+            }
+        }
     }
 
     /// A Kinesis record was acknowledged: its user records are done.

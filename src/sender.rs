@@ -1038,12 +1038,9 @@ impl Drop for Sender {
         }
         self.inbound.close();
         while let Ok(message) = self.inbound.try_recv() {
-            let outgoing = match message {
-                Inbound::Record(outgoing) => outgoing,
-                Inbound::Closed(closed) => closed.seal(&self.shared),
-                _ => continue,
-            };
-            self.shared.fail(outgoing, error.clone());
+            if let Some(outgoing) = message.into_record(&self.shared) {
+                self.shared.fail(outgoing, error.clone());
+            }
         }
         self.shared.finish();
     }
