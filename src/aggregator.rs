@@ -18,11 +18,11 @@ use bytes::Bytes;
 use crate::aggregation::{
     records_of_aggregate, AggregateBuilder, AggregateLimits, Entry, EntryData, Unsealed,
 };
-use crate::backlog::lock;
 use crate::producer::{Inbound, Shared};
 use crate::receipt::ReceiptTx;
 use crate::record::UserRecord;
 use crate::shard_map::ShardMap;
+use crate::sync::lock;
 
 /// What the producer knows about a user record besides the record itself.
 #[derive(Debug)]

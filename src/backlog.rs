@@ -10,6 +10,8 @@ use std::sync::Mutex;
 
 use tokio::sync::{watch, Semaphore, TryAcquireError};
 
+use crate::sync::lock;
+
 pub(crate) struct Backlog {
     records: Semaphore,
     bytes: Semaphore,
@@ -154,14 +156,6 @@ impl Backlog {
             .map_or(book.current, |(epoch, _)| *epoch);
         self.finished_below.send_replace(below);
     }
-}
-
-/// Locks a mutex, carrying on if a panicking thread poisoned it: every critical section here
-/// leaves the data consistent at each step.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

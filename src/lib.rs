@@ -92,6 +92,8 @@ mod retry;
 mod sender;
 #[cfg(feature = "producer")]
 mod stats;
+#[cfg(any(feature = "producer", feature = "batch"))]
+mod sync;
 
 pub use deaggregation::{
     deaggregate, DeaggregatedRecord, DeaggregationError, Deaggregator, OutOfRange,

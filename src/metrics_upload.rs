@@ -16,12 +16,12 @@ use aws_sdk_cloudwatch::primitives::DateTime;
 use aws_sdk_cloudwatch::types::{Dimension, MetricDatum, StandardUnit, StatisticSet};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::backlog::lock;
 use crate::batch::cloudwatch::PutMetricData;
 use crate::batch::{BatchCall, BatchOptions};
 use crate::metrics::{Metric, Unit};
 use crate::producer::Shared;
 use crate::stats::add;
+use crate::sync::lock;
 
 /// The longest one upload may take, retries included; the last one, after the producer's end,
 /// gets at most `LAST_UPLOAD_BUDGET` (and `stop` waits no longer than its own timeout).

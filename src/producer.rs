@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::aggregation::AggregateLimits;
 use crate::aggregator::{self, Admission, MetaPool, Outgoing, RecordMeta, Routing};
-use crate::backlog::{lock, Backlog, NoRoom};
+use crate::backlog::{Backlog, NoRoom};
 use crate::config::{Config, ProducerBuilder};
 use crate::error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
 use crate::metrics::{MetricName, MetricsSnapshot, Recorder, Statistics};
@@ -23,6 +23,7 @@ use crate::receipt::{Delivered, Receipt};
 use crate::request_body::BodyPool;
 use crate::shard_map::{load_shard_map, ShardMap, StreamId};
 use crate::stats::{add, Counters, Stats};
+use crate::sync::lock;
 
 /// What reaches the sender task.
 // `Record` is by far the most common message: boxing it would cost an allocation per Kinesis

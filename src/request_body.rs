@@ -47,7 +47,7 @@ impl BodyPool {
     /// A buffer for `len` bytes: the smallest free one that holds them, else the largest (grown).
     fn take(&self, len: usize) -> Vec<u8> {
         let reused = {
-            let mut free = crate::backlog::lock(&self.free);
+            let mut free = crate::sync::lock(&self.free);
             let fits = free
                 .iter()
                 .enumerate()
@@ -68,7 +68,7 @@ impl BodyPool {
 
     fn give_back(&self, mut buf: Vec<u8>) {
         buf.clear();
-        let mut free = crate::backlog::lock(&self.free);
+        let mut free = crate::sync::lock(&self.free);
         let held: usize = free.iter().map(Vec::capacity).sum();
         if held + buf.capacity() <= self.retain_bytes {
             free.push(buf);
@@ -78,7 +78,7 @@ impl BodyPool {
     /// Capacity the pool holds now.
     #[cfg(test)]
     fn held(&self) -> usize {
-        crate::backlog::lock(&self.free)
+        crate::sync::lock(&self.free)
             .iter()
             .map(Vec::capacity)
             .sum()

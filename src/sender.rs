@@ -25,7 +25,6 @@ use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::aggregator::{self, Outgoing};
-use crate::backlog::lock;
 use crate::config::Config;
 use crate::error::{DeliveryError, FailureKind};
 use crate::limiter::Limiter;
@@ -35,6 +34,7 @@ use crate::request_body;
 use crate::retry::{classify_sdk_error, entry_error_is_transient, AttemptError};
 use crate::shard_map::StreamId;
 use crate::stats::add;
+use crate::sync::lock;
 
 /// Successful map reloads a parked aggregate waits for the shard it landed on to appear.
 const PARKED_RELOADS: u32 = 3;

@@ -624,6 +624,32 @@ async fn perf_caps_the_aggregation_density_and_measures_without_metrics_on_reque
 
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn perf_caps_the_request_size_on_request() {
+    // 6,000 KiB of data: with requests of at most 1 MiB, at least six of them.
+    let output = run_perf(&[
+        "--null-sink",
+        "--records",
+        "6000",
+        "--record-size",
+        "1024",
+        "--shards",
+        "2",
+        "--collection-max-size",
+        "1048576",
+    ])
+    .await;
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let f = figures(&output.stdout);
+    assert_eq!(number(&f, "acknowledged"), 6000.0, "{f:?}");
+    assert!(number(&f, "requests") >= 6.0, "{f:?}");
+    assert_eq!(
+        number(&f, "sink_put_records_requests"),
+        number(&f, "requests")
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn perf_under_a_stalled_sink_ends_every_record_acknowledged_or_failed() {
     let output = run_perf(&[
         "--null-sink",
@@ -662,6 +688,13 @@ async fn perf_refuses_bad_arguments_with_a_clear_error() {
     assert_eq!(output.status.code(), Some(2));
     assert!(
         stderr_of(&output).contains("aggregation_max_count = 0"),
+        "{}",
+        stderr_of(&output)
+    );
+    let output = run_perf(&["--null-sink", "--collection-max-size", "1000"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr_of(&output).contains("collection_max_size = 1000"),
         "{}",
         stderr_of(&output)
     );

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::sync::lock;
+
 use super::{
     BatchCall, BatchOptions, Failure, ItemResult, Keep, Outcome, Reason, ReasonKind, Succeeded,
     Unprocessed,
@@ -230,14 +232,14 @@ async fn send_entries<S: BatchCall>(
             }
         }
     }
-    let outcome = mem::take(&mut *run.outcome.lock().unwrap());
+    let outcome = mem::take(&mut *lock(&run.outcome));
     outcome
 }
 
 /// One worker: takes pages until there are none left.
 async fn work<S: BatchCall>(run: Arc<Run<S>>) {
     loop {
-        let page = run.pages.lock().unwrap().pop_front();
+        let page = lock(&run.pages).pop_front();
         let Some(page) = page else { return };
         send_page(&run, page).await;
     }
@@ -263,7 +265,7 @@ async fn send_page<S: BatchCall>(run: &Run<S>, mut pending: Vec<Entry<S::Item>>)
             entry.attempts += 1;
         }
         let items: Vec<&S::Item> = pending.iter().map(|e| &e.item).collect();
-        run.outcome.lock().unwrap().requests += 1;
+        lock(&run.outcome).requests += 1;
         let answer = tokio::time::timeout(remaining, run.call.send(&items)).await;
         drop(items);
         let mut retry = Vec::new();
@@ -289,7 +291,7 @@ async fn send_page<S: BatchCall>(run: &Run<S>, mut pending: Vec<Entry<S::Item>>)
                 // Halve the page, so that the bad item fails alone; the halves go first, in order.
                 tracing::debug!(code = %failure.code, items = pending.len(), "splitting a refused page");
                 let second = pending.split_off(pending.len() / 2);
-                let mut pages = run.pages.lock().unwrap();
+                let mut pages = lock(&run.pages);
                 pages.push_front(second);
                 pages.push_front(pending);
                 return;
@@ -325,7 +327,7 @@ async fn send_page<S: BatchCall>(run: &Run<S>, mut pending: Vec<Entry<S::Item>>)
                     }
                 }
                 block(run, &failed);
-                let mut outcome = run.outcome.lock().unwrap();
+                let mut outcome = lock(&run.outcome);
                 outcome.succeeded.extend(done);
                 outcome.unprocessed.extend(failed);
             }
@@ -364,7 +366,7 @@ fn end_all<S: BatchCall>(
 ) {
     let ended: Vec<_> = entries.into_iter().map(why).collect();
     block(run, &ended);
-    run.outcome.lock().unwrap().unprocessed.extend(ended);
+    lock(&run.outcome).unprocessed.extend(ended);
 }
 
 /// Marks the ordered groups of undelivered items, so that their later items are held back.
@@ -372,7 +374,7 @@ fn block<S: BatchCall>(run: &Run<S>, ended: &[Unprocessed<S::Item>]) {
     if !run.ordered || ended.is_empty() {
         return;
     }
-    let mut blocked = run.blocked.lock().unwrap();
+    let mut blocked = lock(&run.blocked);
     blocked.extend(ended.iter().filter_map(|u| run.call.order_key(&u.item)));
 }
 
@@ -381,7 +383,7 @@ fn hold_back_blocked<S: BatchCall>(
     run: &Run<S>,
     pending: Vec<Entry<S::Item>>,
 ) -> Vec<Entry<S::Item>> {
-    let blocked = run.blocked.lock().unwrap();
+    let blocked = lock(&run.blocked);
     if blocked.is_empty() {
         return pending;
     }
@@ -401,7 +403,7 @@ fn hold_back_blocked<S: BatchCall>(
         }
     }
     drop(blocked);
-    run.outcome.lock().unwrap().unprocessed.extend(held);
+    lock(&run.outcome).unprocessed.extend(held);
     kept
 }
 

@@ -88,6 +88,9 @@ pub struct PerfArgs {
     /// what a Kinesis record costs at a given aggregation density).
     #[arg(long)]
     aggregation_max_count: Option<usize>,
+    /// The producer's collection_max_size: bytes per PutRecords request at most.
+    #[arg(long)]
+    collection_max_size: Option<usize>,
     /// The producer's metrics_level.
     #[arg(long, value_enum, default_value_t = Level::Detailed)]
     metrics_level: Level,
@@ -192,6 +195,9 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
         });
     if let Some(n) = args.aggregation_max_count {
         builder = builder.aggregation_max_count(n);
+    }
+    if let Some(n) = args.collection_max_size {
+        builder = builder.collection_max_size(n);
     }
     if let Some(ms) = args.record_max_buffered_time_ms {
         builder = builder.record_max_buffered_time(Duration::from_millis(ms));
