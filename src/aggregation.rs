@@ -391,6 +391,43 @@ impl AggregateBuilder {
         self.count == 0
     }
 
+    /// Asks for the cache lines [`finish_unsealed`](Self::finish_unsealed) reads: a lone
+    /// record's keys (it goes out as itself), or a small aggregate's sections (a large one is
+    /// not read there).
+    #[cfg(feature = "producer")]
+    pub(crate) fn prefetch_finish(&self) {
+        use crate::prefetch::prefetch;
+        if self.count == 1 {
+            if let Some(first) = &self.first {
+                let key = first.partition_key();
+                prefetch(key.as_ptr(), key.len());
+                if let Some(ehk) = first.explicit_hash_key() {
+                    prefetch(ehk.as_ptr(), ehk.len());
+                }
+            }
+        } else if self.sections.len() <= PIECES_MIN {
+            for part in self.sections.parts() {
+                prefetch(part.as_ptr(), part.len());
+            }
+        }
+    }
+
+    /// Asks for the cache lines the next [`try_push`](Self::try_push) touches in the builder's
+    /// buffers: where the record section and the partition key table end, and the partition
+    /// keys' hashes, which a small table scans.
+    #[cfg(feature = "producer")]
+    pub(crate) fn prefetch(&self) {
+        use crate::prefetch::{prefetch, prefetch_spare};
+        let sections = &self.sections;
+        prefetch_spare(sections.more_records.last().unwrap_or(&sections.records));
+        prefetch_spare(&sections.partition_key_table);
+        let keys = &self.partition_keys;
+        if keys.hashes.len() <= SCAN_MAX {
+            prefetch(keys.hashes.as_ptr(), size_of_val(keys.hashes.as_slice()));
+        }
+        prefetch_spare(&keys.entries);
+    }
+
     pub fn len(&self) -> usize {
         self.count
     }

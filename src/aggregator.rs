@@ -18,6 +18,7 @@ use bytes::Bytes;
 use crate::aggregation::{
     records_of_aggregate, AggregateBuilder, AggregateLimits, Entry, EntryData, Unsealed,
 };
+use crate::prefetch::{prefetch, prefetch_spare};
 use crate::producer::{Inbound, Shared};
 use crate::receipt::ReceiptTx;
 use crate::record::UserRecord;
@@ -259,9 +260,17 @@ pub(crate) fn enqueue(
             .map
             .shard_index(meta.hash_key)
             .unwrap_or(routing.map.len());
-        let mut slot = lock(&routing.slots[index]);
+        let slot = &routing.slots[index];
+        // All of the slot's lines at once, not one after the other as the code reaches them.
+        prefetch(slot, std::mem::size_of_val(slot));
+        let mut slot = lock(slot);
         if slot.retired {
             continue;
+        }
+        if shared.config.aggregation && index < routing.map.len() {
+            // And the lines of its buffers the record will be written to.
+            slot.builder.prefetch();
+            prefetch_spare(&slot.metas);
         }
         if admission == Admission::New {
             if shared.closed.load(Ordering::SeqCst) {
@@ -277,6 +286,18 @@ pub(crate) fn enqueue(
         }
         return Ok(());
     }
+}
+
+/// Asks for the memory of the slot (the `Slot` itself, not its buffers) a record of
+/// `hash_key` goes to (see [`prefetch`]).
+pub(crate) fn prefetch_slot(shared: &Shared, hash_key: u128) {
+    let routing = shared.routing.load();
+    let index = routing
+        .map
+        .shard_index(hash_key)
+        .unwrap_or(routing.map.len());
+    let slot = &routing.slots[index];
+    prefetch(slot, std::mem::size_of_val(slot));
 }
 
 /// Adds a record to its slot. When that closes a full aggregate, the aggregate comes back
@@ -340,9 +361,11 @@ fn add_to_slot<'a>(
             // waited the whole time, so aggregates flushed in the second half of that window
             // share one request instead of each leaving alone in a tiny one.
             at: put_at + shared.config.record_max_buffered_time / 2,
-            generation: routing.generation,
-            slot: index,
-            cycle: slot.cycle,
+            aggregate: AggregateId {
+                generation: routing.generation,
+                slot: index,
+                cycle: slot.cycle,
+            },
         };
         match emission.as_mut() {
             // Sent right after the full aggregate: one wake-up of the sender for both.
@@ -468,18 +491,62 @@ fn set_idle_room(shared: &Shared, slot: &mut Slot, room: usize) {
     slot.idle_room = room;
 }
 
-/// The sender's timer: flushes the aggregate of `slot` if it is still the one the deadline was
-/// set for.
-pub(crate) fn flush_expired(shared: &Shared, generation: u64, index: usize, cycle: u64) {
-    let routing = shared.routing.load();
-    if routing.generation != generation {
+/// The sender's timer: flushes each aggregate of `due` that is still in its slot.
+pub(crate) fn flush_expired(shared: &Shared, due: &[AggregateId]) {
+    if due.is_empty() {
         return;
     }
-    let mut slot = lock(&routing.slots[index]);
-    if slot.cycle == cycle && !slot.retired {
-        emit_slot(shared, &routing, index, &mut slot);
+    let mut routing = shared.routing.load();
+    let prefetch_slot_of = |routing: &Routing, aggregate: &AggregateId| {
+        if aggregate.generation == routing.generation {
+            let (slot, turn) = (
+                &routing.slots[aggregate.slot],
+                &routing.emitting[aggregate.slot],
+            );
+            prefetch(slot, std::mem::size_of_val(slot));
+            prefetch(turn, std::mem::size_of_val(turn));
+        }
+    };
+    for ahead in due.iter().take(PREFETCH_AHEAD) {
+        prefetch_slot_of(&routing, ahead);
+    }
+    for (i, aggregate) in due.iter().enumerate() {
+        // The slots of the next deadlines are read from memory while this one is flushed.
+        if let Some(ahead) = due.get(i + PREFETCH_AHEAD) {
+            prefetch_slot_of(&routing, ahead);
+        }
+        // A map installed meanwhile retires the slots of this one: as before the batch, an
+        // aggregate of an older map is left to the re-route.
+        if shared.routing_generation.load(Ordering::Acquire) != routing.generation {
+            routing = shared.routing.load();
+        }
+        if aggregate.generation != routing.generation {
+            continue;
+        }
+        let mut slot = lock(&routing.slots[aggregate.slot]);
+        if slot.cycle == aggregate.cycle && !slot.retired {
+            slot.builder.prefetch_finish();
+            prefetch(
+                slot.metas.as_ptr(),
+                std::mem::size_of_val(slot.metas.as_slice()),
+            );
+            emit_slot(shared, &routing, aggregate.slot, &mut slot);
+        }
     }
 }
+
+/// Which aggregate a deadline is for: the routing generation and slot it was started in, and
+/// the slot's cycle then (a later aggregate of the slot has a later cycle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct AggregateId {
+    pub generation: u64,
+    pub slot: usize,
+    pub cycle: u64,
+}
+
+/// How many deadlines ahead `flush_expired` asks for a slot's memory: far enough for it to
+/// arrive, near enough to still be in the cache when its turn comes.
+const PREFETCH_AHEAD: usize = 2;
 
 /// Sends every aggregate now, whatever its age (`flush` and `stop`).
 pub(crate) fn flush_all(shared: &Shared) {

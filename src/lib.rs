@@ -81,6 +81,8 @@ pub mod metrics;
 #[cfg(feature = "cloudwatch-metrics")]
 mod metrics_upload;
 #[cfg(feature = "producer")]
+mod prefetch;
+#[cfg(feature = "producer")]
 mod producer;
 #[cfg(feature = "producer")]
 mod receipt;

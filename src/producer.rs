@@ -37,9 +37,7 @@ pub(crate) enum Inbound {
     /// An aggregator received its first record; flush it at `at` if it is still that aggregate.
     Deadline {
         at: Instant,
-        generation: u64,
-        slot: usize,
-        cycle: u64,
+        aggregate: aggregator::AggregateId,
     },
     /// Send everything buffered now (`flush`).
     Flush,
@@ -609,6 +607,9 @@ impl Producer {
         if shared.closed.load(Ordering::SeqCst) {
             return Err(PutRefusal::Stopped);
         }
+        // The shard's aggregator is on its way from memory while the record takes its room in
+        // the backlog and the clock is read.
+        aggregator::prefetch_slot(shared, hash_key);
         Ok(RecordMeta {
             hash_key,
             // Set by `place`, after any wait for room.

@@ -24,7 +24,7 @@ use aws_smithy_types::body::SdkBody;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::aggregator::{self, Outgoing};
+use crate::aggregator::{self, AggregateId, Outgoing};
 use crate::config::Config;
 use crate::error::{DeliveryError, FailureKind};
 use crate::limiter::Limiter;
@@ -67,6 +67,7 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<In
         parked: Vec::new(),
         isolating: VecDeque::new(),
         deadlines: BinaryHeap::new(),
+        due: Vec::new(),
         retries: BinaryHeap::new(),
         retry_seq: 0,
         in_flight: 0,
@@ -112,8 +113,11 @@ struct Sender {
     /// Halves of requests refused as a whole for invalid input, sent on their own to find the
     /// entry at fault.
     isolating: VecDeque<Vec<Outgoing>>,
-    /// Aggregator deadlines: (when, routing generation, slot, cycle).
-    deadlines: BinaryHeap<Reverse<(Instant, u64, usize, u64)>>,
+    /// Aggregator deadlines, earliest first.
+    deadlines: BinaryHeap<Reverse<(Instant, AggregateId)>>,
+    /// The deadlines that are due, taken from `deadlines` to be flushed together (kept for
+    /// its room).
+    due: Vec<AggregateId>,
     /// Records waiting out their backoff (without `preserve_order`; with it they wait at the
     /// front of their lane).
     retries: BinaryHeap<Reverse<Retry>>,
@@ -263,12 +267,7 @@ impl Sender {
         match message {
             Inbound::Record(outgoing) => self.enqueue(outgoing, false),
             Inbound::Closed(closed) => self.enqueue(closed.seal(&self.shared), false),
-            Inbound::Deadline {
-                at,
-                generation,
-                slot,
-                cycle,
-            } => self.deadlines.push(Reverse((at, generation, slot, cycle))),
+            Inbound::Deadline { at, aggregate } => self.deadlines.push(Reverse((at, aggregate))),
             Inbound::Flush => self.flush_requested = true,
             Inbound::Stop { deadline } => {
                 self.stop_deadline = Some(self.stop_deadline.map_or(deadline, |d| d.min(deadline)));
@@ -417,14 +416,16 @@ impl Sender {
     }
 
     fn fire_deadlines(&mut self, now: Instant) {
-        while let Some(&Reverse((at, generation, slot, cycle))) = self.deadlines.peek() {
+        while let Some(&Reverse((at, aggregate))) = self.deadlines.peek() {
             if at > now {
                 break;
             }
             self.deadlines.pop();
-            // The aggregate comes back through the inbound channel, in order with the rest.
-            aggregator::flush_expired(&self.shared, generation, slot, cycle);
+            self.due.push(aggregate);
         }
+        // The aggregates come back through the inbound channel, in order with the rest.
+        aggregator::flush_expired(&self.shared, &self.due);
+        self.due.clear();
     }
 
     fn release_retries(&mut self, now: Instant) {

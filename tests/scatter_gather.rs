@@ -17,9 +17,7 @@ async fn run_and_check(config: JobConfig) -> job::Report {
     let server = moto().await;
     let kinesis = LocalKinesis::start(false).await;
     let clients = Clients::new(&sdk_config(&server.endpoint).await, kinesis.client.clone());
-    let queue_url = job::create_resources(&clients, job::visibility(&config))
-        .await
-        .expect("resources");
+    let queue_url = job::create_resources(&clients).await.expect("resources");
     // A job that never completes fails the test instead of hanging it.
     let run = job::run(&clients, &queue_url, &config);
     let report = tokio::time::timeout(std::time::Duration::from_secs(180), run)

@@ -61,14 +61,16 @@ impl Clients {
     }
 }
 
-/// The queue's visibility timeout: short when the run injects redeliveries, so they come soon.
-pub fn visibility(config: &JobConfig) -> Duration {
-    if config.redeliver_every.is_some() {
-        Duration::from_secs(1)
-    } else {
-        Duration::from_secs(60)
-    }
-}
+/// The queue's visibility timeout: long enough that a message is not delivered again while a
+/// worker still works on it (on a loaded machine a batch of ten tasks can take seconds, and
+/// with a short timeout every slow batch came back to another worker, whose batch came back
+/// in turn, without end).
+pub const VISIBILITY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How soon the message of a "crashed" worker (`redeliver_every`) comes back: the worker makes
+/// it visible again after this many seconds, standing in for its visibility timeout running
+/// out, so that redeliveries come soon without a short timeout for every message.
+const CRASH_VISIBILITY_SECONDS: i32 = 1;
 
 /// One run of the job.
 #[derive(Debug, Clone)]
@@ -153,7 +155,7 @@ pub fn input_file(records: usize) -> (String, Totals) {
 }
 
 /// Creates the bucket, queue, tables and stream a run needs; returns the queue URL.
-pub async fn create_resources(clients: &Clients, visibility: Duration) -> Result<String, Error> {
+pub async fn create_resources(clients: &Clients) -> Result<String, Error> {
     clients.s3.create_bucket().bucket(BUCKET).send().await?;
     let queue = clients
         .sqs
@@ -161,7 +163,7 @@ pub async fn create_resources(clients: &Clients, visibility: Duration) -> Result
         .queue_name(QUEUE)
         .attributes(
             QueueAttributeName::VisibilityTimeout,
-            visibility.as_secs().max(1).to_string(),
+            VISIBILITY_TIMEOUT.as_secs().to_string(),
         )
         .send()
         .await?;
@@ -426,11 +428,23 @@ async fn work(job: Arc<Shared>) -> Result<(), Error> {
                 .config
                 .redeliver_every
                 .is_some_and(|k| task.number.is_multiple_of(k) && first_receipt);
-            if !crash {
+            let receipt_handle = message.receipt_handle.unwrap_or_default();
+            if crash {
+                // Not deleted: the message comes back, as it would once the visibility timeout
+                // of a worker that died ran out.
+                job.clients
+                    .sqs
+                    .change_message_visibility()
+                    .queue_url(&job.queue_url)
+                    .receipt_handle(receipt_handle)
+                    .visibility_timeout(CRASH_VISIBILITY_SECONDS)
+                    .send()
+                    .await?;
+            } else {
                 done.push(
                     DeleteMessageBatchRequestEntry::builder()
                         .id("task")
-                        .receipt_handle(message.receipt_handle.unwrap_or_default())
+                        .receipt_handle(receipt_handle)
                         .build()
                         .expect("id and handle are set"),
                 );

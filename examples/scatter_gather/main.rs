@@ -106,7 +106,7 @@ async fn run_once(config: &JobConfig) -> Result<Report, Error> {
         &moto::sdk_config(&moto.endpoint).await,
         kinesis.client.clone(),
     );
-    let queue_url = job::create_resources(&clients, job::visibility(config)).await?;
+    let queue_url = job::create_resources(&clients).await?;
     job::run(&clients, &queue_url, config).await
 }
 
