@@ -80,7 +80,7 @@ pub(crate) struct Config {
 /// | `stream_name` / `stream_arn` | — (one is required) | |
 /// | `client` | built from aws-config's default chain | |
 /// | `region`, `endpoint_url` | from the environment (`AWS_REGION`, `AWS_ENDPOINT_URL`) | |
-/// | `max_backlog_records` | 100,000 | 1 ..= 2^60 |
+/// | `max_backlog_records` | 100,000 | 1 ..= 2^60 − 1 |
 /// | `max_backlog_bytes` | 64 MiB | ≥ `max_record_size` + 64 |
 /// | `max_record_size` | 1 MiB | 1 KiB ..= 10 MiB |
 /// | `aggregation` | on | |

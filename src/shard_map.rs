@@ -248,9 +248,22 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        for round in 0..200 {
-            let mut cuts: Vec<u128> = (0..1 + round % 12)
+        for round in 0..240 {
+            // Few shards, many, and many crowded into one small stretch of the key space.
+            let count = match round % 4 {
+                3 => 1_500 + round,
+                _ => 1 + round % 12,
+            };
+            let crowded = round % 8 == 7;
+            let mut cuts: Vec<u128> = (0..count)
                 .map(|_| (u128::from(next()) << 64) | u128::from(next()))
+                .map(|cut| {
+                    if crowded {
+                        (1 << 100) + (cut >> 40)
+                    } else {
+                        cut
+                    }
+                })
                 .collect();
             cuts.sort_unstable();
             cuts.dedup();
@@ -267,13 +280,26 @@ mod tests {
                 .collect();
             let map = ShardMap::new(shards.clone());
             let mut probes = vec![0, 1, u128::MAX, u128::MAX - 1];
+            probes.extend((0..200).map(|_| (u128::from(next()) << 64) | u128::from(next())));
             for s in &shards {
                 for key in [s.start, s.end] {
                     probes.extend([key, key.wrapping_sub(1), key.wrapping_add(1)]);
                 }
             }
             for key in probes {
-                let scan = shards.iter().find(|s| s.start <= key && key <= s.end);
+                // A scan of every range for a few shards; for many, a scan of the ranges
+                // around the key's place among the sorted starts.
+                let scan = if shards.len() <= 12 {
+                    shards.iter().find(|s| s.start <= key && key <= s.end)
+                } else {
+                    let near = shards
+                        .iter()
+                        .position(|s| s.start > key)
+                        .unwrap_or(shards.len());
+                    shards[near.saturating_sub(2)..(near + 1).min(shards.len())]
+                        .iter()
+                        .find(|s| s.start <= key && key <= s.end)
+                };
                 assert_eq!(
                     map.shard_for(key).map(|s| &s.shard_id),
                     scan.map(|s| &s.shard_id),
