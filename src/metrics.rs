@@ -426,7 +426,8 @@ impl Recorder {
             rows.global[name.index()].merge(s);
         }
         if let Some(shard) = shard.filter(|_| self.granularity == MetricsGranularity::Shard) {
-            // By the `Arc`: the row's key is usually the same allocation, compared by pointer.
+            // By the `Arc`: no reference count touched, and the row's key is usually the same
+            // allocation, whose text the hash has just read.
             let row = match rows.shards.get_mut(shard) {
                 Some(row) => row,
                 None => rows

@@ -408,8 +408,9 @@ impl Sender {
     }
 
     /// The lane of `outgoing`, looked up by borrowed key (no reference count touched). The key
-    /// is the `Arc` itself, not its text: the lane's key is nearly always the same allocation,
-    /// and `Arc` equality then compares pointers without reading the (likely cold) text.
+    /// is nearly always the lane's own allocation, so the text the lookup hashes and compares is
+    /// read from memory once. (`Arc<str>` equality compares the text even then: std's shortcut
+    /// that compares pointers first covers only sized `T`.)
     fn lane_mut(&mut self, outgoing: &Outgoing) -> Option<&mut Lane> {
         let key = outgoing.shard_id.as_ref().unwrap_or(&self.unrouted);
         self.lanes.get_mut(key)
