@@ -23,8 +23,12 @@ use crate::producer::Shared;
 use crate::stats::add;
 use crate::sync::lock;
 
-/// The longest one upload may take, retries included; the last one, after the producer's end,
-/// gets at most `LAST_UPLOAD_BUDGET` (and `stop` waits no longer than its own timeout).
+/// How long one upload may take, retries included: its interval, but at least
+/// `UPLOAD_BUDGET_MIN` (a short interval must not cut off a slow but working CloudWatch; a
+/// longer upload delays the next tick, it never overlaps it) and at most `UPLOAD_BUDGET_MAX`.
+/// The last one, after the producer's end, gets at most `LAST_UPLOAD_BUDGET` (and `stop` waits
+/// no longer than its own timeout).
+const UPLOAD_BUDGET_MIN: Duration = Duration::from_secs(10);
 const UPLOAD_BUDGET_MAX: Duration = Duration::from_secs(30);
 const LAST_UPLOAD_BUDGET: Duration = Duration::from_secs(10);
 
@@ -43,7 +47,7 @@ pub(crate) async fn run(shared: Arc<Shared>, call: PutMetricData) {
         let budget = if last {
             LAST_UPLOAD_BUDGET
         } else {
-            interval.min(UPLOAD_BUDGET_MAX)
+            interval.clamp(UPLOAD_BUDGET_MIN, UPLOAD_BUDGET_MAX)
         };
         send(&shared, &call, budget, &mut received_before).await;
         if last {

@@ -458,9 +458,18 @@ async fn requests_in_flight_hold_at_most_a_quarter_of_the_backlog() {
             .try_put(UserRecord::new(vec![b'x'; 1_000], format!("k{i}")))
             .unwrap();
     }
+    // A second for any request over the cap to go out; then until every request sent has
+    // reached the proxy (on a loaded machine one may still be on its way).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let held = proxy.counts.held.load(Ordering::Relaxed);
-    let sent = producer.stats().requests;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (held, sent) = loop {
+        let held = proxy.counts.held.load(Ordering::Relaxed);
+        let sent = producer.stats().requests;
+        if held == sent || std::time::Instant::now() > deadline {
+            break (held, sent);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(
         (1..=5).contains(&held),
         "{held} requests in flight ({sent} sent)"

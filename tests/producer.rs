@@ -422,7 +422,13 @@ async fn transient_outage_heals_without_losing_a_record() {
             .await
             .unwrap();
     }
+    // The outage lasts until an attempt has failed and is being retried (on a slow machine the
+    // first attempt may take longer than a fixed wait), and at least 800 ms.
     tokio::time::sleep(Duration::from_millis(800)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while producer.stats().entry_retries == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     proxy.up();
     producer.flush().await;
     assert_eq!(producer.stats().user_records_put, 500);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kinesis_producer::metrics::Statistics;
 use kinesis_producer::{
-    deaggregate, FailureKind, MetricName, MetricsGranularity, MetricsLevel, Producer, UserRecord,
+    deaggregate, FailureKind, MetricName, MetricsGranularity, MetricsLevel, UserRecord,
 };
 use support::local_kinesis::LocalKinesis;
 use support::proxy::Proxy;
@@ -122,46 +122,41 @@ async fn metrics_agree_exactly_with_what_was_put_acknowledged_retried_and_failed
             .rate_limit(300) // above the server's limit, so the server throttles
             // Long enough for a refused record to be isolated (its requests bisected between
             // throttled retries) before it could expire, even with the rest of the suite
-            // running: a 3 s TTL once let two of the three expire first.
-            .record_ttl(Duration::from_secs(5))
+            // running on a slow machine: a 3 s TTL once let two of the three expire first.
+            .record_ttl(Duration::from_secs(10))
             .retry_base_delay(Duration::from_millis(50))
-            .request_timeout(Duration::from_millis(500))
+            // Well above what a request takes on a loaded machine: a request that timed out
+            // after the server wrote it would be sent again, a duplicate this test counts. (The
+            // outage below resets connections; it needs no short timeout.)
+            .request_timeout(Duration::from_secs(5))
     })
     .await;
     let failures = producer.notify_failures();
+    // Each put is awaited (it returns once the record is taken, not when it is delivered), so
+    // that a `flush` after them covers them all.
     let mut receipts = Vec::new();
-    let mut put = |producer: Producer, record: UserRecord| {
-        let handle = tokio::spawn(async move { producer.put_with_receipt(record).await });
-        receipts.push(handle);
-    };
     for i in 0..3_000 {
-        put(
-            producer.clone(),
-            UserRecord::new(format!("record {i}"), format!("k{i}")),
-        );
+        let record = UserRecord::new(format!("record {i}"), format!("k{i}"));
+        receipts.push(producer.put_with_receipt(record).await.expect("accepted"));
         if i % 1_000 == 0 {
-            put(
-                producer.clone(),
-                UserRecord::new("refused", "é".repeat(200)),
-            );
+            let refused = UserRecord::new("refused", "é".repeat(200));
+            receipts.push(producer.put_with_receipt(refused).await.expect("accepted"));
         }
     }
     producer.flush().await;
     // An outage outlasting the TTL: these records expire.
     proxy.down();
     for i in 0..50 {
-        put(
-            producer.clone(),
-            UserRecord::new(format!("late {i}"), format!("late-{i}")),
-        );
+        let record = UserRecord::new(format!("late {i}"), format!("late-{i}"));
+        receipts.push(producer.put_with_receipt(record).await.expect("accepted"));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     producer.flush().await;
     proxy.up();
-    put(producer.clone(), UserRecord::new("after", "after"));
+    let after = UserRecord::new("after", "after");
+    receipts.push(producer.put_with_receipt(after).await.expect("accepted"));
     let mut outcomes = Vec::new();
-    for handle in receipts {
-        outcomes.push(handle.await.unwrap().expect("accepted").await);
+    for receipt in receipts {
+        outcomes.push(receipt.await);
     }
     producer.stop().await;
     let streamed = drain(failures).await;
