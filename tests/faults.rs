@@ -218,7 +218,14 @@ async fn each_fault_alone_loses_nothing_and_fails_nothing() {
         .await;
         assert_eq!(report.failed, 0, "{fault:?}: transient faults fail nothing");
         if !fault.ambiguous() {
-            assert_eq!(report.duplicates, 0, "{fault:?}");
+            // None, unless the server answered late on its own (on a loaded machine), which
+            // the fault layer counts as ambiguous: with this fault, nothing else is.
+            assert!(
+                report.duplicates as u64 <= report.ambiguous,
+                "{fault:?}: {} duplicates, {} records answered late",
+                report.duplicates,
+                report.ambiguous
+            );
         }
         total += report.put;
     }

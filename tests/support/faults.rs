@@ -91,7 +91,17 @@ pub struct Counts {
     pub by_fault: Mutex<Vec<(Fault, u64)>>,
     /// Connections that sent a request during an outage (each request in flight has its own).
     pub held: AtomicU64,
+    /// Requests forwarded that no fault touched but whose answer came late (see `LATE_ANSWER`):
+    /// their records count as ambiguous too.
+    pub late_answers: AtomicU64,
 }
+
+/// A forwarded request whose answer takes longer than this to come back from the server may
+/// reach the client after its request timeout (800 ms in `tests/faults.rs`; the client's clock
+/// also counts the time the request took to reach the proxy): the client then retries records
+/// the server wrote. On a loaded machine that happens without any fault, so such a request's
+/// records count as ambiguous, like those of an injected delay.
+const LATE_ANSWER: Duration = Duration::from_millis(400);
 
 impl Counts {
     fn record(&self, fault: Fault) {
@@ -161,10 +171,11 @@ impl FaultProxy {
     pub fn summary(&self) -> String {
         let by = self.counts.by_fault.lock().unwrap();
         format!(
-            "{} PutRecords requests, {} faulted ({:?}), {} user records made ambiguous",
+            "{} PutRecords requests, {} faulted ({:?}), {} answered late, {} user records made ambiguous",
             self.counts.requests.load(Ordering::Relaxed),
             self.counts.faulted.load(Ordering::Relaxed),
             *by,
+            self.counts.late_answers.load(Ordering::Relaxed),
             self.counts.ambiguous_records.load(Ordering::Relaxed)
         )
     }
@@ -341,12 +352,21 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
         let Some(server) = upstream.as_mut() else {
             return;
         };
+        let forwarded = tokio::time::Instant::now();
         if server.write_all(&request.bytes()).await.is_err() {
             return;
         }
         let Some(answer) = read_message(server, &mut from_upstream).await else {
             return;
         };
+        if put_records && !fault.is_some_and(Fault::ambiguous) && forwarded.elapsed() > LATE_ANSWER
+        {
+            shared.counts.late_answers.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counts
+                .ambiguous_records
+                .fetch_add(user_records_in(&request.body, None), Ordering::Relaxed);
+        }
         let answer = match fault {
             Some(Fault::FailEntries(code)) => fail_entries(&shared, &request.body, answer, code),
             Some(Fault::ResetAfter) => {
