@@ -91,6 +91,11 @@ async fn a_reshard_on_kinesis_mock_loses_nothing() {
         .stream_name("mock")
         .client(client.clone())
         .record_max_buffered_time(Duration::from_millis(500))
+        // This server answers about one request a second, slower while it reshards: a request
+        // that timed out after it was written would be sent again, a duplicate the checks
+        // below do not allow. Nothing here needs a short timeout.
+        .request_timeout(Duration::from_secs(60))
+        .record_ttl(Duration::from_secs(300))
         .build()
         .await
         .expect("builds");

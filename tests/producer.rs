@@ -29,7 +29,13 @@ fn key_of(record: &UserRecord) -> Key {
 async fn a_large_random_workload_arrives_whole_and_every_record_on_its_own_shard() {
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("round-trip", 4).await;
-    let producer = producer_for(&kinesis.endpoint, "round-trip", |b| b).await;
+    // The defaults, except that a slow machine must not time a request out after the server
+    // wrote it (a duplicate the exact counts below would catch) or expire a record.
+    let producer = producer_for(&kinesis.endpoint, "round-trip", |b| {
+        b.request_timeout(Duration::from_secs(60))
+            .record_ttl(Duration::from_secs(300))
+    })
+    .await;
     let failures = producer.notify_failures();
 
     let mut rng = Rng(0x5eed_1234);
