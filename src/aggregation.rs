@@ -213,6 +213,12 @@ impl Sections {
         md5.finalize().into()
     }
 
+    /// Whether the finished aggregate is copied into one exact buffer: a small one is, as the
+    /// pieces' spare room would cost more than the copy; a large one stays in its pieces.
+    fn goes_out_whole(&self) -> bool {
+        self.len() <= PIECES_MIN
+    }
+
     /// Magic and protobuf in one buffer with room for the checksum, which
     /// [`Unsealed::seal`] appends.
     fn frame_without_digest(&self) -> Vec<u8> {
@@ -405,7 +411,7 @@ impl AggregateBuilder {
                     prefetch(ehk.as_ptr(), ehk.len());
                 }
             }
-        } else if self.sections.len() <= PIECES_MIN {
+        } else if self.sections.goes_out_whole() {
             for part in self.sections.parts() {
                 prefetch(part.as_ptr(), part.len());
             }
@@ -566,9 +572,7 @@ impl AggregateBuilder {
         // lies in the shard every record of this aggregate belongs to.
         let (_, partition_key, explicit_hash_key) = first.into_parts();
         let sections = self.clear();
-        // A small aggregate is copied into one exact buffer, as the pieces' spare room would
-        // cost more than the copy; a large one stays in its pieces.
-        let body = if sections.len() <= PIECES_MIN {
+        let body = if sections.goes_out_whole() {
             let frame = sections.frame_without_digest();
             if keep_room {
                 self.sections = sections.emptied();

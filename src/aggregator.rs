@@ -231,6 +231,19 @@ impl Routing {
         self.shard_ids.contains(shard_id)
     }
 
+    /// Asks for all of a slot's cache lines at once (the `Slot` itself, not its buffers), not
+    /// one after the other as the code reaches them.
+    fn prefetch_slot(&self, slot: usize) {
+        let slot = &self.slots[slot];
+        prefetch(slot, std::mem::size_of_val(slot));
+    }
+
+    /// Whether records of `slot` are aggregated: aggregation is on and the slot is an open
+    /// shard's (the last slot's records go out alone, for Kinesis to route).
+    fn aggregates(&self, shared: &Shared, slot: usize) -> bool {
+        shared.config.aggregation && slot < self.map.len()
+    }
+
     fn shard_id(&self, slot: usize) -> Option<Arc<str>> {
         self.map.shards().get(slot).map(|s| s.shard_id.clone())
     }
@@ -260,14 +273,12 @@ pub(crate) fn enqueue(
             .map
             .shard_index(meta.hash_key)
             .unwrap_or(routing.map.len());
-        let slot = &routing.slots[index];
-        // All of the slot's lines at once, not one after the other as the code reaches them.
-        prefetch(slot, std::mem::size_of_val(slot));
-        let mut slot = lock(slot);
+        routing.prefetch_slot(index);
+        let mut slot = lock(&routing.slots[index]);
         if slot.retired {
             continue;
         }
-        if shared.config.aggregation && index < routing.map.len() {
+        if routing.aggregates(shared, index) {
             // And the lines of its buffers the record will be written to.
             slot.builder.prefetch();
             prefetch_spare(&slot.metas);
@@ -296,8 +307,7 @@ pub(crate) fn prefetch_slot(shared: &Shared, hash_key: u128) {
         .map
         .shard_index(hash_key)
         .unwrap_or(routing.map.len());
-    let slot = &routing.slots[index];
-    prefetch(slot, std::mem::size_of_val(slot));
+    routing.prefetch_slot(index);
 }
 
 /// Adds a record to its slot. When that closes a full aggregate, the aggregate comes back
@@ -312,8 +322,9 @@ fn add_to_slot<'a>(
 ) -> Option<Emission<'a>> {
     // Kept room about to hold records counts in the backlog from now on, not as idle.
     set_idle_room(shared, slot, 0);
-    let aggregating = shared.config.aggregation && index < routing.map.len();
-    if !aggregating || AggregateBuilder::solo_len(&record) > shared.config.aggregation_max_size {
+    if !routing.aggregates(shared, index)
+        || AggregateBuilder::solo_len(&record) > shared.config.aggregation_max_size
+    {
         // Too big to share an aggregate (or aggregation is off): it goes out alone. Whatever
         // the slot holds goes first, so the shard's records leave in `put` order.
         emit_slot(shared, routing, index, slot);
@@ -499,11 +510,8 @@ pub(crate) fn flush_expired(shared: &Shared, due: &[AggregateId]) {
     let mut routing = shared.routing.load();
     let prefetch_slot_of = |routing: &Routing, aggregate: &AggregateId| {
         if aggregate.generation == routing.generation {
-            let (slot, turn) = (
-                &routing.slots[aggregate.slot],
-                &routing.emitting[aggregate.slot],
-            );
-            prefetch(slot, std::mem::size_of_val(slot));
+            routing.prefetch_slot(aggregate.slot);
+            let turn = &routing.emitting[aggregate.slot];
             prefetch(turn, std::mem::size_of_val(turn));
         }
     };

@@ -19,6 +19,7 @@ use bytes::Bytes;
 
 use crate::aggregation::{Entry, EntryData};
 use crate::shard_map::StreamId;
+use crate::sync::lock;
 
 const ENTRY_OPEN: &[u8] = b"{\"Data\":\"";
 const EXPLICIT_HASH_KEY: &[u8] = b"\",\"ExplicitHashKey\":\"";
@@ -47,7 +48,7 @@ impl BodyPool {
     /// A buffer for `len` bytes: the smallest free one that holds them, else the largest (grown).
     fn take(&self, len: usize) -> Vec<u8> {
         let reused = {
-            let mut free = crate::sync::lock(&self.free);
+            let mut free = lock(&self.free);
             let fits = free
                 .iter()
                 .enumerate()
@@ -68,7 +69,7 @@ impl BodyPool {
 
     fn give_back(&self, mut buf: Vec<u8>) {
         buf.clear();
-        let mut free = crate::sync::lock(&self.free);
+        let mut free = lock(&self.free);
         let held: usize = free.iter().map(Vec::capacity).sum();
         if held + buf.capacity() <= self.retain_bytes {
             free.push(buf);
@@ -78,10 +79,7 @@ impl BodyPool {
     /// Capacity the pool holds now.
     #[cfg(test)]
     fn held(&self) -> usize {
-        crate::sync::lock(&self.free)
-            .iter()
-            .map(Vec::capacity)
-            .sum()
+        lock(&self.free).iter().map(Vec::capacity).sum()
     }
 }
 
