@@ -257,6 +257,7 @@ pub async fn run(clients: &Clients, queue_url: &str, config: &JobConfig) -> Resu
         process_started: Instant::now(),
         scatter_time,
         gathered: tokio::sync::Mutex::new(None),
+        progress_writes: tokio::sync::Mutex::new(()),
     });
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..config.workers {
@@ -347,6 +348,14 @@ struct Shared {
     /// Set once, by the worker that detects completion: process and gather durations, totals,
     /// the summary file.
     gathered: tokio::sync::Mutex<Option<(Duration, Duration, Totals, String)>>,
+    /// Held by a worker while it writes to the progress table (a task's count, the claim of
+    /// the gather): this process's workers write there one at a time. Correctness does not
+    /// rest on it (conditions do, across processes too); moto does. moto cancels a
+    /// transaction by putting back a copy of the table taken before it began, undoing what
+    /// other writers committed meanwhile, and under load it also fails transactions that
+    /// another request overlapped. Seen with concurrent writers: tasks' markers and counts
+    /// lost, the counter short for ever, a task counted again on its redelivery.
+    progress_writes: tokio::sync::Mutex<()>,
 }
 
 /// One worker (a stand-in for a Lambda function): receives tasks until the job is gathered and
@@ -505,6 +514,7 @@ async fn count_task(job: &Shared, task: &Task) -> Result<bool, Error> {
         base_delay: Duration::from_millis(20),
         max_delay: Duration::from_secs(1),
     };
+    let _writing = job.progress_writes.lock().await;
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -555,6 +565,7 @@ async fn maybe_gather(job: &Shared) -> Result<(), Error> {
     if processed < job.total {
         return Ok(());
     }
+    let writing = job.progress_writes.lock().await;
     let claim = job
         .clients
         .dynamodb
@@ -567,6 +578,7 @@ async fn maybe_gather(job: &Shared) -> Result<(), Error> {
         .return_values(ReturnValue::None)
         .send()
         .await;
+    drop(writing);
     match claim {
         Ok(_) => {}
         Err(error)
