@@ -8,7 +8,7 @@
 //! When the shard map is reloaded, the records still in aggregators are re-routed under the new
 //! map, so that an aggregate only ever holds records of one open shard.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -18,6 +18,7 @@ use bytes::Bytes;
 use crate::aggregation::{
     records_of_aggregate, AggregateBuilder, AggregateLimits, Entry, EntryData, Unsealed,
 };
+use crate::metrics::ShardRef;
 use crate::prefetch::{prefetch, prefetch_spare};
 use crate::producer::{Inbound, Shared};
 use crate::receipt::ReceiptTx;
@@ -52,6 +53,8 @@ pub(crate) struct Outgoing {
     pub oldest_put: Instant,
     /// The shard the records were routed to (`None` when no open shard covered them).
     pub shard_id: Option<Arc<str>>,
+    /// That shard's ordinal ([`NO_SHARD`] exactly when `shard_id` is `None`).
+    pub ordinal: ShardOrdinal,
     /// The generation of the routing that chose `shard_id`: while it is still the current
     /// one, the shard is open without looking it up.
     pub generation: u64,
@@ -60,17 +63,59 @@ pub(crate) struct Outgoing {
     /// When the last attempt ended (its answer, or its failure): later buffering counts from
     /// here.
     pub last_attempt_end: Option<Instant>,
-    /// Set when Kinesis acknowledged it: the shard it was written to and its sequence number.
-    pub landed: Option<(Arc<str>, Arc<str>)>,
+    /// Set when Kinesis acknowledged it: where it was written.
+    pub landed: Option<Landed>,
+}
+
+/// Where Kinesis wrote a Kinesis record.
+#[derive(Debug)]
+pub(crate) struct Landed {
+    pub shard_id: Arc<str>,
+    pub ordinal: ShardOrdinal,
+    pub sequence_number: Arc<str>,
+}
+
+impl Landed {
+    pub fn shard(&self) -> ShardRef<'_> {
+        ShardRef {
+            id: &self.shard_id,
+            ordinal: self.ordinal,
+        }
+    }
+}
+
+/// A number of a shard's own for the producer's life, given when a shard map or an answer
+/// first names the shard. The sender's lanes and the metrics' per-shard rows are vectors
+/// indexed by it rather than maps keyed by the shard's name: at 10,000 shards, hashing a name
+/// and probing a table read cold memory for every Kinesis record sent and answered.
+pub(crate) type ShardOrdinal = u32;
+
+/// The ordinal of "no shard": records no open shard covered (they go out unaggregated).
+pub(crate) const NO_SHARD: ShardOrdinal = 0;
+
+/// Gives out shard ordinals, one per shard name, from 1. A stream that is resharded often adds
+/// names over time; each costs its entry here and a pointer's room in the vectors indexed by
+/// ordinal.
+#[derive(Default)]
+pub(crate) struct ShardOrdinals {
+    by_name: HashMap<Arc<str>, ShardOrdinal, foldhash::fast::RandomState>,
+}
+
+impl ShardOrdinals {
+    pub fn of(&mut self, shard_id: &Arc<str>) -> ShardOrdinal {
+        if let Some(&ordinal) = self.by_name.get(shard_id) {
+            return ordinal;
+        }
+        // Four billion shard names would take hundreds of gigabytes first.
+        let ordinal = ShardOrdinal::try_from(self.by_name.len() + 1).unwrap_or(ShardOrdinal::MAX);
+        self.by_name.insert(Arc::clone(shard_id), ordinal);
+        ordinal
+    }
 }
 
 impl Outgoing {
-    fn new(
-        entry: Entry,
-        metas: Vec<RecordMeta>,
-        shard_id: Option<Arc<str>>,
-        generation: u64,
-    ) -> Self {
+    fn new(entry: Entry, metas: Vec<RecordMeta>, shard: RoutedTo, generation: u64) -> Self {
+        let (shard_id, ordinal) = shard;
         let backlog_bytes = metas.iter().map(|m| m.backlog_bytes as usize).sum();
         let oldest_put = metas
             .iter()
@@ -83,12 +128,21 @@ impl Outgoing {
             backlog_bytes,
             oldest_put,
             shard_id,
+            ordinal,
             generation,
             attempts: 0,
             last_error: None,
             last_attempt_end: None,
             landed: None,
         }
+    }
+
+    /// The shard it was routed to, for the metrics.
+    pub fn shard(&self) -> Option<ShardRef<'_>> {
+        self.shard_id.as_ref().map(|id| ShardRef {
+            id,
+            ordinal: self.ordinal,
+        })
     }
 
     /// User records carried.
@@ -184,7 +238,12 @@ pub(crate) struct Routing {
     emitting: Vec<Mutex<()>>,
     /// Looked up for every Kinesis record the sender queues: a fast seeded hash.
     shard_ids: HashSet<Arc<str>, foldhash::fast::RandomState>,
+    /// Each shard's ordinal, in the map's order.
+    ordinals: Vec<ShardOrdinal>,
 }
+
+/// A shard's name and ordinal, or `None` and [`NO_SHARD`].
+type RoutedTo = (Option<Arc<str>>, ShardOrdinal);
 
 struct Slot {
     builder: AggregateBuilder,
@@ -202,7 +261,12 @@ struct Slot {
 }
 
 impl Routing {
-    pub fn new(generation: u64, map: ShardMap, limits: AggregateLimits) -> Self {
+    pub fn new(
+        generation: u64,
+        map: ShardMap,
+        limits: AggregateLimits,
+        ordinals: &mut ShardOrdinals,
+    ) -> Self {
         let slots = (0..=map.len())
             .map(|_| {
                 Mutex::new(Slot {
@@ -216,6 +280,11 @@ impl Routing {
             })
             .collect();
         let shard_ids = map.shards().iter().map(|s| s.shard_id.clone()).collect();
+        let ordinals = map
+            .shards()
+            .iter()
+            .map(|s| ordinals.of(&s.shard_id))
+            .collect();
         let emitting = (0..=map.len()).map(|_| Mutex::new(())).collect();
         Routing {
             generation,
@@ -223,6 +292,7 @@ impl Routing {
             slots,
             emitting,
             shard_ids,
+            ordinals,
         }
     }
 
@@ -244,8 +314,12 @@ impl Routing {
         shared.config.aggregation && slot < self.map.len()
     }
 
-    fn shard_id(&self, slot: usize) -> Option<Arc<str>> {
-        self.map.shards().get(slot).map(|s| s.shard_id.clone())
+    /// The shard of `slot`: `None` for the last slot.
+    fn shard(&self, slot: usize) -> RoutedTo {
+        match self.map.shards().get(slot) {
+            Some(shard) => (Some(shard.shard_id.clone()), self.ordinals[slot]),
+            None => (None, NO_SHARD),
+        }
     }
 }
 
@@ -332,7 +406,7 @@ fn add_to_slot<'a>(
         shared.send(Inbound::Record(Outgoing::new(
             entry,
             vec![meta],
-            routing.shard_id(index),
+            routing.shard(index),
             routing.generation,
         )));
         return None;
@@ -348,8 +422,8 @@ fn add_to_slot<'a>(
                 full.send(shared, false);
             }
             let entry = Entry::plain(&record);
-            let shard_id = routing.shard_id(index);
-            let outgoing = Outgoing::new(entry, vec![meta], shard_id, routing.generation);
+            let shard = routing.shard(index);
+            let outgoing = Outgoing::new(entry, vec![meta], shard, routing.generation);
             shared.send(Inbound::Record(outgoing));
             return None;
         }
@@ -418,7 +492,7 @@ fn take_emission<'a>(
         closed: Closed {
             unsealed,
             metas: std::mem::take(&mut slot.metas),
-            shard_id: routing.shard_id(index),
+            shard: routing.shard(index),
             generation: routing.generation,
         },
         then: None,
@@ -468,7 +542,7 @@ const SENDER_CHECKSUMS_MAX: usize = 2;
 pub(crate) struct Closed {
     unsealed: Unsealed,
     metas: Vec<RecordMeta>,
-    shard_id: Option<Arc<str>>,
+    shard: RoutedTo,
     generation: u64,
 }
 
@@ -483,7 +557,7 @@ impl Closed {
 
     fn seal_here(self) -> Outgoing {
         let entry = self.unsealed.seal();
-        Outgoing::new(entry, self.metas, self.shard_id, self.generation)
+        Outgoing::new(entry, self.metas, self.shard, self.generation)
     }
 }
 
@@ -582,6 +656,7 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
         old.generation + 1,
         map,
         shared.aggregate_limits(),
+        &mut lock(&shared.shard_ordinals),
     ));
     shared.routing.store(new);
     shared
@@ -608,7 +683,12 @@ pub(crate) fn reroute(shared: &Shared, records: Vec<UserRecord>, metas: Vec<Reco
             let (record, meta) = *refused;
             // Unreachable by construction (re-routing ignores `stop`), but never drop a record.
             let entry = Entry::plain(&record);
-            shared.send(Inbound::Record(Outgoing::new(entry, vec![meta], None, 0)));
+            shared.send(Inbound::Record(Outgoing::new(
+                entry,
+                vec![meta],
+                (None, NO_SHARD),
+                0,
+            )));
         }
     }
 }

@@ -14,7 +14,9 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use crate::aggregation::AggregateLimits;
-use crate::aggregator::{self, Admission, MetaPool, Outgoing, RecordMeta, Routing};
+use crate::aggregator::{
+    self, Admission, Landed, MetaPool, Outgoing, RecordMeta, Routing, ShardOrdinal, ShardOrdinals,
+};
 use crate::backlog::{Backlog, NoRoom};
 use crate::config::{Config, ProducerBuilder};
 use crate::error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
@@ -107,6 +109,8 @@ pub(crate) struct Shared {
     /// Held while the routing is replaced or every aggregator is visited, so the two never
     /// interleave.
     pub routing_change: Mutex<()>,
+    /// Each shard name's ordinal (see `aggregator::ShardOrdinal`).
+    pub shard_ordinals: Mutex<ShardOrdinals>,
     /// Set by `stop`: new records are refused.
     pub closed: AtomicBool,
     /// When the producer was built: a placeholder `put_at` until a record is placed (reading
@@ -146,6 +150,11 @@ impl Shared {
     /// The current routing, kept (a reference count) by the caller.
     pub fn routing(&self) -> Arc<Routing> {
         self.routing.load_full()
+    }
+
+    /// The ordinal of a shard named by an answer rather than by the map.
+    pub fn shard_ordinal(&self, shard_id: &Arc<str>) -> ShardOrdinal {
+        lock(&self.shard_ordinals).of(shard_id)
     }
 
     /// The metrics the recorder does not hold, read now: `received` user records (one sample
@@ -208,7 +217,7 @@ impl Shared {
     ) {
         let landed = outgoing.landed.take();
         if self.metrics_on {
-            let shard = landed.as_ref().map(|(shard, _)| shard);
+            let shard = landed.as_ref().map(Landed::shard);
             let sizes = outgoing.metas.iter().map(|m| u64::from(m.data_len));
             let data = Statistics::of_integers(sizes, 1.0);
             let [put, retries] = ends(&outgoing, 1.0);
@@ -225,7 +234,12 @@ impl Shared {
             ];
             lock(&self.metrics).record_all(&samples, shard);
         }
-        if let Some((shard_id, sequence_number)) = landed {
+        if let Some(Landed {
+            shard_id,
+            sequence_number,
+            ..
+        }) = landed
+        {
             let aggregated = outgoing.entry.aggregated;
             for (position, meta) in outgoing.metas.iter_mut().enumerate() {
                 if let Some(receipt) = meta.receipt.take().filter(|r| !r.is_dropped()) {
@@ -274,7 +288,7 @@ impl Shared {
         let count = outgoing.len();
         add(&self.stats.user_records_failed, count as u64);
         if self.metrics_on {
-            let shard = outgoing.shard_id.as_ref();
+            let shard = outgoing.shard();
             let [put, retries] = ends(&outgoing, 0.0);
             let expired = (error.kind == FailureKind::Expired) as u64;
             let expired = Statistics::repeated(1.0, count as u64 * expired);
@@ -476,11 +490,14 @@ impl ProducerBuilder {
             max_count: config.aggregation_max_count,
         };
         tracing::info!(%stream, shards = map.len(), "producer started");
+        let mut shard_ordinals = ShardOrdinals::default();
+        let routing = Routing::new(0, map, limits, &mut shard_ordinals);
         let shared = Arc::new(Shared {
             backlog: Backlog::new(config.max_backlog_records, config.max_backlog_bytes),
-            routing: ArcSwap::from_pointee(Routing::new(0, map, limits)),
+            routing: ArcSwap::from_pointee(routing),
             routing_generation: AtomicU64::new(0),
             routing_change: Mutex::new(()),
+            shard_ordinals: Mutex::new(shard_ordinals),
             closed: AtomicBool::new(false),
             built_at: Instant::now(),
             stats: Counters::default(),

@@ -13,7 +13,7 @@
 //! records of one PutRecords request, so this is the only way to keep a shard's order.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,11 +24,11 @@ use aws_smithy_types::body::SdkBody;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::aggregator::{self, AggregateId, Outgoing};
+use crate::aggregator::{self, AggregateId, Landed, Outgoing, ShardOrdinal};
 use crate::config::Config;
 use crate::error::{DeliveryError, FailureKind};
 use crate::limiter::Limiter;
-use crate::metrics::{MetricName, Recorder, Statistics};
+use crate::metrics::{MetricName, Recorder, ShardRef, Statistics};
 use crate::producer::{Inbound, Returns, Shared};
 use crate::request_body;
 use crate::retry::{classify_sdk_error, entry_error_is_transient, AttemptError};
@@ -55,10 +55,9 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<In
     let mut sender = Sender {
         shared,
         inbound,
-        lanes: HashMap::default(),
+        lanes: Vec::new(),
         ready: VecDeque::new(),
         waking: BinaryHeap::new(),
-        unrouted: Arc::from(""),
         pending_count: 0,
         pending_bytes: 0,
         blocked_count: 0,
@@ -86,15 +85,14 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<In
 struct Sender {
     shared: Arc<Shared>,
     inbound: mpsc::UnboundedReceiver<Inbound>,
-    /// Kinesis records waiting for a request, one lane per shard.
-    /// Looked up for every Kinesis record sent and answered: a fast seeded hash.
-    lanes: HashMap<Arc<str>, Lane, foldhash::fast::RandomState>,
+    /// Kinesis records waiting for a request, one lane per shard, by shard ordinal (the lane
+    /// of records no open shard covered at `NO_SHARD`). Looked up for every Kinesis record
+    /// queued, sent and answered.
+    lanes: Vec<Option<Box<Lane>>>,
     /// Lanes that may have something to send now, in turn.
-    ready: VecDeque<Arc<str>>,
+    ready: VecDeque<ShardOrdinal>,
     /// Lanes waiting for their limiter (or, in order mode, a retry's backoff) until a time.
-    waking: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
-    /// The lane of records no open shard covered.
-    unrouted: Arc<str>,
+    waking: BinaryHeap<Reverse<(Instant, ShardOrdinal)>>,
     /// Totals over all lanes.
     pending_count: usize,
     pending_bytes: usize,
@@ -141,6 +139,8 @@ struct Sender {
 
 /// One shard's queue.
 struct Lane {
+    /// Its shard (`None` for the lane of records no open shard covered).
+    shard_id: Option<Arc<str>>,
     queue: VecDeque<Outgoing>,
     limiter: Option<Limiter>,
     /// Records taken from this lane and not yet ended or returned to it.
@@ -295,11 +295,9 @@ impl Sender {
         }
     }
 
-    fn lane_of(&self, outgoing: &Outgoing) -> Arc<str> {
-        outgoing
-            .shard_id
-            .clone()
-            .unwrap_or_else(|| Arc::clone(&self.unrouted))
+    /// The lane at `ordinal`, if it exists.
+    fn lane(&mut self, ordinal: ShardOrdinal) -> Option<&mut Lane> {
+        self.lanes.get_mut(ordinal as usize)?.as_deref_mut()
     }
 
     /// Queues a Kinesis record in its shard's lane (a retry at the front). A record for a shard
@@ -315,19 +313,26 @@ impl Sender {
                 return;
             }
         }
-        let key = self.lane_of(&outgoing);
+        let key = outgoing.ordinal;
         let (limit, now) = (self.shared.config.rate_limit, Instant::now());
         let routed = outgoing.shard_id.is_some();
-        let lane = self.lanes.entry(Arc::clone(&key)).or_insert_with(|| Lane {
-            queue: VecDeque::new(),
-            limiter: (limit > 0 && routed).then(|| Limiter::new(limit, now)),
-            outstanding: 0,
-            listed: false,
-            bytes: 0,
-            waiting: false,
-            not_before: None,
-            limited_since: None,
-            front_key: None,
+        let at = key as usize;
+        if self.lanes.len() <= at {
+            self.lanes.resize_with(at + 1, || None);
+        }
+        let lane = self.lanes[at].get_or_insert_with(|| {
+            Box::new(Lane {
+                shard_id: outgoing.shard_id.clone(),
+                queue: VecDeque::new(),
+                limiter: (limit > 0 && routed).then(|| Limiter::new(limit, now)),
+                outstanding: 0,
+                listed: false,
+                bytes: 0,
+                waiting: false,
+                not_before: None,
+                limited_since: None,
+                front_key: None,
+            })
         });
         let size = outgoing.request_size();
         self.pending_count += 1;
@@ -362,14 +367,12 @@ impl Sender {
     /// After a map reload: the records queued for shards that closed are re-split.
     fn resplit_closed_lanes(&mut self) {
         let routing = self.shared.routing();
-        let closed: Vec<Arc<str>> = self
-            .lanes
-            .keys()
-            .filter(|key| key.as_ref() != self.unrouted.as_ref() && !routing.has_shard(key))
-            .cloned()
-            .collect();
-        for key in closed {
-            if let Some(lane) = self.lanes.remove(&key) {
+        for at in 0..self.lanes.len() {
+            let closed = self.lanes[at]
+                .as_ref()
+                .and_then(|lane| lane.shard_id.as_ref())
+                .is_some_and(|id| !routing.has_shard(id));
+            if let Some(lane) = self.lanes[at].take_if(|_| closed) {
                 if lane.waiting {
                     self.blocked_count -= lane.queue.len();
                     self.blocked_bytes -= lane.bytes;
@@ -402,18 +405,13 @@ impl Sender {
         lane.outstanding = lane.outstanding.saturating_sub(1);
         if lane.outstanding == 0 && !lane.queue.is_empty() && !lane.listed && !lane.waiting {
             lane.listed = true;
-            let key = self.lane_of(outgoing);
-            self.ready.push_back(key);
+            self.ready.push_back(outgoing.ordinal);
         }
     }
 
-    /// The lane of `outgoing`, looked up by borrowed key (no reference count touched). The key
-    /// is nearly always the lane's own allocation, so the text the lookup hashes and compares is
-    /// read from memory once. (`Arc<str>` equality compares the text even then: std's shortcut
-    /// that compares pointers first covers only sized `T`.)
+    /// The lane of `outgoing`.
     fn lane_mut(&mut self, outgoing: &Outgoing) -> Option<&mut Lane> {
-        let key = outgoing.shard_id.as_ref().unwrap_or(&self.unrouted);
-        self.lanes.get_mut(key)
+        self.lane(outgoing.ordinal)
     }
 
     fn fire_deadlines(&mut self, now: Instant) {
@@ -444,7 +442,11 @@ impl Sender {
             .is_some_and(|Reverse((at, _))| *at <= now)
         {
             if let Some(Reverse((_, key))) = self.waking.pop() {
-                if let Some(lane) = self.lanes.get_mut(&key) {
+                if let Some(lane) = self
+                    .lanes
+                    .get_mut(key as usize)
+                    .and_then(|l| l.as_deref_mut())
+                {
                     if lane.waiting {
                         lane.waiting = false;
                         self.blocked_count -= lane.queue.len();
@@ -549,9 +551,9 @@ impl Sender {
             let Some(key) = self.ready.pop_front() else {
                 break;
             };
-            match self.take_from_lane(&key, now, &mut batch, &mut bytes) {
+            match self.take_from_lane(key, now, &mut batch, &mut bytes) {
                 Blocked::No => {
-                    if let Some(lane) = self.lanes.get_mut(&key) {
+                    if let Some(lane) = self.lane(key) {
                         lane.listed = false;
                     }
                 }
@@ -560,7 +562,11 @@ impl Sender {
                     again.push(key);
                 }
                 Blocked::Until(at) => {
-                    if let Some(lane) = self.lanes.get_mut(&key) {
+                    if let Some(lane) = self
+                        .lanes
+                        .get_mut(key as usize)
+                        .and_then(|l| l.as_deref_mut())
+                    {
                         lane.listed = false;
                         if !lane.waiting {
                             lane.waiting = true;
@@ -582,13 +588,17 @@ impl Sender {
 
     fn take_from_lane(
         &mut self,
-        key: &Arc<str>,
+        key: ShardOrdinal,
         now: Instant,
         batch: &mut Vec<Outgoing>,
         bytes: &mut usize,
     ) -> Blocked {
         let config = &self.shared.config;
-        let Some(lane) = self.lanes.get_mut(key) else {
+        let Some(lane) = self
+            .lanes
+            .get_mut(key as usize)
+            .and_then(|l| l.as_deref_mut())
+        else {
             return Blocked::No;
         };
         let mut taken = 0;
@@ -627,7 +637,7 @@ impl Sender {
                 }
             }
             if let Some(since) = lane.limited_since.take() {
-                limiter_wait = Some((now.saturating_duration_since(since), key));
+                limiter_wait = Some((now.saturating_duration_since(since), lane.shard_id.clone()));
             }
             let Some(outgoing) = lane.queue.pop_front() else {
                 break Blocked::No;
@@ -644,12 +654,9 @@ impl Sender {
         for outgoing in expired {
             self.expire(outgoing);
         }
-        if let Some((waited, shard)) = limiter_wait.filter(|_| self.shared.metrics_on) {
-            lock(&self.shared.metrics).add(
-                MetricName::LimiterWaitTime,
-                millis(waited),
-                Some(shard),
-            );
+        if let Some((waited, shard_id)) = limiter_wait.filter(|_| self.shared.metrics_on) {
+            let shard = shard_id.as_ref().map(|id| ShardRef { id, ordinal: key });
+            lock(&self.shared.metrics).add(MetricName::LimiterWaitTime, millis(waited), shard);
         }
         blocked
     }
@@ -765,22 +772,30 @@ impl Sender {
                                 !misplaced && !actual.is_empty() && outgoing.shard_id.is_some();
                             // The map's own name for the shard when the record is where it was
                             // routed (nearly always): no new string per Kinesis record.
-                            let landed_on = match &outgoing.shard_id {
-                                Some(expected) if on_routed_shard => Arc::clone(expected),
-                                _ => Arc::from(actual),
+                            let (landed_on, ordinal) = match &outgoing.shard_id {
+                                Some(expected) if on_routed_shard => {
+                                    (Arc::clone(expected), outgoing.ordinal)
+                                }
+                                _ => {
+                                    let id = Arc::from(actual);
+                                    let ordinal = self.shared.shard_ordinal(&id);
+                                    (id, ordinal)
+                                }
                             };
                             // The answer's metrics count by the routed shard (as the KPL's do):
                             // recorded with the acknowledgement when that is where it landed.
                             let answered =
                                 self.shared.metrics_on.then(|| answered_samples(&outgoing));
                             if let Some(answered) = answered.filter(|_| !on_routed_shard) {
-                                lock(&self.shared.metrics)
-                                    .record_all(&answered, outgoing.shard_id.as_ref());
+                                lock(&self.shared.metrics).record_all(&answered, outgoing.shard());
                             }
-                            outgoing.landed = Some((
-                                landed_on,
-                                Arc::from(result.sequence_number().unwrap_or_default()),
-                            ));
+                            outgoing.landed = Some(Landed {
+                                shard_id: landed_on,
+                                ordinal,
+                                sequence_number: Arc::from(
+                                    result.sequence_number().unwrap_or_default(),
+                                ),
+                            });
                             stale_map |= misplaced;
                             if misplaced && outgoing.entry.aggregated {
                                 self.with_limiter(&outgoing, Limiter::acknowledged);
@@ -876,10 +891,14 @@ impl Sender {
                     outgoing.len() as u64,
                 );
                 if self.shared.metrics_on {
+                    let shard = ShardRef {
+                        id: &actual,
+                        ordinal: self.shared.shard_ordinal(&actual),
+                    };
                     lock(&self.shared.metrics).record(
                         MetricName::UserRecordsResentAfterReshard,
                         Statistics::repeated(1.0, outgoing.len() as u64),
-                        Some(&actual),
+                        Some(shard),
                     );
                 }
                 tracing::debug!(shard = %actual, records = outgoing.len(), "re-sending an aggregate written to a shard that does not own all its records");
@@ -923,8 +942,7 @@ impl Sender {
         // exponential one that would leave it idle while its shard has room again.
         let paced = error.code == "ProvisionedThroughputExceededException"
             && self
-                .lanes
-                .get(&self.lane_of(&outgoing))
+                .lane_mut(&outgoing)
                 .is_some_and(|lane| lane.limiter.is_some());
         let attempts = if paced { 1 } else { outgoing.attempts };
         let at = Instant::now() + self.shared.config.retry.backoff(attempts);
@@ -938,11 +956,14 @@ impl Sender {
         if self.shared.config.preserve_order {
             // Back to the front of its lane, which sends nothing newer until it has gone (a
             // record for a shard that has closed is re-split instead, in `enqueue`).
-            let key = self.lane_of(&outgoing);
-            let still_open = self.shared.routing().has_shard(&key) || key == self.unrouted;
+            let key = outgoing.ordinal;
+            let still_open = match &outgoing.shard_id {
+                Some(shard_id) => self.shared.routing().has_shard(shard_id),
+                None => true,
+            };
             self.enqueue(outgoing, true);
             if still_open {
-                if let Some(lane) = self.lanes.get_mut(&key) {
+                if let Some(lane) = self.lane(key) {
                     lane.not_before = Some(at);
                 }
             }
@@ -1008,7 +1029,8 @@ impl Sender {
         self.blocked_bytes = 0;
         self.lane_fronts.clear();
         self.lanes
-            .values_mut()
+            .iter_mut()
+            .flatten()
             .flat_map(|lane| {
                 lane.listed = false;
                 lane.waiting = false;
@@ -1169,7 +1191,7 @@ fn record_sent(metrics: &mut Recorder, batch: &[Outgoing], now: Instant) {
             (MetricName::BufferingTime, buffering),
             (MetricName::UserRecordsPerKinesisRecord, per_kinesis_record),
         ];
-        metrics.record_all(&samples, outgoing.shard_id.as_ref());
+        metrics.record_all(&samples, outgoing.shard());
     }
     metrics.add(
         MetricName::KinesisRecordsPerPutRecordsRequest,
@@ -1205,7 +1227,7 @@ fn record_answered(metrics: &mut Recorder, batch: &[Outgoing], outcome: &Outcome
             // Successes are recorded with their acknowledgement (`answered_samples`).
             for (outgoing, result) in batch.iter().zip(output.records()) {
                 if let Some(code) = result.error_code() {
-                    let shard = outgoing.shard_id.as_ref();
+                    let shard = outgoing.shard();
                     metrics.add(MetricName::KinesisRecordsPut, 0.0, shard);
                     metrics.error(code, shard);
                 }
