@@ -265,8 +265,13 @@ impl Routing {
         generation: u64,
         map: ShardMap,
         limits: AggregateLimits,
-        ordinals: &mut ShardOrdinals,
+        ordinals: &Mutex<ShardOrdinals>,
     ) -> Self {
+        // Taken before the slots are built, so the lock is held only for the lookups.
+        let ordinals: Vec<ShardOrdinal> = {
+            let mut known = lock(ordinals);
+            map.shards().iter().map(|s| known.of(&s.shard_id)).collect()
+        };
         let slots = (0..=map.len())
             .map(|_| {
                 Mutex::new(Slot {
@@ -280,11 +285,6 @@ impl Routing {
             })
             .collect();
         let shard_ids = map.shards().iter().map(|s| s.shard_id.clone()).collect();
-        let ordinals = map
-            .shards()
-            .iter()
-            .map(|s| ordinals.of(&s.shard_id))
-            .collect();
         let emitting = (0..=map.len()).map(|_| Mutex::new(())).collect();
         Routing {
             generation,
@@ -656,7 +656,7 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
         old.generation + 1,
         map,
         shared.aggregate_limits(),
-        &mut lock(&shared.shard_ordinals),
+        &shared.shard_ordinals,
     ));
     shared.routing.store(new);
     shared

@@ -7,7 +7,7 @@
 //! counts successes and `count` counts ends. The sender records them under one lock per
 //! request; the callers' threads touch nothing here.
 
-/// Per-shard rows are looked up on every acknowledgement: a fast seeded hash, not SipHash.
+/// Error counts by code (and shard): a fast seeded hash, not SipHash.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 
@@ -344,7 +344,7 @@ impl MetricsSnapshot {
     }
 }
 
-/// Per-shard statistics, indexed by `MetricName::index`.
+/// The global statistics, indexed by `MetricName::index`.
 type Row = [Statistics; METRIC_COUNT];
 
 /// A shard as the recorder is told of it: its name, and its ordinal, by which its row is found

@@ -490,14 +490,14 @@ impl ProducerBuilder {
             max_count: config.aggregation_max_count,
         };
         tracing::info!(%stream, shards = map.len(), "producer started");
-        let mut shard_ordinals = ShardOrdinals::default();
-        let routing = Routing::new(0, map, limits, &mut shard_ordinals);
+        let shard_ordinals = Mutex::new(ShardOrdinals::default());
+        let routing = Routing::new(0, map, limits, &shard_ordinals);
         let shared = Arc::new(Shared {
             backlog: Backlog::new(config.max_backlog_records, config.max_backlog_bytes),
             routing: ArcSwap::from_pointee(routing),
             routing_generation: AtomicU64::new(0),
             routing_change: Mutex::new(()),
-            shard_ordinals: Mutex::new(shard_ordinals),
+            shard_ordinals,
             closed: AtomicBool::new(false),
             built_at: Instant::now(),
             stats: Counters::default(),

@@ -24,7 +24,7 @@ use aws_smithy_types::body::SdkBody;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::aggregator::{self, AggregateId, Landed, Outgoing, ShardOrdinal};
+use crate::aggregator::{self, AggregateId, Landed, Outgoing, ShardOrdinal, NO_SHARD};
 use crate::config::Config;
 use crate::error::{DeliveryError, FailureKind};
 use crate::limiter::Limiter;
@@ -778,7 +778,12 @@ impl Sender {
                                 }
                                 _ => {
                                     let id = Arc::from(actual);
-                                    let ordinal = self.shared.shard_ordinal(&id);
+                                    // Only the metrics read a landed shard's ordinal.
+                                    let ordinal = if self.shared.metrics_on {
+                                        self.shared.shard_ordinal(&id)
+                                    } else {
+                                        NO_SHARD
+                                    };
                                     (id, ordinal)
                                 }
                             };
