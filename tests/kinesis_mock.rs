@@ -47,31 +47,46 @@ async fn start_kinesis_mock() -> KinesisMock {
     let script =
         std::env::temp_dir().join(format!("kinesis-local-loopback-{}.js", std::process::id()));
     std::fs::write(&script, loopback).unwrap();
-    let (plain, tls) = (free_port(), free_port());
-    let child = Command::new("node")
-        .arg(&script)
-        .env("KINESIS_MOCK_CERT_PATH", package.join("server.json"))
-        .env("KINESIS_MOCK_PLAIN_PORT", plain.to_string())
-        .env("KINESIS_MOCK_TLS_PORT", tls.to_string())
-        .env("SHARD_LIMIT", "100")
-        .env("CREATE_STREAM_DURATION", "0ms")
-        .env("UPDATE_SHARD_COUNT_DURATION", "2s")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("node runs");
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", plain)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "kinesis-local did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // The ports were free a moment ago; if one was taken since, the server exits at once and
+    // starts again on others.
+    for _ in 0..5 {
+        let (plain, tls) = (free_port(), free_port());
+        let mut child = Command::new("node")
+            .arg(&script)
+            .env("KINESIS_MOCK_CERT_PATH", package.join("server.json"))
+            .env("KINESIS_MOCK_PLAIN_PORT", plain.to_string())
+            .env("KINESIS_MOCK_TLS_PORT", tls.to_string())
+            .env("SHARD_LIMIT", "100")
+            .env("CREATE_STREAM_DURATION", "0ms")
+            .env("UPDATE_SHARD_COUNT_DURATION", "2s")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node runs");
+        let started = Instant::now();
+        let mut exited = false;
+        while std::net::TcpStream::connect(("127.0.0.1", plain)).is_err() {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                exited = true;
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "kinesis-local did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if exited {
+            // Already reaped by `try_wait`; this only satisfies the zombie check.
+            let _ = child.wait();
+            continue;
+        }
+        return KinesisMock {
+            child,
+            endpoint: format!("http://127.0.0.1:{plain}"),
+        };
     }
-    KinesisMock {
-        child,
-        endpoint: format!("http://127.0.0.1:{plain}"),
-    }
+    panic!("kinesis-local did not start on any of five pairs of ports");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

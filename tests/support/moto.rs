@@ -14,7 +14,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -56,23 +56,41 @@ fn start() -> (String, String) {
         "{} is missing: run scripts/test.sh, which installs moto",
         server.display()
     );
-    let moto_port = free_port();
-    spawn_watched(&server, &["-H", "127.0.0.1", "-p", &moto_port.to_string()]);
-    wait_for(moto_port);
+    let moto_port = start_on_free_port(&server, |port| {
+        vec![
+            "-H".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ]
+    });
     let endpoint = format!("http://127.0.0.1:{moto_port}");
     let shim = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/batch/cbor_shim.py");
-    let shim_port = free_port();
     let python = venv.join("bin/python");
-    spawn_watched(
-        &python,
-        &[
-            shim.to_str().expect("path"),
-            &shim_port.to_string(),
-            &endpoint,
-        ],
-    );
-    wait_for(shim_port);
+    let shim_port = start_on_free_port(&python, |port| {
+        vec![
+            shim.to_str().expect("path").to_owned(),
+            port.to_string(),
+            endpoint.clone(),
+        ]
+    });
     (endpoint, format!("http://127.0.0.1:{shim_port}"))
+}
+
+/// Starts `program` with the arguments `args` gives for a port that was free a moment ago, and
+/// waits until it listens there. The port can be taken in between (a connection's local port,
+/// another server): the server then exits at once, and it is started again on another port.
+fn start_on_free_port(program: &Path, args: impl Fn(u16) -> Vec<String>) -> u16 {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut watchdog = spawn_watched(program, &args(port));
+        if wait_for(port, &mut watchdog) {
+            // Reaped by a thread of its own, should it end while the tests run.
+            std::thread::spawn(move || watchdog.wait());
+            return port;
+        }
+    }
+    panic!("{} did not start on any of five ports", program.display());
 }
 
 fn free_port() -> u16 {
@@ -84,8 +102,9 @@ fn free_port() -> u16 {
 
 /// Runs `program` under a watchdog shell that ends it once the test process (the shell's
 /// parent) is gone: a test binary never drops its statics.
-fn spawn_watched(program: &Path, args: &[&str]) {
-    let mut watchdog = Command::new("sh")
+/// The watchdog exits when `program` does.
+fn spawn_watched(program: &Path, args: &[String]) -> Child {
+    Command::new("sh")
         .arg("-c")
         .arg(r#"parent=$PPID; "$@" & child=$!; while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.5; done; kill "$child" 2>/dev/null"#)
         .arg("watchdog")
@@ -94,9 +113,7 @@ fn spawn_watched(program: &Path, args: &[&str]) {
         .stdout(Stdio::null())
         .stderr(server_log())
         .spawn()
-        .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
-    // Reaped by a thread of its own, should it end while the tests run.
-    std::thread::spawn(move || watchdog.wait());
+        .unwrap_or_else(|e| panic!("start {}: {e}", program.display()))
 }
 
 /// Where the servers' own logs go: the file named by `KP_MOTO_LOG` (appended), else nowhere.
@@ -111,15 +128,20 @@ fn server_log() -> Stdio {
     file.map_or_else(Stdio::null, Stdio::from)
 }
 
-fn wait_for(port: u16) {
+/// Waits until something listens on `port`: `false` if `server` exited first.
+fn wait_for(port: u16, server: &mut Child) -> bool {
     let started = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if matches!(server.try_wait(), Ok(Some(_))) {
+            return false;
+        }
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "nothing listens on port {port}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    true
 }
 
 /// A plain HTTP/1.1 request (Connection: close); the status and body.
@@ -134,7 +156,12 @@ pub async fn http(endpoint: &str, method: &str, path: &str, body: &str) -> (u16,
     );
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.expect("read");
+    // A listener that never answers (not moto: something else took its port) fails the test
+    // rather than hang it.
+    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("no answer from {endpoint} within 60 s"))
+        .expect("read");
     let text = String::from_utf8_lossy(&answer).into_owned();
     let status = text
         .split_whitespace()
