@@ -566,15 +566,19 @@ async fn maybe_gather(job: &Shared) -> Result<(), Error> {
         return Ok(());
     }
     let writing = job.progress_writes.lock().await;
+    // The claim names its claimant, and a claimant's own claim passes the condition: when the
+    // SDK retries a claim that applied but whose answer was lost, the retry succeeds instead of
+    // reading as another worker's claim, which would leave the job without a gather.
+    let claimant = uuid::Uuid::new_v4().to_string();
     let claim = job
         .clients
         .dynamodb
         .update_item()
         .table_name(PROGRESS_TABLE)
         .key("pk", AttributeValue::S("counter".to_owned()))
-        .update_expression("SET gathered = :yes")
-        .condition_expression("attribute_not_exists(gathered)")
-        .expression_attribute_values(":yes", AttributeValue::Bool(true))
+        .update_expression("SET gathered = :claimant")
+        .condition_expression("attribute_not_exists(gathered) OR gathered = :claimant")
+        .expression_attribute_values(":claimant", AttributeValue::S(claimant))
         .return_values(ReturnValue::None)
         .send()
         .await;
