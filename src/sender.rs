@@ -297,7 +297,7 @@ impl Sender {
 
     /// The lane at `ordinal`, if it exists.
     fn lane(&mut self, ordinal: ShardOrdinal) -> Option<&mut Lane> {
-        self.lanes.get_mut(ordinal as usize)?.as_deref_mut()
+        lane_at(&mut self.lanes, ordinal)
     }
 
     /// Queues a Kinesis record in its shard's lane (a retry at the front). A record for a shard
@@ -442,11 +442,7 @@ impl Sender {
             .is_some_and(|Reverse((at, _))| *at <= now)
         {
             if let Some(Reverse((_, key))) = self.waking.pop() {
-                if let Some(lane) = self
-                    .lanes
-                    .get_mut(key as usize)
-                    .and_then(|l| l.as_deref_mut())
-                {
+                if let Some(lane) = lane_at(&mut self.lanes, key) {
                     if lane.waiting {
                         lane.waiting = false;
                         self.blocked_count -= lane.queue.len();
@@ -562,11 +558,7 @@ impl Sender {
                     again.push(key);
                 }
                 Blocked::Until(at) => {
-                    if let Some(lane) = self
-                        .lanes
-                        .get_mut(key as usize)
-                        .and_then(|l| l.as_deref_mut())
-                    {
+                    if let Some(lane) = lane_at(&mut self.lanes, key) {
                         lane.listed = false;
                         if !lane.waiting {
                             lane.waiting = true;
@@ -594,11 +586,7 @@ impl Sender {
         bytes: &mut usize,
     ) -> Blocked {
         let config = &self.shared.config;
-        let Some(lane) = self
-            .lanes
-            .get_mut(key as usize)
-            .and_then(|l| l.as_deref_mut())
-        else {
+        let Some(lane) = lane_at(&mut self.lanes, key) else {
             return Blocked::No;
         };
         let mut taken = 0;
@@ -1073,6 +1061,12 @@ impl Drop for Sender {
         }
         self.shared.finish();
     }
+}
+
+/// The lane at `ordinal` (a free function, so that callers can borrow the sender's other
+/// fields while they hold it).
+fn lane_at(lanes: &mut [Option<Box<Lane>>], ordinal: ShardOrdinal) -> Option<&mut Lane> {
+    lanes.get_mut(ordinal as usize)?.as_deref_mut()
 }
 
 /// Takes a Kinesis record leaving a lane off the totals.

@@ -7,11 +7,12 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_kinesis::types::ScalingType;
 use kinesis_producer::Producer;
 use support::local_kinesis::{count_by_index, open_shards, read_as_kcl, wait_active};
+use support::ports::start_on_free_ports;
 
 /// The kinesis-local process; killed on drop.
 struct KinesisMock {
@@ -24,14 +25,6 @@ impl Drop for KinesisMock {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts kinesis-local on loopback. Its bundle binds 0.0.0.0 with no setting to change it, so
@@ -47,11 +40,8 @@ async fn start_kinesis_mock() -> KinesisMock {
     let script =
         std::env::temp_dir().join(format!("kinesis-local-loopback-{}.js", std::process::id()));
     std::fs::write(&script, loopback).unwrap();
-    // The ports were free a moment ago; if one was taken since, the server exits at once and
-    // starts again on others.
-    for _ in 0..5 {
-        let (plain, tls) = (free_port(), free_port());
-        let mut child = Command::new("node")
+    let ([plain, _tls], child) = start_on_free_ports("kinesis-local", |[plain, tls]| {
+        Command::new("node")
             .arg(&script)
             .env("KINESIS_MOCK_CERT_PATH", package.join("server.json"))
             .env("KINESIS_MOCK_PLAIN_PORT", plain.to_string())
@@ -62,31 +52,12 @@ async fn start_kinesis_mock() -> KinesisMock {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("node runs");
-        let started = Instant::now();
-        let mut exited = false;
-        while std::net::TcpStream::connect(("127.0.0.1", plain)).is_err() {
-            if matches!(child.try_wait(), Ok(Some(_))) {
-                exited = true;
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "kinesis-local did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        if exited {
-            // Already reaped by `try_wait`; this only satisfies the zombie check.
-            let _ = child.wait();
-            continue;
-        }
-        return KinesisMock {
-            child,
-            endpoint: format!("http://127.0.0.1:{plain}"),
-        };
+            .expect("node runs")
+    });
+    KinesisMock {
+        child,
+        endpoint: format!("http://127.0.0.1:{plain}"),
     }
-    panic!("kinesis-local did not start on any of five pairs of ports");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

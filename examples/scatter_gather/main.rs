@@ -21,6 +21,8 @@ mod local_kinesis;
 mod moto;
 #[path = "../common/plot.rs"]
 mod plot;
+#[path = "../../tests/support/ports.rs"]
+mod ports;
 
 use std::path::{Path, PathBuf};
 

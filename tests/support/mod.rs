@@ -2,6 +2,7 @@ pub mod batch_faults;
 pub mod faults;
 pub mod local_kinesis;
 pub mod moto;
+pub mod ports;
 pub mod proxy;
 pub mod rng;
 

@@ -12,14 +12,15 @@
 //! installs from `tests/batch/requirements.txt`.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, MutexGuard};
+
+use super::ports::start_on_free_ports;
 
 static ENDPOINTS: OnceLock<(String, String)> = OnceLock::new();
 static LOCK: Mutex<()> = Mutex::const_new(());
@@ -77,27 +78,14 @@ fn start() -> (String, String) {
     (endpoint, format!("http://127.0.0.1:{shim_port}"))
 }
 
-/// Starts `program` with the arguments `args` gives for a port that was free a moment ago, and
-/// waits until it listens there. The port can be taken in between (a connection's local port,
-/// another server): the server then exits at once, and it is started again on another port.
+/// Starts `program` (under its watchdog) with the arguments `args` gives for a picked port.
 fn start_on_free_port(program: &Path, args: impl Fn(u16) -> Vec<String>) -> u16 {
-    for _ in 0..5 {
-        let port = free_port();
-        let mut watchdog = spawn_watched(program, &args(port));
-        if wait_for(port, &mut watchdog) {
-            // Reaped by a thread of its own, should it end while the tests run.
-            std::thread::spawn(move || watchdog.wait());
-            return port;
-        }
-    }
-    panic!("{} did not start on any of five ports", program.display());
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    let name = program.display().to_string();
+    let ([port], mut watchdog) =
+        start_on_free_ports(&name, |[port]| spawn_watched(program, &args(port)));
+    // Reaped by a thread of its own, should it end while the tests run.
+    std::thread::spawn(move || watchdog.wait());
+    port
 }
 
 /// Runs `program` under a watchdog shell that ends it once the test process (the shell's
@@ -126,22 +114,6 @@ fn server_log() -> Stdio {
             .ok()
     });
     file.map_or_else(Stdio::null, Stdio::from)
-}
-
-/// Waits until something listens on `port`: `false` if `server` exited first.
-fn wait_for(port: u16, server: &mut Child) -> bool {
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if matches!(server.try_wait(), Ok(Some(_))) {
-            return false;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "nothing listens on port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    true
 }
 
 /// A plain HTTP/1.1 request (Connection: close); the status and body.
