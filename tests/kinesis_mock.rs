@@ -133,3 +133,30 @@ async fn a_reshard_on_kinesis_mock_loses_nothing() {
         producer.shard_map().len()
     );
 }
+
+/// The support code every local server starts through: a server that exits before it listens
+/// (as one does when its port was taken between the pick and its bind) is started again on
+/// other ports, and the one that listens is returned.
+#[test]
+fn a_server_that_exits_before_listening_is_started_again() {
+    let mut attempts = 0;
+    let ([port], mut server) = start_on_free_ports("a test server", |[port]| {
+        attempts += 1;
+        let script = if attempts == 1 {
+            "import sys; sys.exit(3)".to_string()
+        } else {
+            format!(
+                "import socket, time; s = socket.socket(); \
+                 s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(60)"
+            )
+        };
+        Command::new("python3")
+            .args(["-c", &script])
+            .spawn()
+            .expect("python3 runs")
+    });
+    assert_eq!(attempts, 2, "started once more after the first exited");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let _ = server.kill();
+    let _ = server.wait();
+}
