@@ -471,6 +471,18 @@ impl Config {
             .min(self.collection_max_size)
             .min(self.max_backlog_bytes - 64)
             .min(MAX_RECORD_SIZE_LIMIT);
+        // An aggregate, with its partition key, must still fit a record of the new size (the
+        // same 1 KiB of room `resolve` asks for).
+        let aggregate_max = self.max_record_size.saturating_sub(1024).max(64);
+        if self.aggregation_max_size > aggregate_max {
+            tracing::warn!(
+                configured = self.aggregation_max_size,
+                adopted = aggregate_max,
+                stream_max_record_size = self.max_record_size,
+                "aggregation_max_size lowered to fit the stream's max record size"
+            );
+            self.aggregation_max_size = aggregate_max;
+        }
     }
 }
 
@@ -661,6 +673,20 @@ mod tests {
         };
         config.adopt_stream_record_size(Some(1024));
         assert_eq!(config.max_record_size, 1 << 20);
+        // Aggregates set larger than the stream's records allow shrink with them.
+        let mut config = Config {
+            max_record_size: 4 << 20,
+            max_record_size_explicit: true,
+            aggregation_max_size: 2 << 20,
+            ..Config::default()
+        };
+        config.adopt_stream_record_size(Some(1024));
+        assert_eq!(config.max_record_size, 1 << 20);
+        assert_eq!(config.aggregation_max_size, (1 << 20) - 1024);
+        // The default aggregate size fits any stream's records and stays.
+        let mut config = Config::default();
+        config.adopt_stream_record_size(Some(1024));
+        assert_eq!(config.aggregation_max_size, 51_200);
     }
 
     #[tokio::test]

@@ -365,6 +365,40 @@ async fn an_attempt_limit_ends_retries_with_the_last_error() {
     assert_eq!(proxy.requests(), 3);
 }
 
+/// An item whose size sends the batch before it is buffered keeps its de-duplication key in
+/// the new batch, and a time budget of `Duration::MAX` means no limit.
+#[tokio::test]
+async fn sqs_dispatcher_deduplicates_after_a_batch_sent_for_its_size() {
+    let server = moto().await;
+    let client = sqs_client(&server.endpoint).await;
+    let url = create_queue(&client, "dedup-after-size").await;
+    let call = sqs::SendMessageBatch::new(sqs_client(&server.endpoint).await, &url);
+    let mut dispatcher = call
+        .dispatcher(BatchOptions {
+            deduplicate: true,
+            time_budget: Duration::MAX,
+            ..quick()
+        })
+        .expect("options");
+    let with = |id: &str, body: String| {
+        let mut m = message(body);
+        m.id = id.to_owned();
+        m
+    };
+    let big = |c: &str| c.repeat(600 << 10);
+    let first = dispatcher.submit(with("a", big("a"))).await;
+    assert_eq!(first, Submitted::Buffered);
+    // Both together pass the 1 MiB a request may carry: the first goes alone.
+    let second = dispatcher.submit(with("z", big("z"))).await;
+    assert_eq!(second, Submitted::Buffered);
+    let third = dispatcher.submit(with("z", "small".to_owned())).await;
+    assert_eq!(third, Submitted::Duplicate);
+    let outcome = dispatcher.flush().await;
+    assert!(outcome.is_complete(), "{:?}", outcome.unprocessed);
+    assert_eq!(outcome.deduplicated, [2]);
+    assert_eq!(drain_queue(&client, &url).await.len(), 2);
+}
+
 #[tokio::test]
 async fn sqs_dispatcher_sends_full_batches_and_each_flush_returns_only_its_own_failures() {
     let server = moto().await;
@@ -434,6 +468,15 @@ async fn sqs_dispatcher_sends_full_batches_and_each_flush_returns_only_its_own_f
 /// permanent failure at its 6th message (index 11), after which its later messages are held
 /// back. Returns the unprocessed (index, kind) and the bodies received, in order.
 async fn fifo_scenario(strict: Option<bool>) -> (Vec<(usize, ReasonKind)>, Vec<String>) {
+    fifo_scenario_via(strict, false).await
+}
+
+/// [`fifo_scenario`], through `send_all` or a dispatcher (which sends each batch of ten as it
+/// fills, so that a group's failure and its later messages are in different sends).
+async fn fifo_scenario_via(
+    strict: Option<bool>,
+    dispatcher: bool,
+) -> (Vec<(usize, ReasonKind)>, Vec<String>) {
     let server = moto().await;
     let client = sqs_client(&server.endpoint).await;
     let url = create_queue(&client, "orders.fifo").await;
@@ -472,7 +515,15 @@ async fn fifo_scenario(strict: Option<bool>) -> (Vec<(usize, ReasonKind)>, Vec<S
         .build()
         .expect("entry");
     entries.push(missing_group);
-    let outcome = call.send_all(entries, &quick()).await.expect("options");
+    let outcome = if dispatcher {
+        let mut dispatcher = call.dispatcher(quick()).expect("options");
+        for entry in entries {
+            dispatcher.submit(entry).await;
+        }
+        dispatcher.flush().await
+    } else {
+        call.send_all(entries, &quick()).await.expect("options")
+    };
     let kinds = outcome
         .unprocessed
         .iter()
@@ -512,6 +563,92 @@ async fn sqs_fifo_keeps_group_order_and_delivers_nothing_of_a_group_after_a_fail
         .map(String::as_str)
         .collect();
     assert_eq!(group_b, ["b00", "b01", "b02", "b03", "b04"]);
+}
+
+#[tokio::test]
+async fn sqs_fifo_dispatcher_holds_back_a_failed_group_in_its_later_batches() {
+    let (kinds, received) = fifo_scenario_via(None, true).await;
+    let mut expected = vec![(11, ReasonKind::Permanent)];
+    expected.extend((6..30).map(|i| (2 * i + 1, ReasonKind::Blocked)));
+    expected.push((60, ReasonKind::Rejected));
+    assert_eq!(kinds, expected);
+    let group_b: Vec<&str> = received
+        .iter()
+        .filter(|b| b.starts_with('b'))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(group_b, ["b00", "b01", "b02", "b03", "b04"]);
+    let group_a: Vec<String> = received
+        .iter()
+        .filter(|b| b.contains('a'))
+        .cloned()
+        .collect();
+    assert_eq!(group_a, group_a_in_order(), "group a in order, each once");
+}
+
+/// A message refused before it is sent (too large) fails its group as a refused answer does:
+/// the group's earlier messages go, its later ones come back `Blocked`; other groups go on.
+#[tokio::test]
+async fn sqs_fifo_message_refused_before_sending_blocks_its_group() {
+    let server = moto().await;
+    let client = sqs_client(&server.endpoint).await;
+    let url = create_queue(&client, "refused.fifo").await;
+    let call = sqs::SendMessageBatch::new(sqs_client(&server.endpoint).await, &url);
+    let entry = |group: &str, i: usize, body: String| {
+        SendMessageBatchRequestEntry::builder()
+            .id("x")
+            .message_body(body)
+            .message_group_id(group)
+            .message_deduplication_id(format!("{group}-{i}"))
+            .build()
+            .expect("entry")
+    };
+    let entries = || {
+        (0..4)
+            .flat_map(|i| {
+                let c = if i == 1 {
+                    "c".repeat(2 << 20)
+                } else {
+                    format!("c{i}")
+                };
+                [entry("c", i, c), entry("d", i, format!("d{i}"))]
+            })
+            .collect::<Vec<_>>()
+    };
+    let expected = vec![
+        (2, ReasonKind::Rejected),
+        (4, ReasonKind::Blocked),
+        (6, ReasonKind::Blocked),
+    ];
+    let outcome = call.send_all(entries(), &quick()).await.expect("options");
+    let kinds: Vec<_> = outcome
+        .unprocessed
+        .iter()
+        .map(|u| (u.index, u.reason.kind))
+        .collect();
+    assert_eq!(kinds, expected, "send_all");
+    let received = drain_queue(&client, &url).await;
+    let group = |g: char| -> Vec<&str> {
+        received
+            .iter()
+            .filter(|b| b.starts_with(g))
+            .map(String::as_str)
+            .collect()
+    };
+    assert_eq!(group('c'), ["c0"]);
+    assert_eq!(group('d'), ["d0", "d1", "d2", "d3"]);
+
+    let mut dispatcher = call.dispatcher(quick()).expect("options");
+    for entry in entries() {
+        dispatcher.submit(entry).await;
+    }
+    let outcome = dispatcher.flush().await;
+    let kinds: Vec<_> = outcome
+        .unprocessed
+        .iter()
+        .map(|u| (u.index, u.reason.kind))
+        .collect();
+    assert_eq!(kinds, expected, "dispatcher");
 }
 
 #[tokio::test]

@@ -64,6 +64,17 @@ impl<T> Entry<T> {
         );
         self.unprocessed(ReasonKind::GaveUp, &failure)
     }
+
+    /// Held back, as an earlier item of its ordered group was not delivered.
+    fn blocked_by_earlier<S: BatchCall<Item = T>>(self, call: &S) -> Unprocessed<T> {
+        let group = call.order_key(&self.item).unwrap_or_default();
+        let failure = Failure::new(
+            "OrderBlocked",
+            format!("an earlier item of group {group:?} was not delivered"),
+            false,
+        );
+        self.unprocessed(ReasonKind::Blocked, &failure)
+    }
 }
 
 /// Checks `item`'s size and validity; `Err` gives it back as rejected.
@@ -94,16 +105,35 @@ pub(crate) async fn send_all<S: BatchCall>(
     let started = Instant::now();
     let mut outcome = Outcome::default();
     let mut entries = Vec::with_capacity(items.len());
+    // Ordered groups with a refused item, and where: the group's later items are held back.
+    let mut refused_at: HashMap<String, usize> = HashMap::new();
     for (index, item) in items.into_iter().enumerate() {
         match check(&*call, index, item) {
             Ok(entry) => entries.push(entry),
-            Err(rejected) => outcome.unprocessed.push(rejected),
+            Err(rejected) => {
+                if let Some(group) = call.order_key(&rejected.item) {
+                    refused_at.entry(group).or_insert(index);
+                }
+                outcome.unprocessed.push(rejected);
+            }
         }
+    }
+    if !refused_at.is_empty() {
+        let (kept, held): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| {
+            call.order_key(&e.item)
+                .and_then(|group| refused_at.get(&group))
+                .is_none_or(|&refused| e.index < refused)
+        });
+        entries = kept;
+        outcome
+            .unprocessed
+            .extend(held.into_iter().map(|e| e.blocked_by_earlier(&*call)));
     }
     if options.deduplicate {
         entries = deduplicate(&*call, entries, &mut outcome.deduplicated);
     }
-    let sent = send_entries(call, entries, options, started + options.time_budget).await;
+    let deadline = deadline_after(started, options.time_budget);
+    let sent = send_entries(call, entries, options, deadline, &mut HashSet::new()).await;
     merge(&mut outcome, sent);
     sort(&mut outcome);
     outcome.elapsed = started.elapsed();
@@ -187,12 +217,25 @@ struct Run<S: BatchCall> {
     blocked: Mutex<HashSet<String>>,
 }
 
+/// `budget` from `start`; a budget too large for the clock (`Duration::MAX` as "no limit")
+/// ends a century later.
+fn deadline_after(start: Instant, budget: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    start
+        .checked_add(budget)
+        .or_else(|| start.checked_add(CENTURY))
+        .unwrap_or(start)
+}
+
 /// Sends checked entries, `concurrency` pages at a time (one at a time when ordered).
+/// `blocked` holds the ordered groups that earlier sends left undelivered: their entries here
+/// are held back, and the groups this send leaves undelivered are added.
 async fn send_entries<S: BatchCall>(
     call: Arc<S>,
     entries: Vec<Entry<S::Item>>,
     options: &BatchOptions,
     deadline: Instant,
+    blocked: &mut HashSet<String>,
 ) -> Outcome<S::Item, S::Output> {
     if entries.is_empty() {
         return Outcome::default();
@@ -215,7 +258,7 @@ async fn send_entries<S: BatchCall>(
         ordered,
         pages: Mutex::new(pages),
         outcome: Mutex::new(Outcome::default()),
-        blocked: Mutex::new(HashSet::new()),
+        blocked: Mutex::new(mem::take(blocked)),
     });
     if workers == 1 {
         work(Arc::clone(&run)).await;
@@ -232,6 +275,7 @@ async fn send_entries<S: BatchCall>(
             }
         }
     }
+    *blocked = mem::take(&mut *lock(&run.blocked));
     let outcome = mem::take(&mut *lock(&run.outcome));
     outcome
 }
@@ -392,12 +436,7 @@ fn hold_back_blocked<S: BatchCall>(
     for entry in pending {
         match run.call.order_key(&entry.item) {
             Some(group) if blocked.contains(&group) => {
-                let failure = Failure::new(
-                    "OrderBlocked",
-                    format!("an earlier item of group {group:?} was not delivered"),
-                    false,
-                );
-                held.push(entry.unprocessed(ReasonKind::Blocked, &failure));
+                held.push(entry.blocked_by_earlier(&*run.call));
             }
             _ => kept.push(entry),
         }
@@ -449,6 +488,9 @@ pub struct Dispatcher<S: BatchCall> {
     buffer_bytes: usize,
     /// Dedup key → submission index of the buffered item holding it.
     keys: HashMap<String, usize>,
+    /// Ordered groups with an undelivered item since the last flush: their later items are
+    /// held back, whichever batch they go out in.
+    blocked: HashSet<String>,
     next_index: usize,
     started: Option<Instant>,
     /// Everything since the last flush.
@@ -463,6 +505,7 @@ impl<S: BatchCall> Dispatcher<S> {
             buffer: Vec::new(),
             buffer_bytes: 0,
             keys: HashMap::new(),
+            blocked: HashSet::new(),
             next_index: 0,
             started: None,
             outcome: Outcome::default(),
@@ -483,10 +526,21 @@ impl<S: BatchCall> Dispatcher<S> {
         let entry = match check(&*self.call, index, item) {
             Ok(entry) => entry,
             Err(rejected) => {
+                if let Some(group) = self.call.order_key(&rejected.item) {
+                    // The group's earlier items go now; its later ones are held back.
+                    self.send_buffer().await;
+                    self.blocked.insert(group);
+                }
                 self.outcome.unprocessed.push(rejected);
                 return Submitted::Rejected;
             }
         };
+        // A full buffer goes first: the de-duplication below is within the batch this entry
+        // joins.
+        let limits = self.call.limits();
+        if !self.buffer.is_empty() && self.buffer_bytes + entry.bytes > limits.max_bytes {
+            self.send_buffer().await;
+        }
         let mut duplicate = false;
         if self.options.deduplicate {
             if let Some(key) = self.call.dedup_key(&entry.item) {
@@ -515,10 +569,6 @@ impl<S: BatchCall> Dispatcher<S> {
                 self.keys.insert(key, index);
             }
         }
-        let limits = self.call.limits();
-        if !self.buffer.is_empty() && self.buffer_bytes + entry.bytes > limits.max_bytes {
-            self.send_buffer().await;
-        }
         self.buffer_bytes += entry.bytes;
         self.buffer.push(entry);
         if self.buffer.len() >= limits.max_items {
@@ -536,6 +586,7 @@ impl<S: BatchCall> Dispatcher<S> {
     /// flush (and only those), then starts afresh.
     pub async fn flush(&mut self) -> Outcome<S::Item, S::Output> {
         self.send_buffer().await;
+        self.blocked.clear();
         let mut outcome = mem::take(&mut self.outcome);
         sort(&mut outcome);
         outcome.elapsed = self.started.take().map_or(Duration::ZERO, |s| s.elapsed());
@@ -550,8 +601,15 @@ impl<S: BatchCall> Dispatcher<S> {
         if entries.is_empty() {
             return;
         }
-        let deadline = Instant::now() + self.options.time_budget;
-        let sent = send_entries(Arc::clone(&self.call), entries, &self.options, deadline).await;
+        let deadline = deadline_after(Instant::now(), self.options.time_budget);
+        let sent = send_entries(
+            Arc::clone(&self.call),
+            entries,
+            &self.options,
+            deadline,
+            &mut self.blocked,
+        )
+        .await;
         merge(&mut self.outcome, sent);
     }
 }
