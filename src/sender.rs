@@ -36,7 +36,8 @@ use crate::shard_map::StreamId;
 use crate::stats::add;
 use crate::sync::lock;
 
-/// Successful map reloads a parked aggregate waits for the shard it landed on to appear.
+/// Map reloads (failed ones included) a parked aggregate waits through for the shard it landed
+/// on to appear.
 const PARKED_RELOADS: u32 = 3;
 
 /// Requests sent before they were full that may be in flight at once (see `should_send`).
@@ -48,38 +49,49 @@ const INBOUND_BATCH: usize = 256;
 /// A lane its limiter holds back waits at least this long before it may send again.
 const LIMITED_LANE_PACE: Duration = Duration::from_millis(50);
 
-/// Runs the sender until `stop` has ended with every record acknowledged or failed.
-pub(crate) async fn run(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<Inbound>) {
-    let (results_tx, results_rx) = mpsc::unbounded_channel();
-    let next_refresh = Instant::now() + shared.config.shard_map_refresh_interval;
-    let mut sender = Sender {
-        shared,
-        inbound,
-        lanes: Vec::new(),
-        ready: VecDeque::new(),
-        waking: BinaryHeap::new(),
-        pending_count: 0,
-        pending_bytes: 0,
-        blocked_count: 0,
-        blocked_bytes: 0,
-        lane_fronts: BTreeMap::new(),
-        parked: Vec::new(),
-        isolating: VecDeque::new(),
-        deadlines: BinaryHeap::new(),
-        due: Vec::new(),
-        retries: BinaryHeap::new(),
-        retry_seq: 0,
-        in_flight: 0,
-        in_flight_bytes: 0,
-        partial_in_flight: 0,
-        results_tx,
-        results_rx,
-        flush_requested: false,
-        stop_deadline: None,
-        cancel: watch::Sender::new(false),
-        next_refresh,
-    };
-    sender.run().await;
+/// The sender's task: runs until `stop` has ended with every record acknowledged or failed.
+/// The sender is built before the task first runs, so that a task dropped unpolled (its
+/// runtime shut down at once) still reports what reaches it and ends the producer's `stop`.
+pub(crate) fn run(
+    shared: Arc<Shared>,
+    inbound: mpsc::UnboundedReceiver<Inbound>,
+) -> impl std::future::Future<Output = ()> + Send {
+    let mut sender = Sender::new(shared, inbound);
+    async move { sender.run().await }
+}
+
+impl Sender {
+    fn new(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<Inbound>) -> Sender {
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let next_refresh = Instant::now() + shared.config.shard_map_refresh_interval;
+        Sender {
+            shared,
+            inbound,
+            lanes: Vec::new(),
+            ready: VecDeque::new(),
+            waking: BinaryHeap::new(),
+            pending_count: 0,
+            pending_bytes: 0,
+            blocked_count: 0,
+            blocked_bytes: 0,
+            lane_fronts: BTreeMap::new(),
+            parked: Vec::new(),
+            isolating: VecDeque::new(),
+            deadlines: BinaryHeap::new(),
+            due: Vec::new(),
+            retries: BinaryHeap::new(),
+            retry_seq: 0,
+            in_flight: 0,
+            in_flight_bytes: 0,
+            partial_in_flight: 0,
+            results_tx,
+            results_rx,
+            flush_requested: false,
+            stop_deadline: None,
+            cancel: watch::Sender::new(false),
+            next_refresh,
+        }
+    }
 }
 
 struct Sender {
@@ -272,25 +284,29 @@ impl Sender {
             Inbound::Stop { deadline } => {
                 self.stop_deadline = Some(self.stop_deadline.map_or(deadline, |d| d.min(deadline)));
             }
-            Inbound::MapRefreshed { loaded: false } => {}
-            Inbound::MapRefreshed { loaded: true } => {
+            Inbound::MapRefreshed { loaded } => {
                 // A parked aggregate waits for a map that knows the shard it landed on; a reload
                 // that raced the reshard may not yet, so it gets a few more before the records
-                // are re-sent.
+                // are re-sent. Failed reloads count too (they retry on their own, further and
+                // further apart), so that a ListShards that keeps failing does not hold the
+                // records, and a `flush` waiting for them, for ever.
                 let routing = self.shared.routing();
                 let mut wait_more = false;
                 for (outgoing, actual, reloads) in std::mem::take(&mut self.parked) {
-                    if routing.has_shard(&actual) || reloads + 1 >= PARKED_RELOADS {
+                    let known = loaded && routing.has_shard(&actual);
+                    if known || reloads + 1 >= PARKED_RELOADS {
                         self.settle_misplaced(outgoing, actual, false);
                     } else {
                         self.parked.push((outgoing, actual, reloads + 1));
                         wait_more = true;
                     }
                 }
-                if wait_more {
+                if wait_more && loaded {
                     self.shared.request_refresh();
                 }
-                self.resplit_closed_lanes();
+                if loaded {
+                    self.resplit_closed_lanes();
+                }
             }
         }
     }
@@ -679,11 +695,14 @@ impl Sender {
             user_records = batch.iter().map(|o| o.len()).sum::<usize>(),
             attempt = batch.iter().map(|o| o.attempts).max().unwrap_or(1),
         );
-        let results = self.results_tx.clone();
         let mut cancelled = self.cancel.subscribe();
         let mut in_flight = InFlight {
             shared: Arc::clone(&self.shared),
             batch,
+            results: self.results_tx.clone(),
+            partial,
+            started,
+            bytes,
         };
         tokio::spawn(async move {
             let shared = Arc::clone(&in_flight.shared);
@@ -700,17 +719,7 @@ impl Sender {
                 },
                 _ = cancelled.wait_for(|cancelled| *cancelled) => Outcome::Cancelled,
             };
-            let batch = std::mem::take(&mut in_flight.batch);
-            if let Err(mpsc::error::SendError(completed)) = results.send(Completed {
-                batch,
-                partial,
-                started,
-                bytes,
-                outcome,
-            }) {
-                // The sender is gone: the guard reports these records as it drops.
-                in_flight.batch.extend(completed.batch);
-            }
+            in_flight.hand_back(outcome);
         }.instrument(span));
     }
 
@@ -1059,6 +1068,15 @@ impl Drop for Sender {
                 self.shared.fail(outgoing, error.clone());
             }
         }
+        // Requests whose answers wait here: their tasks handed the records over, so they are
+        // reported from here. Tasks still running find the channel closed and report theirs.
+        self.results_rx.close();
+        let unhandled = DeliveryError::stopped("the producer's sender task ended before it handled the request's answer; the records may have been written");
+        while let Ok(completed) = self.results_rx.try_recv() {
+            for outgoing in completed.batch {
+                self.shared.fail(outgoing, unhandled.clone());
+            }
+        }
         self.shared.finish();
     }
 }
@@ -1111,20 +1129,48 @@ fn joins_request(count: usize, bytes: usize, size: usize, config: &Config) -> bo
         || (count < config.collection_max_count && bytes + size <= config.collection_max_size)
 }
 
-/// A request's records while its task runs. If the task is dropped before it hands them back
-/// (its runtime shut down), they are reported failed rather than lost.
+/// A request's records while its task runs. If the task ends before it hands them back (a
+/// panic in the client), they go back to the sender as a failed attempt, so that they are
+/// retried and the sender stops counting the request; if the sender is gone too (the runtime
+/// shut down), they are reported failed rather than lost.
 struct InFlight {
     shared: Arc<Shared>,
     batch: Vec<Outgoing>,
+    results: mpsc::UnboundedSender<Completed>,
+    partial: bool,
+    started: Instant,
+    bytes: usize,
+}
+
+impl InFlight {
+    /// Gives the records back to the sender with what happened to them.
+    fn hand_back(&mut self, outcome: Outcome) {
+        let completed = Completed {
+            batch: std::mem::take(&mut self.batch),
+            partial: self.partial,
+            started: self.started,
+            bytes: self.bytes,
+            outcome,
+        };
+        if let Err(mpsc::error::SendError(completed)) = self.results.send(completed) {
+            for outgoing in completed.batch {
+                self.shared.fail(
+                    outgoing,
+                    DeliveryError::stopped("the producer's request task ended before its answer; the records may have been written"),
+                );
+            }
+        }
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        for outgoing in self.batch.drain(..) {
-            self.shared.fail(
-                outgoing,
-                DeliveryError::stopped("the producer's request task ended before its answer; the records may have been written"),
-            );
+        if !self.batch.is_empty() {
+            self.hand_back(Outcome::Failed(AttemptError {
+                code: "RequestTaskEnded".to_owned(),
+                message: "the request's task ended before an answer (a panic in the client?); the records may have been written".to_owned(),
+                transient: true,
+            }));
         }
     }
 }

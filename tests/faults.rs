@@ -629,3 +629,31 @@ async fn no_task_is_left_running_after_stop() {
         proxy.summary()
     );
 }
+
+/// An aggregate whose answer names a shard the map does not have waits for a reloaded map; when
+/// ListShards keeps failing, the failed reloads count, and after a few the records are re-sent
+/// (counted as re-sent), so that `flush` returns instead of waiting for a map that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_on_an_unknown_shard_are_resent_while_list_shards_keeps_failing() {
+    let _serial = SERIAL.lock().await;
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("unmapped", 2).await;
+    let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(11, 0.0, Vec::new())).await;
+    let producer = through_faults(&proxy, "unmapped", |b| b).await;
+    let failures = producer.notify_failures();
+    proxy.refuse_list_shards(true);
+    proxy.misroute_next_answer();
+    for i in 0..20 {
+        producer.put(format!("r{i}"), "one key").await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(90), producer.flush())
+        .await
+        .expect("flush returns while ListShards still fails");
+    let stats = producer.stats();
+    assert_eq!(stats.records_resent_after_reshard, 20, "{stats:?}");
+    assert_eq!(stats.user_records_put, 20);
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty(), "nothing failed");
+    // Written twice: once in the misrouted request, once re-sent.
+    assert_eq!(kinesis.read_all("unmapped").await.len(), 40);
+}

@@ -766,3 +766,100 @@ async fn requests_use_https_unless_a_plain_http_endpoint_is_configured() {
         );
     }
 }
+
+/// A client whose first PutRecords panics (as a faulty interceptor or connector might).
+#[derive(Debug, Default)]
+struct PanicsOnce(std::sync::atomic::AtomicBool);
+
+impl aws_sdk_kinesis::config::Intercept for PanicsOnce {
+    fn name(&self) -> &'static str {
+        "PanicsOnce"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &aws_sdk_kinesis::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_sdk_kinesis::config::RuntimeComponents,
+        _: &mut aws_sdk_kinesis::config::ConfigBag,
+    ) -> Result<(), aws_sdk_kinesis::error::BoxError> {
+        let is_put_records = context
+            .request()
+            .headers()
+            .get("x-amz-target")
+            .is_some_and(|t| t.ends_with(".PutRecords"));
+        if is_put_records && !self.0.swap(true, Ordering::SeqCst) {
+            panic!("the test client panics in its first PutRecords");
+        }
+        Ok(())
+    }
+}
+
+/// A request whose task panics gives its records back to the sender as a failed attempt: they
+/// are retried and acknowledged, and `stop` returns (it used to wait for the request forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_task_that_panics_retries_its_records_and_stop_returns() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("panicky", 2).await;
+    let config = kinesis
+        .client
+        .config()
+        .to_builder()
+        .interceptor(PanicsOnce::default())
+        .build();
+    let producer = Producer::builder()
+        .stream_name("panicky")
+        .client(aws_sdk_kinesis::Client::from_conf(config))
+        .build()
+        .await
+        .expect("producer");
+    let failures = producer.notify_failures();
+    for i in 0..100 {
+        producer
+            .put(format!("r{i}"), format!("k{i}"))
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(30), producer.stop())
+        .await
+        .expect("stop returns");
+    assert!(drain(failures).await.is_empty(), "nothing failed");
+    let stats = producer.stats();
+    assert_eq!(stats.user_records_put, 100);
+    assert!(
+        stats.request_errors >= 1,
+        "the panicked request counts: {stats:?}"
+    );
+    let read = kinesis.read_all("panicky").await;
+    assert_eq!(read.len(), 100, "every record once");
+}
+
+/// A producer whose runtime ended before its sender task ever ran (built on a runtime dropped
+/// right after): `stop` on another runtime returns, and a later put is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_returns_when_the_producers_runtime_ended_before_its_sender_ran() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("short-lived", 1).await;
+    let client = kinesis.client.clone();
+    let producer = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let producer = runtime
+            .block_on(
+                Producer::builder()
+                    .stream_name("short-lived")
+                    .client(client)
+                    .build(),
+            )
+            .expect("producer");
+        drop(runtime);
+        producer
+    })
+    .join()
+    .expect("the building thread");
+    tokio::time::timeout(Duration::from_secs(10), producer.stop())
+        .await
+        .expect("stop returns");
+    assert!(producer.put(vec![1u8], "k").await.is_err());
+}

@@ -126,6 +126,10 @@ struct Shared {
     schedule: Mutex<(Schedule, Rng)>,
     counts: Arc<Counts>,
     stalled: AtomicBool,
+    /// ListShards answered with a 500, not forwarded.
+    refuse_list_shards: AtomicBool,
+    /// The next PutRecords answer names, for every written entry, a shard no map has.
+    misroute_next: AtomicBool,
 }
 
 impl FaultProxy {
@@ -139,6 +143,8 @@ impl FaultProxy {
             schedule: Mutex::new((schedule, rng)),
             counts: Arc::clone(&counts),
             stalled: AtomicBool::new(false),
+            refuse_list_shards: AtomicBool::new(false),
+            misroute_next: AtomicBool::new(false),
         });
         let serving = Arc::clone(&shared);
         let accept = tokio::spawn(async move {
@@ -161,6 +167,19 @@ impl FaultProxy {
 
     pub fn resume(&self) {
         self.shared.stalled.store(false, Ordering::SeqCst);
+    }
+
+    /// ListShards fails (500) while `refuse` is set.
+    pub fn refuse_list_shards(&self, refuse: bool) {
+        self.shared
+            .refuse_list_shards
+            .store(refuse, Ordering::SeqCst);
+    }
+
+    /// The next PutRecords answer says each written entry landed on [`MISROUTED_SHARD`], a
+    /// shard the stream does not have (the records were written to their real shards).
+    pub fn misroute_next_answer(&self) {
+        self.shared.misroute_next.store(true, Ordering::SeqCst);
     }
 
     /// Stops injecting faults: requests pass from now on.
@@ -309,6 +328,20 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
         let put_records = request
             .header("x-amz-target")
             .is_some_and(|t| t.ends_with(".PutRecords"));
+        let list_shards = request
+            .header("x-amz-target")
+            .is_some_and(|t| t.ends_with(".ListShards"));
+        if list_shards && shared.refuse_list_shards.load(Ordering::SeqCst) {
+            let body = r#"{"__type":"InternalFailure","message":"injected by the fault layer"}"#;
+            let answer = format!(
+                "HTTP/1.1 500 Error\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if client.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+            continue;
+        }
         let fault = if put_records {
             shared.counts.requests.fetch_add(1, Ordering::Relaxed);
             let mut guard = shared.schedule.lock().unwrap();
@@ -387,6 +420,11 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
             }
             _ => answer,
         };
+        let answer = if put_records && shared.misroute_next.swap(false, Ordering::SeqCst) {
+            misroute(answer)
+        } else {
+            answer
+        };
         if client.write_all(&answer.bytes()).await.is_err() {
             return;
         }
@@ -429,6 +467,25 @@ fn fail_entries(shared: &Shared, request: &[u8], answer: Message, code: &str) ->
             .counts
             .ambiguous_records
             .fetch_add(user_records_in(request, Some(index)), Ordering::Relaxed);
+    }
+    answer.with_body(serde_json::to_vec(&json).expect("JSON"))
+}
+
+/// The shard a misrouted answer names.
+pub const MISROUTED_SHARD: &str = "shardId-000000009999";
+
+/// The answer with every written entry's shard replaced by [`MISROUTED_SHARD`].
+fn misroute(answer: Message) -> Message {
+    let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&answer.body) else {
+        return answer;
+    };
+    let Some(records) = json.get_mut("Records").and_then(|r| r.as_array_mut()) else {
+        return answer;
+    };
+    for entry in records {
+        if entry.get("ShardId").is_some() {
+            entry["ShardId"] = MISROUTED_SHARD.into();
+        }
     }
     answer.with_body(serde_json::to_vec(&json).expect("JSON"))
 }
