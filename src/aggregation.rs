@@ -541,7 +541,14 @@ impl AggregateBuilder {
     }
 
     /// Encodes what was pushed and starts over. One record goes out as itself, not aggregated:
-    /// that is smaller and every consumer reads it (as the KPL does). Returns `None` when empty.
+    /// that is smaller and every consumer reads it (as the KPL does), unless its data starts
+    /// with the aggregate's magic bytes, which would make readers take it for an aggregate: it
+    /// then goes out as an aggregate of one. Returns `None` when empty.
+    ///
+    /// The builder does not validate keys: push records that passed
+    /// [`UserRecord::validate`](crate::UserRecord::validate) (the producer validates every
+    /// record at `put`), and only records of one shard, as a KCL consumer drops an aggregate
+    /// whose records its shard does not all own.
     pub fn finish(&mut self) -> Option<KinesisEntry> {
         self.finish_entry(false).map(Entry::into_kinesis_entry)
     }
@@ -561,7 +568,11 @@ impl AggregateBuilder {
         // `first` is set exactly when a record was pushed.
         debug_assert_eq!(self.first.is_some(), self.count > 0);
         let first = self.first.take()?;
-        if self.count == 1 {
+        // A lone record goes out plain, unless its data starts with the aggregate's magic:
+        // readers would take it for an aggregate (and one that forwards a KPL aggregate would
+        // have it split), so it goes out as an aggregate of one, which every reader gives back
+        // as it was put.
+        if self.count == 1 && !first.data().starts_with(&MAGIC) {
             let sections = self.clear();
             if keep_room {
                 self.sections = sections.emptied();
@@ -822,6 +833,37 @@ pub(crate) mod tests {
             builder.try_push(r).expect("fits");
         }
         builder
+    }
+
+    #[test]
+    fn a_lone_record_that_looks_like_an_aggregate_goes_out_as_an_aggregate_of_one() {
+        // The golden aggregate's bytes, forwarded as one record's data.
+        let golden: Vec<u8> = (0..GOLDEN.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&GOLDEN[i..i + 2], 16).unwrap())
+            .collect();
+        for data in [golden, [&MAGIC[..], b"and more than twenty bytes"].concat()] {
+            let record = UserRecord::new(data.clone(), "forwarded");
+            let entry = build(vec![record], AggregateLimits::default())
+                .finish()
+                .unwrap();
+            assert_ne!(entry.data, data, "wrapped");
+            let read = crate::deaggregate(entry.data, &entry.partition_key).unwrap();
+            assert_eq!(read.len(), 1);
+            assert_eq!(read[0].data, data);
+            assert!(read[0].aggregated);
+        }
+        let plain = build(
+            vec![UserRecord::new("plain", "k")],
+            AggregateLimits::default(),
+        )
+        .finish()
+        .unwrap();
+        assert_eq!(
+            &plain.data[..],
+            b"plain",
+            "other lone records go out as they are"
+        );
     }
 
     #[test]

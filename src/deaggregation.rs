@@ -103,7 +103,19 @@ pub enum DeaggregationError {
     InvalidExplicitHashKey { record: usize, value: String },
     #[error("user record {record} lies outside the shard's hash key range")]
     OutsideShard { record: usize },
+    #[error(
+        "the aggregate's records would carry {bytes} bytes of keys, over {limit} ({KEY_BYTES_PER_INPUT_BYTE} per byte of the aggregate): keys within Kinesis's limits never reach that"
+    )]
+    KeysTooLarge { bytes: u64, limit: u64 },
 }
+
+/// Each user record read out of an aggregate owns a copy of its keys, so a small aggregate
+/// whose records all point to one huge key table entry could ask for gigabytes. Keys within
+/// Kinesis's limits (a partition key of 256 characters, at most 1,024 bytes; an explicit hash
+/// key of 39 digits) in records of at least 6 bytes stay under 180 bytes per byte of the
+/// aggregate; beyond this many, the aggregate is refused (strict) or handed over whole (KCL
+/// mode).
+pub const KEY_BYTES_PER_INPUT_BYTE: u64 = 256;
 
 /// What to do with a user record whose hash key lies outside the given shard range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,10 +202,21 @@ impl Deaggregator {
         } else {
             parse(body)
         };
+        let parsed = parsed.and_then(|aggregate| {
+            let bytes = key_bytes(&aggregate);
+            let limit = KEY_BYTES_PER_INPUT_BYTE.saturating_mul(data.len() as u64);
+            if bytes > limit {
+                Err(DeaggregationError::KeysTooLarge { bytes, limit })
+            } else {
+                Ok(aggregate)
+            }
+        });
         let aggregate = match (parsed, self.mode) {
             (Ok(aggregate), _) => aggregate,
             (Err(error), Mode::Strict) => return Err(error),
-            // The KCL hands such a record to the application as it is.
+            // The KCL hands such a record to the application as it is (keys too large for
+            // their aggregate: the KCL would share them; here each record owns a copy, so the
+            // record is handed over whole instead).
             (Err(_), Mode::Kcl) => return Ok(plain(data, partition_key)),
         };
         self.unpack(aggregate)
@@ -301,6 +324,27 @@ fn plain(data: Bytes, partition_key: &str) -> Vec<DeaggregatedRecord> {
     }]
 }
 
+/// Bytes of keys the records of `aggregate` would copy (a key index out of range counts none).
+fn key_bytes(aggregate: &proto::AggregatedRecord) -> u64 {
+    let len = |table: &[String], index: Option<u64>| {
+        index
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| table.get(i))
+            .map_or(0, |key| key.len() as u64)
+    };
+    aggregate
+        .records
+        .iter()
+        .map(|record| {
+            len(&aggregate.partition_key_table, record.partition_key_index)
+                + len(
+                    &aggregate.explicit_hash_key_table,
+                    record.explicit_hash_key_index,
+                )
+        })
+        .fold(0u64, u64::saturating_add)
+}
+
 /// Decodes the protobuf body and checks that the schema's required fields are present.
 fn parse(body: Bytes) -> Result<proto::AggregatedRecord, DeaggregationError> {
     let aggregate = proto::AggregatedRecord::decode(body)
@@ -381,6 +425,39 @@ mod tests {
     fn aggregate_of(records: Vec<UserRecord>) -> Bytes {
         let mut builder = build(records, AggregateLimits::default());
         builder.finish().unwrap().data
+    }
+
+    /// An aggregate of `count` records with empty data, all pointing to one partition key.
+    fn one_key_many_records(key: &[u8], count: usize) -> Vec<u8> {
+        let mut body = vec![0x0A];
+        prost::encoding::encode_varint(key.len() as u64, &mut body);
+        body.extend_from_slice(key);
+        for _ in 0..count {
+            body.extend_from_slice(&[0x1A, 0x04, 0x08, 0x00, 0x1A, 0x00]);
+        }
+        frame(&body)
+    }
+
+    #[test]
+    fn keys_out_of_all_proportion_to_the_aggregate_are_refused_not_copied() {
+        // 10,000 records pointing to one 100 KB key: a gigabyte of copies from 160 KB.
+        let bomb = one_key_many_records(&[b'k'; 100_000], 10_000);
+        match deaggregate(bomb.clone(), "outer") {
+            Err(DeaggregationError::KeysTooLarge { bytes, limit }) => {
+                assert_eq!(bytes, 1_000_000_000);
+                assert_eq!(limit, KEY_BYTES_PER_INPUT_BYTE * bomb.len() as u64);
+            }
+            other => panic!("{other:?}"),
+        }
+        let kcl = Deaggregator::kcl(0, u128::MAX)
+            .deaggregate(bomb, "outer")
+            .unwrap();
+        assert_eq!(kcl.len(), 1, "handed over whole");
+        assert!(!kcl[0].aggregated);
+        // The worst keys Kinesis allows: 256 four-byte characters, in records of no data.
+        let key = "\u{1F600}".repeat(256);
+        let heavy = one_key_many_records(key.as_bytes(), 10_000);
+        assert_eq!(deaggregate(heavy, "outer").unwrap().len(), 10_000);
     }
 
     #[test]

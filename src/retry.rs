@@ -79,7 +79,7 @@ pub(crate) struct AttemptError {
 /// returns per record (e.g. an oversize `InvalidArgumentException`) is permanent.
 pub(crate) fn entry_error_is_transient(code: &str) -> bool {
     matches!(
-        code,
+        service_code(code),
         "ProvisionedThroughputExceededException"
             | "InternalFailure"
             | "InternalFailureException"
@@ -89,11 +89,21 @@ pub(crate) fn entry_error_is_transient(code: &str) -> bool {
     )
 }
 
+/// An error code without the namespace some services put before it: SQS's JSON protocol
+/// answers `AWS.SimpleQueueService.BatchRequestTooLong` and `KMS.ThrottlingException` for the
+/// codes its documentation calls `BatchRequestTooLong` and (KMS's) `ThrottlingException`.
+pub(crate) fn service_code(code: &str) -> &str {
+    ["AWS.SimpleQueueService.", "KMS."]
+        .iter()
+        .find_map(|prefix| code.strip_prefix(prefix))
+        .unwrap_or(code)
+}
+
 /// Whole-request error codes that are worth retrying.
 fn request_code_is_transient(code: &str) -> bool {
     entry_error_is_transient(code)
         || matches!(
-            code,
+            service_code(code),
             "LimitExceededException"
                 | "Throttling"
                 | "RequestThrottled"
@@ -193,6 +203,15 @@ mod tests {
             "ProvisionedThroughputExceededException"
         ));
         assert!(entry_error_is_transient("InternalFailure"));
+        assert!(
+            entry_error_is_transient("KMS.ThrottlingException"),
+            "SQS's form"
+        );
+        assert!(!request_code_is_transient("KMS.AccessDeniedException"));
+        assert_eq!(
+            service_code("AWS.SimpleQueueService.BatchRequestTooLong"),
+            "BatchRequestTooLong"
+        );
         assert!(!entry_error_is_transient("InvalidArgumentException"));
         assert!(!entry_error_is_transient("KMSAccessDeniedException"));
         assert!(request_code_is_transient("ThrottlingException"));

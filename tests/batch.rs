@@ -805,6 +805,56 @@ async fn dynamodb_writes_retry_unprocessed_items_until_all_land() {
     }
 }
 
+/// An unprocessed write that DynamoDB writes back in another form (a number normalised) matches
+/// no write sent: no write of that request counts as applied, and the retry lands them all.
+#[tokio::test]
+async fn dynamodb_unprocessed_items_that_match_nothing_sent_are_retried_not_taken_as_written() {
+    let server = moto().await;
+    let client = dynamodb_client(&server.endpoint).await;
+    create_table(&client, "echoes").await;
+    let seen = Seen::default();
+    let proxy = BatchFaultProxy::start(
+        &server.endpoint,
+        on("BatchWriteItem", move |request: &Request| {
+            batch_faults::dynamodb_write_fail_echoing(
+                request,
+                |position, _, item| position == 1 && seen.meet(item.to_string()) == 1,
+                |mut item| {
+                    if let Some(n) = item.pointer_mut("/PutRequest/Item/amount/N") {
+                        *n = "1.5".into();
+                    }
+                    item
+                },
+            )
+        }),
+    )
+    .await;
+    let call = dynamodb::BatchWriteItem::new(dynamodb_client(&proxy.endpoint).await, "echoes");
+    let writes = (0..5).map(|i| {
+        let mut item = HashMap::from([
+            ("pk".to_owned(), AttributeValue::S("p".to_owned())),
+            ("sk".to_owned(), AttributeValue::N(i.to_string())),
+            ("value".to_owned(), AttributeValue::S(format!("v{i}"))),
+        ]);
+        item.insert("amount".to_owned(), AttributeValue::N("1.50".to_owned()));
+        WriteRequest::builder()
+            .put_request(
+                PutRequest::builder()
+                    .set_item(Some(item))
+                    .build()
+                    .expect("put"),
+            )
+            .build()
+    });
+    let outcome = call.send_all(writes, &quick()).await.expect("options");
+    assert!(outcome.is_complete(), "{:?}", outcome.unprocessed);
+    assert!(
+        outcome.succeeded.iter().all(|s| s.attempts == 2),
+        "all retried"
+    );
+    assert_eq!(scan_values(&client, "echoes").await.len(), 5);
+}
+
 #[tokio::test]
 async fn dynamodb_finds_the_one_bad_item_of_a_refused_batch_and_writes_the_rest() {
     let server = moto().await;

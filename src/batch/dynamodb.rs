@@ -12,7 +12,7 @@
 //!   keep their answers. When a projection is set, the key attributes are added to it, because
 //!   they are how an answer is matched to its key.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
 use aws_sdk_dynamodb::config::retry::RetryConfig;
@@ -174,18 +174,28 @@ impl BatchCall for BatchWriteItem {
             .map_err(|e| Failure::from_sdk(&e))?;
         let mut results: Vec<ItemResult<()>> = page.iter().map(|_| ItemResult::Done(())).collect();
         let unprocessed = output.unprocessed_items().and_then(|u| u.get(&self.table));
+        let mut unmatched = false;
         for request in unprocessed.into_iter().flatten() {
             // The first still-successful equal request of the page is the one not applied.
             let position = page.iter().zip(&results).position(|(sent, result)| {
                 *sent == request && matches!(result, ItemResult::Done(_))
             });
-            if let Some(position) = position {
-                results[position] = ItemResult::Failed(Failure::new(
-                    "UnprocessedItems",
-                    "DynamoDB left the write unprocessed",
-                    true,
-                ));
+            match position {
+                Some(position) => {
+                    results[position] = ItemResult::Failed(Failure::new(
+                        "UnprocessedItems",
+                        "DynamoDB left the write unprocessed",
+                        true,
+                    ))
+                }
+                None => unmatched = true,
             }
+        }
+        if unmatched {
+            // An unprocessed write that matches none sent (DynamoDB wrote it back in another
+            // form): which one it was is unknown, so none counts as applied. Writes are
+            // idempotent; the retry sends them again.
+            fail_unconfirmed(&mut results, |done| matches!(done, ItemResult::Done(())));
         }
         Ok(results)
     }
@@ -261,8 +271,14 @@ impl BatchGetItem {
         let mut projection = self.projection.clone();
         let mut names = self.names.clone();
         if let Some(expression) = projection.as_mut() {
+            // Key attributes the projection leaves out are added, so that answers can be
+            // matched to keys; one it names already is not (DynamoDB refuses overlapping paths).
+            let projected = projected_attributes(expression, names.as_ref());
             let names = names.get_or_insert_with(HashMap::new);
             for (i, name) in key_names.iter().enumerate() {
+                if projected.contains(name) {
+                    continue;
+                }
                 let placeholder = format!("#batchkey{i}");
                 let _ = write!(expression, ", {placeholder}");
                 names.insert(placeholder, name.clone());
@@ -275,6 +291,39 @@ impl BatchGetItem {
             .set_expression_attribute_names(names)
             .build()
             .map_err(|e| Failure::new("ValidationException", e.to_string(), false))
+    }
+}
+
+/// The top-level attributes a projection expression names (`#name` placeholders resolved):
+/// `"pk, #n.sub, tags[0]"` names `pk`, what `#n` stands for, and `tags`.
+fn projected_attributes(
+    expression: &str,
+    names: Option<&HashMap<String, String>>,
+) -> HashSet<String> {
+    expression
+        .split(',')
+        .filter_map(|path| {
+            let first = path.trim().split(['.', '[']).next()?.trim();
+            match first.strip_prefix('#') {
+                Some(_) => names.and_then(|n| n.get(first)).cloned(),
+                None => Some(first.to_owned()),
+            }
+        })
+        .filter(|name| !name.is_empty())
+        .collect()
+}
+
+/// Turns the results `unconfirmed` picks into transient failures, to be sent again.
+fn fail_unconfirmed<O>(
+    results: &mut [ItemResult<O>],
+    unconfirmed: impl Fn(&ItemResult<O>) -> bool,
+) {
+    for result in results.iter_mut().filter(|r| unconfirmed(r)) {
+        *result = ItemResult::Failed(Failure::new(
+            "UnmatchedAnswer",
+            "an answer entry matched no item sent, so this item's outcome is not known",
+            true,
+        ));
     }
 }
 
@@ -323,9 +372,11 @@ impl BatchCall for BatchGetItem {
                 });
         let mut results: Vec<ItemResult<Option<Item>>> =
             page.iter().map(|_| ItemResult::Done(None)).collect();
+        let mut unmatched = false;
         let found = output.responses().and_then(|r| r.get(&self.table));
         for item in found.into_iter().flatten() {
             let positions = key_text(item, &key_names).and_then(|t| position_of.get(&t));
+            unmatched |= positions.is_none();
             for &position in positions.into_iter().flatten() {
                 results[position] = ItemResult::Done(Some(item.clone()));
             }
@@ -333,6 +384,7 @@ impl BatchCall for BatchGetItem {
         let unprocessed = output.unprocessed_keys().and_then(|u| u.get(&self.table));
         for key in unprocessed.into_iter().flat_map(|k| &k.keys) {
             let positions = key_text(key, &key_names).and_then(|t| position_of.get(&t));
+            unmatched |= positions.is_none();
             for &position in positions.into_iter().flatten() {
                 results[position] = ItemResult::Failed(Failure::new(
                     "UnprocessedKeys",
@@ -340,6 +392,11 @@ impl BatchCall for BatchGetItem {
                     true,
                 ));
             }
+        }
+        if unmatched {
+            // An item or unprocessed key that matches no key sent: a key without an item may be
+            // that one, so none is reported missing; the retry asks again.
+            fail_unconfirmed(&mut results, |done| matches!(done, ItemResult::Done(None)));
         }
         Ok(results)
     }
@@ -354,6 +411,56 @@ impl BatchCall for BatchGetItem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn offline_client() -> Client {
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+            .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+            .build();
+        Client::from_conf(config)
+    }
+
+    #[test]
+    fn a_projection_names_each_key_attribute_once() {
+        let key: Item = HashMap::from([
+            ("pk".to_owned(), AttributeValue::S("a".to_owned())),
+            ("sk".to_owned(), AttributeValue::N("1".to_owned())),
+        ]);
+        let key_names = ["pk".to_owned(), "sk".to_owned()];
+        let cases = [
+            // (expression, its names, key attributes the request must add)
+            ("pk, price", vec![], vec!["sk"]),
+            ("#k, price", vec![("#k", "pk")], vec!["sk"]),
+            ("price, sk , pk", vec![], vec![]),
+            ("price", vec![], vec!["pk", "sk"]),
+            ("pkx, tags[0], #s.inner", vec![("#s", "sk")], vec!["pk"]),
+        ];
+        for (expression, names, added) in cases {
+            let names: HashMap<String, String> = names
+                .into_iter()
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .collect();
+            let call = BatchGetItem::new(offline_client(), "t").projection(expression, names);
+            let request = call.request(&[&key], &key_names).expect("request");
+            let written = request.projection_expression().expect("projection");
+            let placeholders = request
+                .expression_attribute_names()
+                .cloned()
+                .unwrap_or_default();
+            let projected = projected_attributes(written, Some(&placeholders));
+            for name in ["pk", "sk"] {
+                assert!(projected.contains(name), "{expression} -> {written}");
+            }
+            let extra: Vec<&str> = placeholders
+                .iter()
+                .filter(|(placeholder, _)| placeholder.starts_with("#batchkey"))
+                .map(|(_, name)| name.as_str())
+                .collect();
+            let mut extra = extra;
+            extra.sort_unstable();
+            assert_eq!(extra, added, "{expression} -> {written}");
+        }
+    }
 
     #[test]
     fn sizes_follow_dynamodb_rules() {

@@ -256,7 +256,7 @@ impl Failure {
     fn blames_an_item(&self) -> bool {
         !self.transient
             && matches!(
-                self.code.as_str(),
+                crate::retry::service_code(&self.code),
                 "ValidationException"
                     | "InvalidParameterValue"
                     | "InvalidParameterValueException"
@@ -467,4 +467,22 @@ pub(crate) fn owned<T: Clone>(page: &[&T]) -> Vec<T> {
 #[cfg(any(feature = "batch-sqs", feature = "batch-s3"))]
 pub(crate) fn opt_len(value: Option<&str>) -> usize {
     value.map_or(0, str::len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_one_item_can_cause_is_recognised_in_either_form_of_its_code() {
+        for code in [
+            "BatchRequestTooLong",
+            "AWS.SimpleQueueService.BatchRequestTooLong",
+            "ValidationException",
+        ] {
+            assert!(Failure::new(code, "", false).blames_an_item(), "{code}");
+        }
+        assert!(!Failure::new("AccessDenied", "", false).blames_an_item());
+        assert!(!Failure::new("ValidationException", "", true).blames_an_item());
+    }
 }

@@ -108,14 +108,22 @@ impl BatchCall for DeleteObjects {
             .map_err(|e| Failure::from_sdk(&e))?;
         let mut results: Vec<Option<ItemResult<Deleted>>> = page.iter().map(|_| None).collect();
         // An answer names the key and, when one was given, the version; the first object of the
-        // page it fits that has no answer yet is the one it is about.
+        // page it fits that has no answer yet is the one it is about: one asking for exactly
+        // that version before one that named none (for which the answer can give the version
+        // S3 chose).
         let mut answer = |key: Option<&str>, version: Option<&str>, result: ItemResult<Deleted>| {
-            let position = page.iter().zip(&results).position(|(object, slot)| {
-                slot.is_none()
-                    && Some(object.key.as_str()) == key
-                    && (object.version_id.is_none() || object.version_id.as_deref() == version)
-            });
-            if let Some(position) = position {
+            let unanswered = |exact: bool| {
+                page.iter().zip(&results).position(|(object, slot)| {
+                    slot.is_none()
+                        && Some(object.key.as_str()) == key
+                        && if exact {
+                            version.is_some() && object.version_id.as_deref() == version
+                        } else {
+                            object.version_id.is_none()
+                        }
+                })
+            };
+            if let Some(position) = unanswered(true).or_else(|| unanswered(false)) {
                 results[position] = Some(result);
             }
         };

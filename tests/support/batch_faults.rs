@@ -491,14 +491,26 @@ pub fn sqs_fail(req: &Request, pick: impl Fn(usize, &Value) -> Option<(String, b
 /// DynamoDB BatchWriteItem: the picked write requests come back in `UnprocessedItems`. `pick`
 /// gets each one's position across all tables, its table, and the WriteRequest.
 pub fn dynamodb_write_fail(req: &Request, pick: impl Fn(usize, &str, &Value) -> bool) -> Plan {
-    dynamodb_fail(req, "", "UnprocessedItems", json!({}), pick)
+    dynamodb_fail(req, "", "UnprocessedItems", json!({}), pick, |item| item)
+}
+
+/// [`dynamodb_write_fail`], with each picked write request written back in `UnprocessedItems`
+/// as `echo` rewrites it (as a service that normalises what it echoes would).
+pub fn dynamodb_write_fail_echoing(
+    req: &Request,
+    pick: impl Fn(usize, &str, &Value) -> bool,
+    echo: impl Fn(Value) -> Value,
+) -> Plan {
+    dynamodb_fail(req, "", "UnprocessedItems", json!({}), pick, echo)
 }
 
 /// DynamoDB BatchGetItem: the picked keys come back in `UnprocessedKeys`, with the same
 /// `ConsistentRead`, `ProjectionExpression`... as their table's entry in the request.
 pub fn dynamodb_get_fail(req: &Request, pick: impl Fn(usize, &str, &Value) -> bool) -> Plan {
     let nothing_sent = json!({ "Responses": {} });
-    dynamodb_fail(req, "/Keys", "UnprocessedKeys", nothing_sent, pick)
+    dynamodb_fail(req, "/Keys", "UnprocessedKeys", nothing_sent, pick, |key| {
+        key
+    })
 }
 
 /// Both DynamoDB batches map each table to its entry: the list of items itself for writes, an
@@ -509,6 +521,7 @@ fn dynamodb_fail(
     unprocessed: &str,
     nothing_sent: Value,
     pick: impl Fn(usize, &str, &Value) -> bool,
+    echo: impl Fn(Value) -> Value,
 ) -> Plan {
     let mut request = req.json().unwrap_or_default();
     let Value::Object(tables) = take(&mut request, "RequestItems") else {
@@ -524,6 +537,7 @@ fn dynamodb_fail(
             position += 1;
             pick(position - 1, &table, item)
         });
+        let chosen: Vec<Value> = chosen.into_iter().map(&echo).collect();
         for (part, into) in [(rest, &mut kept), (chosen, &mut picked)] {
             if !part.is_empty() {
                 let mut half = entry.clone();
