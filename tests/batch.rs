@@ -1113,6 +1113,75 @@ async fn s3_deletes_named_versions_of_a_versioned_bucket() {
     assert!(left.versions.unwrap_or_default().is_empty());
 }
 
+/// One request deletes a key's named version and (without a version) the key itself, and the
+/// answers come back in the other order: each goes to the object that asked for it.
+#[tokio::test]
+async fn s3_answers_go_to_the_exact_version_first_whatever_their_order() {
+    let server = moto().await;
+    let client = s3_client(&server.endpoint).await;
+    client
+        .create_bucket()
+        .bucket("both")
+        .send()
+        .await
+        .expect("bucket");
+    client
+        .put_bucket_versioning()
+        .bucket("both")
+        .versioning_configuration(
+            aws_sdk_s3::types::VersioningConfiguration::builder()
+                .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("versioning");
+    let mut versions = Vec::new();
+    for round in 0..2 {
+        let put = client
+            .put_object()
+            .bucket("both")
+            .key("doc")
+            .body(aws_sdk_s3::primitives::ByteStream::from(
+                format!("v{round}").into_bytes(),
+            ))
+            .send()
+            .await
+            .expect("put");
+        versions.push(put.version_id.expect("a version id"));
+    }
+    let proxy = BatchFaultProxy::start(
+        &server.endpoint,
+        on("DeleteObjects", batch_faults::s3_reverse_deleted),
+    )
+    .await;
+    let call = s3::DeleteObjects::new(s3_client(&proxy.endpoint).await, "both");
+    let objects = [
+        ObjectIdentifier::builder().key("doc").build().expect("id"),
+        ObjectIdentifier::builder()
+            .key("doc")
+            .version_id(&versions[0])
+            .build()
+            .expect("id"),
+    ];
+    let outcome = call.send_all(objects, &quick()).await.expect("options");
+    assert!(outcome.is_complete(), "{:?}", outcome.unprocessed);
+    assert_eq!(proxy.requests(), 1, "one request, each answer placed");
+    let by_index = |i: usize| {
+        &outcome
+            .succeeded
+            .iter()
+            .find(|s| s.index == i)
+            .unwrap()
+            .output
+    };
+    assert_eq!(
+        by_index(1).version_id.as_deref(),
+        Some(versions[0].as_str())
+    );
+    assert_eq!(by_index(0).delete_marker, Some(true), "{:?}", by_index(0));
+}
+
 #[tokio::test]
 async fn firehose_retries_failed_entries_by_position() {
     let server = moto().await;

@@ -712,6 +712,33 @@ pub fn s3_delete_fail(
     }
 }
 
+/// S3 DeleteObjects, forwarded unchanged, its answer's `<Deleted>` entries put in reverse order
+/// (S3 does not promise the request's order).
+pub fn s3_reverse_deleted(req: &Request) -> Plan {
+    Plan::Rewrite {
+        body: req.body.clone(),
+        patch: Box::new(|answer| match String::from_utf8(answer) {
+            Ok(xml) => {
+                let deleted = xml_elements(&xml, "Deleted");
+                let (Some(first), Some(last)) = (deleted.first(), deleted.last()) else {
+                    return xml.into_bytes();
+                };
+                let span = first.0.start..last.0.end;
+                let reversed: String = deleted
+                    .iter()
+                    .rev()
+                    .map(|(range, _)| &xml[range.clone()])
+                    .collect();
+                let mut out = xml[..span.start].to_owned();
+                out += &reversed;
+                out += &xml[span.end..];
+                out.into_bytes()
+            }
+            Err(not_text) => not_text.into_bytes(),
+        }),
+    }
+}
+
 /// The key and version id in the inner text of an `<Object>` or a `<Deleted>`.
 fn object_id(inner: &str) -> Option<ObjectId> {
     let key = xml_unescape(xml_text(inner, "Key")?);
