@@ -325,18 +325,10 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
                 }
             }
         };
-        let put_records = request
-            .header("x-amz-target")
-            .is_some_and(|t| t.ends_with(".PutRecords"));
-        let list_shards = request
-            .header("x-amz-target")
-            .is_some_and(|t| t.ends_with(".ListShards"));
-        if list_shards && shared.refuse_list_shards.load(Ordering::SeqCst) {
-            let body = r#"{"__type":"InternalFailure","message":"injected by the fault layer"}"#;
-            let answer = format!(
-                "HTTP/1.1 500 Error\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
+        let target = request.header("x-amz-target").unwrap_or_default();
+        let put_records = target.ends_with(".PutRecords");
+        if target.ends_with(".ListShards") && shared.refuse_list_shards.load(Ordering::SeqCst) {
+            let answer = error_answer(500, "InternalFailure");
             if client.write_all(answer.as_bytes()).await.is_err() {
                 return;
             }
@@ -357,17 +349,7 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
         }
         match fault {
             Some(Fault::Refuse(status, code)) => {
-                let body =
-                    format!(r#"{{"__type":"{code}","message":"injected by the fault layer"}}"#);
-                let reason = if status >= 500 {
-                    "Error"
-                } else {
-                    "Bad Request"
-                };
-                let answer = format!(
-                    "HTTP/1.1 {status} {reason}\r\ncontent-type: application/x-amz-json-1.1\r\nx-amzn-errortype: {code}\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
+                let answer = error_answer(status, code);
                 if client.write_all(answer.as_bytes()).await.is_err() {
                     return;
                 }
@@ -429,6 +411,20 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
             return;
         }
     }
+}
+
+/// A Kinesis JSON error answer with `status` and `code`, as the fault layer's own.
+fn error_answer(status: u16, code: &str) -> String {
+    let body = format!(r#"{{"__type":"{code}","message":"injected by the fault layer"}}"#);
+    let reason = if status >= 500 {
+        "Error"
+    } else {
+        "Bad Request"
+    };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/x-amz-json-1.1\r\nx-amzn-errortype: {code}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 async fn wait_for(flag: &AtomicBool, value: bool) {
