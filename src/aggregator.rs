@@ -637,6 +637,11 @@ pub(crate) fn flush_all(shared: &Shared) {
     for index in 0..routing.slots.len() {
         let mut slot = lock(&routing.slots[index]);
         emit_slot(shared, &routing, index, &mut slot);
+        // A `put` may have taken a full aggregate out of this slot and not yet handed it to
+        // the sender (it lets go of the slot first): wait for its turn to end, so that every
+        // record the slot took before this pass is with the sender when the pass ends. `stop`
+        // relies on it: its message must follow every record accepted before it.
+        drop(lock(&routing.emitting[index]));
     }
 }
 

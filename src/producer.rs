@@ -397,14 +397,22 @@ impl Shared {
     fn begin_stop(&self, deadline: Instant) {
         if !self.stop_begun.swap(true, Ordering::SeqCst) {
             tracing::info!(stream = %self.stream, "producer stopping");
-            self.closed.store(true, Ordering::SeqCst);
-            self.backlog.close();
-            aggregator::flush_all(self);
+            self.close_intake();
         }
         self.send(Inbound::Stop { deadline });
     }
 
-    /// Called by the sender task as it ends: failure streams end after their last item.
+    /// Refuses new records (a `put` waiting for room too) and hands every aggregate to the
+    /// sender: `flush_all` visits each slot after the flag is set, and `enqueue` checks the
+    /// flag under the slot's lock, so each record is either refused or handed over.
+    pub fn close_intake(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.backlog.close();
+        aggregator::flush_all(self);
+    }
+
+    /// Called once the sender task and every request task it started have ended: failure
+    /// streams end after their last item.
     pub fn finish(&self) {
         // Logged before `done` is set: `stop` returns then, and whatever follows it (a
         // program's exit, a test reading its logs) must find the event already written.

@@ -60,11 +60,23 @@ pub(crate) fn run(
     async move { sender.run().await }
 }
 
+/// Ends the producer ([`Shared::finish`]: its failure streams, `stop`'s wait) when the last of
+/// the sender and its request tasks lets go of it. A request task the runtime drops after the
+/// sender (it shut down) still reports its records to the subscriber.
+struct Ending(Arc<Shared>);
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
 impl Sender {
     fn new(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<Inbound>) -> Sender {
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         let next_refresh = Instant::now() + shared.config.shard_map_refresh_interval;
         Sender {
+            ending: Some(Arc::new(Ending(Arc::clone(&shared)))),
             shared,
             inbound,
             lanes: Vec::new(),
@@ -96,6 +108,8 @@ impl Sender {
 
 struct Sender {
     shared: Arc<Shared>,
+    /// Let go of last in `drop`; each request task holds a clone.
+    ending: Option<Arc<Ending>>,
     inbound: mpsc::UnboundedReceiver<Inbound>,
     /// Kinesis records waiting for a request, one lane per shard, by shard ordinal (the lane
     /// of records no open shard covered at `NO_SHARD`). Looked up for every Kinesis record
@@ -169,6 +183,15 @@ struct Lane {
     limited_since: Option<Instant>,
     /// What the lane has in `lane_fronts`.
     front_key: Option<Instant>,
+}
+
+/// How a record that may be retried waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backoff {
+    /// An entry throttled on a shard with a limiter waits one base backoff (the limiter paces
+    /// its shard); anything else backs off exponentially.
+    PacedIfThrottled,
+    Exponential,
 }
 
 struct Retry {
@@ -587,10 +610,9 @@ impl Sender {
                 }
             }
         }
-        // A lane cut short by a full request keeps its turn.
-        for key in again.into_iter().rev() {
-            self.ready.push_front(key);
-        }
+        // A lane cut short by a full request goes to the back of the turn: a shard that always
+        // has a request's worth waiting must not keep the others from ever sending.
+        self.ready.extend(again);
         (batch, full)
     }
 
@@ -637,7 +659,9 @@ impl Sender {
                     // sends a batch at its rate instead of one record per request as soon as
                     // one fits.
                     let ready = limiter.ready_at(size, now).max(now + LIMITED_LANE_PACE);
-                    break Blocked::Until(ready);
+                    // Nor after the front record's TTL: it expires then, not when the limiter
+                    // would have let it go (a large record can leave the bucket seconds in debt).
+                    break Blocked::Until(ready.min(front.oldest_put + config.record_ttl));
                 }
             }
             if let Some(since) = lane.limited_since.take() {
@@ -703,6 +727,7 @@ impl Sender {
             partial,
             started,
             bytes,
+            _ending: self.ending.clone(),
         };
         tokio::spawn(async move {
             let shared = Arc::clone(&in_flight.shared);
@@ -922,13 +947,26 @@ impl Sender {
             self.isolating.push_back(second);
             return;
         }
+        let throttled = error.code == "ProvisionedThroughputExceededException";
+        let now = Instant::now();
         for outgoing in batch {
-            self.retry_or_fail(outgoing, error.clone());
+            if throttled {
+                // The whole request refused for throughput: each shard in it slows down, and
+                // its records back off exponentially (`Backoff::Exponential`), as nothing says which
+                // shard was over its limit.
+                add(&self.shared.stats.throttled_entries, 1);
+                self.with_limiter(&outgoing, |limiter| limiter.throttled(now));
+            }
+            self.retry_or_fail_with(outgoing, error.clone(), Backoff::Exponential);
         }
     }
 
     /// Decides the fate of a record back from a request (it leaves its lane's count here).
-    fn retry_or_fail(&mut self, mut outgoing: Outgoing, error: AttemptError) {
+    fn retry_or_fail(&mut self, outgoing: Outgoing, error: AttemptError) {
+        self.retry_or_fail_with(outgoing, error, Backoff::PacedIfThrottled);
+    }
+
+    fn retry_or_fail_with(&mut self, mut outgoing: Outgoing, error: AttemptError, backoff: Backoff) {
         self.release(&outgoing);
         if !error.transient {
             let failure = DeliveryError {
@@ -942,7 +980,8 @@ impl Sender {
         // A throttled entry of a shard with a limiter: the limiter has just halved that shard's
         // allowance and paces it from here, so the entry waits one base backoff rather than an
         // exponential one that would leave it idle while its shard has room again.
-        let paced = error.code == "ProvisionedThroughputExceededException"
+        let paced = backoff == Backoff::PacedIfThrottled
+            && error.code == "ProvisionedThroughputExceededException"
             && self
                 .lane_mut(&outgoing)
                 .is_some_and(|lane| lane.limiter.is_some());
@@ -1046,10 +1085,14 @@ impl Sender {
 
 impl Drop for Sender {
     /// Normally everything is done by now. If the task ends early (its runtime shut down, or a
-    /// panic), whatever it still holds is reported failed rather than lost.
+    /// panic), the producer refuses new records from here, and whatever it still holds, in its
+    /// aggregators too, is reported failed rather than lost.
     fn drop(&mut self) {
         let error =
             DeliveryError::stopped("the producer's sender task ended before the record was sent");
+        // Closed first: the aggregates `close_intake` hands over then fail as they are sent.
+        self.inbound.close();
+        self.shared.close_intake();
         for outgoing in self.drain_lanes() {
             self.shared.fail(outgoing, error.clone());
         }
@@ -1062,7 +1105,6 @@ impl Drop for Sender {
         for (outgoing, ..) in self.parked.drain(..) {
             self.shared.fail(outgoing, error.clone());
         }
-        self.inbound.close();
         while let Ok(message) = self.inbound.try_recv() {
             if let Some(outgoing) = message.into_record(&self.shared) {
                 self.shared.fail(outgoing, error.clone());
@@ -1077,7 +1119,8 @@ impl Drop for Sender {
                 self.shared.fail(outgoing, unhandled.clone());
             }
         }
-        self.shared.finish();
+        // The producer ends now, or when the last request task still running has reported.
+        self.ending.take();
     }
 }
 
@@ -1140,6 +1183,8 @@ struct InFlight {
     partial: bool,
     started: Instant,
     bytes: usize,
+    /// Dropped after `drop` has handed the records back.
+    _ending: Option<Arc<Ending>>,
 }
 
 impl InFlight {

@@ -657,3 +657,40 @@ async fn records_on_an_unknown_shard_are_resent_while_list_shards_keeps_failing(
     // Written twice: once in the misrouted request, once re-sent.
     assert_eq!(kinesis.read_all("unmapped").await.len(), 40);
 }
+
+/// A request refused whole with ProvisionedThroughputExceeded backs its records off
+/// exponentially, not at the one base backoff an entry throttled on its own shard waits (where
+/// the shard's limiter paces it): nothing says which shard of the request was over its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_whole_for_throughput_backs_off_exponentially() {
+    let _serial = SERIAL.lock().await;
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("refused-whole", 1).await;
+    let throttled = Fault::Refuse(400, "ProvisionedThroughputExceededException");
+    let proxy =
+        FaultProxy::start(&kinesis.endpoint, Schedule::new(29, 1.0, vec![throttled])).await;
+    let producer = through_faults(&proxy, "refused-whole", |b| {
+        b.retry_base_delay(Duration::from_millis(100))
+            .retry_max_delay(Duration::from_secs(2))
+            .record_ttl(Duration::from_secs(3))
+    })
+    .await;
+    let receipt = producer
+        .put_with_receipt(UserRecord::new("x", "k"))
+        .await
+        .expect("accepted");
+    let failed = tokio::time::timeout(Duration::from_secs(20), receipt)
+        .await
+        .expect("the record ends")
+        .expect_err("every request is refused");
+    assert_eq!(&*failed.error.code, "ProvisionedThroughputExceededException");
+    // 100, 200, 400, 800 ms ... (with jitter) fit about five attempts in 3 s; the base backoff
+    // alone would make 30 or more.
+    assert!(
+        (2..=10).contains(&failed.attempts),
+        "{} attempts in the 3 s TTL",
+        failed.attempts
+    );
+    assert!(producer.stats().throttled_entries >= 2);
+    producer.stop().await;
+}

@@ -863,3 +863,172 @@ async fn stop_returns_when_the_producers_runtime_ended_before_its_sender_ran() {
         .expect("stop returns");
     assert!(producer.put(vec![1u8], "k").await.is_err());
 }
+
+/// A producer whose runtime shut down without `stop` (its sender task dropped): what the
+/// aggregators held is reported failed at once, to receipts and the failure stream, and a later
+/// `put` is refused instead of accepted into an aggregator nobody will send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_held_when_the_producers_runtime_ends_are_reported_and_later_puts_refused() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("runtime-ends", 2).await;
+    let client = kinesis.client.clone();
+    let (producer, failures, receipts) = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (producer, failures, receipts) = runtime.block_on(async {
+            let producer = Producer::builder()
+                .stream_name("runtime-ends")
+                .client(client)
+                // Held in their aggregators until the runtime ends.
+                .record_max_buffered_time(Duration::from_secs(20))
+                .build()
+                .await
+                .expect("producer");
+            let failures = producer.notify_failures();
+            let mut receipts = Vec::new();
+            for i in 0..50 {
+                let record = UserRecord::new(format!("r{i}"), format!("k{i}"));
+                receipts.push(producer.put_with_receipt(record).await.expect("accepted"));
+            }
+            (producer, failures, receipts)
+        });
+        drop(runtime);
+        (producer, failures, receipts)
+    })
+    .join()
+    .expect("the building thread");
+    for receipt in receipts {
+        let outcome = tokio::time::timeout(Duration::from_secs(5), receipt)
+            .await
+            .expect("the receipt resolves once the runtime has ended");
+        let failed = outcome.expect_err("nothing sent the record");
+        assert_eq!(failed.error.kind, FailureKind::Stopped);
+    }
+    let refused = producer.put(vec![1u8], "late").await.unwrap_err();
+    assert_eq!(refused.reason(), &PutRefusal::Stopped);
+    tokio::time::timeout(Duration::from_secs(10), producer.stop())
+        .await
+        .expect("stop returns");
+    let streamed = drain(failures).await;
+    assert_eq!(streamed.len(), 50, "each failure reaches the stream");
+    let stats = producer.stats();
+    assert_eq!(stats.failures_unobserved, 0);
+    assert_eq!(stats.user_records_failed, 50);
+}
+
+/// Without a limiter, a shard that always has a full request waiting takes turns with the
+/// others: a record for another shard goes out in one of the next requests, not once the busy
+/// shard runs dry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_always_fills_a_request_does_not_starve_the_others() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("hot", 2).await;
+    let producer = producer_for(&kinesis.endpoint, "hot", |b| {
+        b.rate_limit(0)
+            .aggregation(false)
+            .collection_max_count(10)
+            .max_in_flight(1)
+            .record_ttl(Duration::from_secs(60))
+    })
+    .await;
+    let busy_until = Instant::now() + Duration::from_secs(4);
+    let busy = {
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            while Instant::now() < busy_until {
+                let record = UserRecord::new("h", "hot").with_explicit_hash_key("0");
+                producer.put_record(record).await.expect("accepted");
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The upper half of the hash space: the other shard.
+    let other = UserRecord::new("c", "cold").with_explicit_hash_key(u128::MAX.to_string());
+    let receipt = producer.put_with_receipt(other).await.expect("accepted");
+    let put_at = Instant::now();
+    let delivered = tokio::time::timeout(Duration::from_secs(2), receipt)
+        .await
+        .expect("the other shard's record is sent while the busy shard still has requests")
+        .expect("acknowledged");
+    assert!(put_at.elapsed() < Duration::from_secs(2));
+    assert_eq!(delivered.attempts, 1);
+    busy.await.expect("the busy putter");
+    producer.stop().await;
+}
+
+/// A record waiting for its shard's limiter still expires at its TTL: a large record before it
+/// leaves the byte bucket seconds in debt, and the wait for the bucket does not outlast the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_held_back_by_its_limiter_expires_at_its_ttl() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("limited", 1).await;
+    let producer = producer_for(&kinesis.endpoint, "limited", |b| {
+        // 10% of a shard's 1 MiB/s: about 100 KiB/s.
+        b.rate_limit(10)
+            .aggregation(false)
+            .record_ttl(Duration::from_secs(3))
+    })
+    .await;
+    let big = || UserRecord::new(vec![7u8; 900_000], "k");
+    let first = producer.put_with_receipt(big()).await.expect("accepted");
+    let second = producer.put_with_receipt(big()).await.expect("accepted");
+    let put_at = Instant::now();
+    first.await.expect("the first goes out at once");
+    let failed = tokio::time::timeout(Duration::from_secs(20), second)
+        .await
+        .expect("the second ends")
+        .expect_err("the limiter holds it past its TTL");
+    let waited = put_at.elapsed();
+    assert_eq!(failed.error.kind, FailureKind::Expired);
+    assert!(
+        waited < Duration::from_millis(4_500),
+        "expired {waited:?} after its put, with a TTL of 3 s"
+    );
+    producer.stop().await;
+}
+
+/// A `put` that closes a full aggregate hands it to the sender after it lets go of its shard's
+/// slot. `stop` waits for that hand-over: every record accepted before `stop` is sent, none
+/// fails as "the sender task is no longer running" after the failure stream has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_racing_puts_that_close_aggregates_sends_every_accepted_record() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("close-race", 2).await;
+    for round in 0..20u64 {
+        let producer =
+            producer_for(&kinesis.endpoint, "close-race", |b| b.aggregation_max_count(2)).await;
+        let failures = producer.notify_failures();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..4)
+            .map(|t| {
+                let producer = producer.clone();
+                let accepted = accepted.clone();
+                tokio::spawn(async move {
+                    for i in 0u64.. {
+                        let data = vec![(i % 251) as u8; 16 * 1024];
+                        if producer.put(data, format!("{t}-{i}")).await.is_err() {
+                            break;
+                        }
+                        accepted.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10 + round % 7)).await;
+        producer.stop().await;
+        for task in tasks {
+            task.await.expect("putter");
+        }
+        let stats = producer.stats();
+        let failed = drain(failures).await;
+        assert!(failed.is_empty(), "round {round}: {:?}", failed[0].error);
+        assert_eq!(stats.failures_unobserved, 0, "round {round}");
+        assert_eq!(
+            stats.user_records_put,
+            accepted.load(Ordering::SeqCst),
+            "round {round}"
+        );
+    }
+}
