@@ -663,11 +663,17 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
         shared.aggregate_limits(),
         &shared.shard_ordinals,
     ));
-    shared.routing.store(new);
+    // The new slots stay locked until every record of the old ones is in them: a `put` that
+    // finds the new map waits here rather than overtake an older record of its shard (order
+    // per key holds across a map change, on shards the change did not touch too). The old
+    // slots are drained while they are still open to `put`s that loaded the old map, so
+    // nothing is refused meanwhile.
+    let mut new_slots: Vec<MutexGuard<Slot>> = new.slots.iter().map(lock).collect();
+    shared.routing.store(Arc::clone(&new));
     shared
         .routing_generation
         .store(old.generation + 1, Ordering::Release);
-    for slot in &old.slots {
+    for (index, slot) in old.slots.iter().enumerate() {
         let (records, metas) = {
             let mut slot = lock(slot);
             slot.retired = true;
@@ -676,7 +682,17 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
             set_idle_room(shared, &mut slot, 0);
             (slot.builder.take_records(), std::mem::take(&mut slot.metas))
         };
-        reroute(shared, records, metas);
+        // An aggregate a `put` took out of this slot before it was retired reaches the sender
+        // before anything of the new slots does.
+        drop(lock(&old.emitting[index]));
+        for (record, meta) in records.into_iter().zip(metas) {
+            let target = new.map.shard_index(meta.hash_key).unwrap_or(new.map.len());
+            if let Some(emission) =
+                add_to_slot(shared, &new, target, &mut new_slots[target], record, meta)
+            {
+                emission.send(shared, false);
+            }
+        }
     }
 }
 

@@ -350,3 +350,96 @@ async fn a_shard_held_back_by_its_limiter_does_not_make_other_shards_send_tiny_r
     // gather into requests too, instead of leaving a few at a time.
     assert!(during < 600, "{during} requests");
 }
+
+/// A map change re-routes the records the old aggregators hold, on every shard, the ones the
+/// change did not touch too. In order mode each key keeps its order through it: a `put` that
+/// finds the new map waits until the older records of its shard are in the new aggregators.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_holds_across_map_changes_on_the_shards_they_did_not_touch() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("reload-order", 8).await;
+    let producer = producer_for(&kinesis.endpoint, "reload-order", |b| {
+        b.preserve_order(true)
+            // The aggregators hold many records when the map changes.
+            .record_max_buffered_time(Duration::from_secs(2))
+            .shard_map_refresh_interval(Duration::from_secs(1))
+    })
+    .await;
+    let failures = producer.notify_failures();
+    let done = Arc::new(AtomicBool::new(false));
+    // Probe keys 1 to 7, one on each of the shards the splits below leave alone (the first
+    // shard is split again and again); the other keys fill every aggregator.
+    const PROBES: usize = 8;
+    let putter = |keys: std::ops::Range<usize>| {
+        let (producer, done) = (producer.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut probes_put = 0;
+            for seq in 0.. {
+                for key in keys.clone() {
+                    let mut data = format!("{key}:{seq}:").into_bytes();
+                    data.resize(100, b'.');
+                    let record = if key < PROBES {
+                        probes_put += 1;
+                        let hash_key = (key as u128) << 125 | 12_345;
+                        kinesis_producer::UserRecord::new(data, "probe")
+                            .with_explicit_hash_key(hash_key.to_string())
+                    } else {
+                        kinesis_producer::UserRecord::new(data, format!("k{key}"))
+                    };
+                    producer.put_blocking(record).expect("accepted");
+                }
+                if done.load(Ordering::SeqCst) {
+                    return probes_put;
+                }
+            }
+            unreachable!()
+        })
+    };
+    let probes = putter(1..PROBES);
+    let others = putter(PROBES..2_000);
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        let open = kinesis.open_shards("reload-order").await;
+        let (first, start, end) = open[0].clone();
+        kinesis
+            .client
+            .split_shard()
+            .stream_name("reload-order")
+            .shard_to_split(&first)
+            .new_starting_hash_key((start + (end - start) / 2).to_string())
+            .send()
+            .await
+            .expect("SplitShard");
+        kinesis.wait_active("reload-order").await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    done.store(true, Ordering::SeqCst);
+    let probes_put = tokio::task::spawn_blocking(move || {
+        others.join().expect("putter");
+        probes.join().expect("putter")
+    })
+    .await
+    .expect("putters");
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty());
+    let stats = producer.stats();
+    assert!(stats.shard_map_refreshes >= 4, "{stats:?}");
+    // The probes' records, by shard and sequence number: each probe's numbers increase by one.
+    let raw = kinesis.read_raw("reload-order").await;
+    let mut next = [0u64; PROBES];
+    for r in &raw {
+        for user in deaggregate(r.data.clone(), &r.partition_key).unwrap() {
+            let text = String::from_utf8_lossy(&user.data).into_owned();
+            let mut parts = text.split(':');
+            let key: usize = parts.next().unwrap().parse().unwrap();
+            let seq: u64 = parts.next().unwrap().parse().unwrap();
+            if key < PROBES {
+                assert_eq!(seq, next[key], "probe {key}: {seq} where {} was next", next[key]);
+                next[key] += 1;
+            }
+        }
+    }
+    assert_eq!(next.iter().sum::<u64>(), probes_put as u64);
+}
