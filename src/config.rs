@@ -21,6 +21,10 @@ pub const MAX_REQUEST_SIZE_LIMIT: usize = 10 << 20;
 /// Records per PutRecords request.
 pub const MAX_RECORDS_PER_REQUEST: usize = 500;
 
+/// `record_ttl` when none is set (or this much past `record_max_buffered_time`, if that is
+/// longer).
+const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(30);
+
 /// Supplies a partition key for records put without one.
 pub type Partitioner = Arc<dyn Fn(&[u8]) -> String + Send + Sync>;
 
@@ -63,6 +67,10 @@ pub(crate) struct Config {
     pub metrics_granularity: MetricsGranularity,
     /// Whether `max_record_size` was set by the user (else the stream's own is adopted).
     pub max_record_size_explicit: bool,
+    /// `aggregation_max_size` was set by the user (else it follows a lower `max_record_size`).
+    pub aggregation_max_size_explicit: bool,
+    /// `record_ttl` was set by the user (else it follows a longer `record_max_buffered_time`).
+    pub record_ttl_explicit: bool,
     /// Where metrics are uploaded (CloudWatch client and namespace), if anywhere, and how often.
     #[cfg(feature = "cloudwatch-metrics")]
     pub metrics_upload_to: Option<(aws_sdk_cloudwatch::Client, String)>,
@@ -84,12 +92,12 @@ pub(crate) struct Config {
 /// | `max_backlog_bytes` | 64 MiB | ≥ `max_record_size` + 64 |
 /// | `max_record_size` | 1 MiB | 1 KiB ..= 10 MiB |
 /// | `aggregation` | on | |
-/// | `aggregation_max_size` | 51,200 B | 64 B ..= `max_record_size` − 1 KiB |
+/// | `aggregation_max_size` | 51,200 B, or `max_record_size` − 1 KiB if smaller | 64 B ..= `max_record_size` − 1 KiB (64 B at least); not checked with aggregation off |
 /// | `aggregation_max_count` | 4,294,967,295 | ≥ 1 |
 /// | `collection_max_count` | 500 | 1 ..= 500 |
 /// | `collection_max_size` | 5 MiB | `max_record_size` ..= 10 MiB |
 /// | `record_max_buffered_time` | 100 ms | 1 ms ..= 1 h |
-/// | `record_ttl` | 30 s | 100 ms ..= 1 day, > `record_max_buffered_time` |
+/// | `record_ttl` | 30 s, or `record_max_buffered_time` + 30 s if 30 s does not outlast it | 100 ms ..= 1 day, > `record_max_buffered_time` |
 /// | `max_in_flight` | 24 | 1 ..= 1,024 |
 /// | `request_timeout` | 6 s | 100 ms ..= 10 min |
 /// | `retry_base_delay` | 100 ms | 1 ms ..= `retry_max_delay` |
@@ -125,7 +133,7 @@ impl Default for Config {
             collection_max_count: MAX_RECORDS_PER_REQUEST,
             collection_max_size: 5 << 20,
             record_max_buffered_time: Duration::from_millis(100),
-            record_ttl: Duration::from_secs(30),
+            record_ttl: DEFAULT_RECORD_TTL,
             max_in_flight: 24,
             request_timeout: Duration::from_secs(6),
             retry: RetryPolicy::default(),
@@ -137,6 +145,8 @@ impl Default for Config {
             metrics_level: MetricsLevel::Detailed,
             metrics_granularity: MetricsGranularity::Shard,
             max_record_size_explicit: false,
+            aggregation_max_size_explicit: false,
+            record_ttl_explicit: false,
             #[cfg(feature = "cloudwatch-metrics")]
             metrics_upload_to: None,
             #[cfg(feature = "cloudwatch-metrics")]
@@ -199,8 +209,6 @@ impl ProducerBuilder {
         max_backlog_bytes: usize,
         /// Packs user records into KPL aggregates. Off: one Kinesis record per user record.
         aggregation: bool,
-        /// Largest aggregate in bytes, magic and checksum included.
-        aggregation_max_size: usize,
         /// Most user records in one aggregate.
         aggregation_max_count: usize,
         /// Most Kinesis records in one PutRecords request.
@@ -209,8 +217,6 @@ impl ProducerBuilder {
         collection_max_size: usize,
         /// How long a record may wait for an aggregate or request to fill before it is sent.
         record_max_buffered_time: Duration,
-        /// How long after `put` a record may keep being retried before it fails.
-        record_ttl: Duration,
         /// Most PutRecords requests in flight at once.
         max_in_flight: usize,
         /// How long one PutRecords request may take before it counts as failed (transient).
@@ -239,6 +245,22 @@ impl ProducerBuilder {
     pub fn max_record_size(mut self, bytes: usize) -> Self {
         self.config.max_record_size = bytes;
         self.config.max_record_size_explicit = true;
+        self
+    }
+
+    /// Largest aggregate in bytes, magic and checksum included. Unset, it is 51,200 bytes, or
+    /// `max_record_size` − 1 KiB (at least 64) if that is smaller.
+    pub fn aggregation_max_size(mut self, bytes: usize) -> Self {
+        self.config.aggregation_max_size = bytes;
+        self.config.aggregation_max_size_explicit = true;
+        self
+    }
+
+    /// How long after `put` a record may keep being retried before it fails. Unset, it is 30 s,
+    /// or `record_max_buffered_time` + 30 s if 30 s does not outlast the buffering time.
+    pub fn record_ttl(mut self, ttl: Duration) -> Self {
+        self.config.record_ttl = ttl;
+        self.config.record_ttl_explicit = true;
         self
     }
 
@@ -297,7 +319,15 @@ impl ProducerBuilder {
         if name.is_empty() {
             return Err(invalid("stream", "\"\"", "a non-empty stream name or ARN"));
         }
-        let d = self.config;
+        let mut d = self.config;
+        // Defaults that follow the settings they depend on, so that setting one alone works.
+        let aggregate_max = d.max_record_size.saturating_sub(1024).max(64);
+        if !d.aggregation_max_size_explicit {
+            d.aggregation_max_size = d.aggregation_max_size.min(aggregate_max);
+        }
+        if !d.record_ttl_explicit && d.record_ttl <= d.record_max_buffered_time {
+            d.record_ttl = d.record_max_buffered_time.saturating_add(DEFAULT_RECORD_TTL);
+        }
         check_range(
             "max_backlog_records",
             d.max_backlog_records,
@@ -317,12 +347,9 @@ impl ProducerBuilder {
             d.max_record_size + 64,
             usize::MAX >> 4,
         )?;
-        check_range(
-            "aggregation_max_size",
-            d.aggregation_max_size,
-            64,
-            d.max_record_size - 1024,
-        )?;
+        if d.aggregation {
+            check_range("aggregation_max_size", d.aggregation_max_size, 64, aggregate_max)?;
+        }
         check_range(
             "aggregation_max_count",
             d.aggregation_max_count,
@@ -645,6 +672,36 @@ mod tests {
         assert!(e.contains("stream_name or stream_arn"), "{e}");
         let e = error_of(base().stream_arn("arn")).await;
         assert!(e.contains("both"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn defaults_follow_the_settings_they_depend_on() {
+        // The smallest record size alone: the default aggregate shrinks to fit it.
+        let (config, ..) = base().max_record_size(1024).resolve().await.unwrap();
+        assert_eq!(config.aggregation_max_size, 64);
+        let (config, ..) = base().max_record_size(10_000).resolve().await.unwrap();
+        assert_eq!(config.aggregation_max_size, 10_000 - 1024);
+        // Without aggregation the aggregate size does not matter.
+        let (config, ..) = base()
+            .max_record_size(20_000)
+            .aggregation(false)
+            .aggregation_max_size(1 << 20)
+            .resolve()
+            .await
+            .unwrap();
+        assert_eq!(config.max_record_size, 20_000);
+        // Set by the user, it is checked, not lowered.
+        let e = error_of(base().max_record_size(10_000).aggregation_max_size(51_200)).await;
+        assert!(e.contains("aggregation_max_size = 51200"), "{e}");
+        // A long buffering time alone: the default TTL outlasts it.
+        let (config, ..) = base()
+            .record_max_buffered_time(Duration::from_secs(60))
+            .resolve()
+            .await
+            .unwrap();
+        assert_eq!(config.record_ttl, Duration::from_secs(90));
+        let (config, ..) = base().resolve().await.unwrap();
+        assert_eq!(config.record_ttl, Duration::from_secs(30));
     }
 
     #[test]

@@ -43,8 +43,10 @@ impl RetryPolicy {
             .saturating_mul(1 << exponent)
             .min(self.max_delay);
         let half = delay / 2;
-        let jitter_nanos = random_u64() % (half.as_nanos() as u64 + 1);
-        half + Duration::from_nanos(jitter_nanos)
+        // Up to `half` more, in nanoseconds (capped where a u64 ends: 584 years).
+        let span = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+        let jitter_nanos = random_u64() % span.saturating_add(1);
+        half.saturating_add(Duration::from_nanos(jitter_nanos))
     }
 }
 
@@ -194,6 +196,17 @@ mod tests {
             assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
             let capped = policy.backoff(40);
             assert!(capped >= Duration::from_secs(1) && capped <= Duration::from_secs(2));
+        }
+    }
+
+    #[test]
+    fn the_longest_delays_do_not_overflow() {
+        let policy = RetryPolicy {
+            base_delay: Duration::MAX,
+            max_delay: Duration::MAX,
+        };
+        for attempts in [1, 2, 64] {
+            assert!(policy.backoff(attempts) >= Duration::MAX / 2);
         }
     }
 

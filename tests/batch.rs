@@ -365,6 +365,37 @@ async fn an_attempt_limit_ends_retries_with_the_last_error() {
     assert_eq!(proxy.requests(), 3);
 }
 
+/// A retry policy of the longest delays (no retry in practice) gives the items up when the
+/// budget cannot hold the wait, instead of overflowing the clock.
+#[tokio::test]
+async fn the_longest_retry_delays_give_up_instead_of_overflowing_the_clock() {
+    let server = moto().await;
+    let client = sqs_client(&server.endpoint).await;
+    let url = create_queue(&client, "longest-delays").await;
+    let proxy = BatchFaultProxy::start(
+        &server.endpoint,
+        on("SendMessageBatch", |_| Plan::ResetBefore),
+    )
+    .await;
+    let call = sqs::SendMessageBatch::new(sqs_client(&proxy.endpoint).await, &url);
+    let options = BatchOptions {
+        retry: RetryPolicy {
+            base_delay: Duration::MAX,
+            max_delay: Duration::MAX,
+        },
+        time_budget: Duration::from_secs(60),
+        ..quick()
+    };
+    let outcome = call
+        .send_all([message("a")], &options)
+        .await
+        .expect("options");
+    assert_eq!(outcome.unprocessed.len(), 1);
+    let unprocessed = &outcome.unprocessed[0];
+    assert_eq!(unprocessed.reason.kind, ReasonKind::GaveUp);
+    assert_eq!(unprocessed.attempts, 1);
+}
+
 /// An item whose size sends the batch before it is buffered keeps its de-duplication key in
 /// the new batch, and a time budget of `Duration::MAX` means no limit.
 #[tokio::test]

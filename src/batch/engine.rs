@@ -391,7 +391,8 @@ async fn send_page<S: BatchCall>(run: &Run<S>, mut pending: Vec<Entry<S::Item>>)
             return;
         }
         let wait = run.options.retry.backoff(round);
-        if Instant::now() + wait >= run.deadline {
+        // Compared as durations: a huge backoff ("never retry") must not overflow an instant.
+        if wait >= run.deadline.saturating_duration_since(Instant::now()) {
             end_all(run, again, |e| e.gave_up("the time budget ran out"));
             return;
         }
