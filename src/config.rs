@@ -326,7 +326,9 @@ impl ProducerBuilder {
             d.aggregation_max_size = d.aggregation_max_size.min(aggregate_max);
         }
         if !d.record_ttl_explicit && d.record_ttl <= d.record_max_buffered_time {
-            d.record_ttl = d.record_max_buffered_time.saturating_add(DEFAULT_RECORD_TTL);
+            d.record_ttl = d
+                .record_max_buffered_time
+                .saturating_add(DEFAULT_RECORD_TTL);
         }
         check_range(
             "max_backlog_records",
@@ -348,7 +350,12 @@ impl ProducerBuilder {
             usize::MAX >> 4,
         )?;
         if d.aggregation {
-            check_range("aggregation_max_size", d.aggregation_max_size, 64, aggregate_max)?;
+            check_range(
+                "aggregation_max_size",
+                d.aggregation_max_size,
+                64,
+                aggregate_max,
+            )?;
         }
         check_range(
             "aggregation_max_count",

@@ -966,7 +966,12 @@ impl Sender {
         self.retry_or_fail_with(outgoing, error, Backoff::PacedIfThrottled);
     }
 
-    fn retry_or_fail_with(&mut self, mut outgoing: Outgoing, error: AttemptError, backoff: Backoff) {
+    fn retry_or_fail_with(
+        &mut self,
+        mut outgoing: Outgoing,
+        error: AttemptError,
+        backoff: Backoff,
+    ) {
         self.release(&outgoing);
         if !error.transient {
             let failure = DeliveryError {

@@ -797,3 +797,86 @@ extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, signal: i32) -> i32;
 }
+
+/// Reads `key=value` figures from the summary line `put` ends with.
+fn summary_figures(stderr: &str) -> std::collections::HashMap<String, u64> {
+    let summary = stderr
+        .lines()
+        .rfind(|l| l.starts_with("records="))
+        .unwrap_or_else(|| panic!("no summary line in: {stderr}"));
+    summary
+        .split(' ')
+        .filter_map(|pair| pair.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+        .collect()
+}
+
+/// `put` on an input that never ends, stopped by SIGTERM (a supervisor, or Ctrl-C's SIGINT):
+/// everything already read is sent before it exits, and the summary accounts for every line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_stopped_by_a_signal_sends_what_it_read_and_accounts_for_every_line() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("cli-signal", 2).await;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kinesis-producer"));
+    command
+        .arg("put")
+        .args(["--endpoint-url", &kinesis.endpoint, "--region", "us-east-1"])
+        .args(["--stream-name", "cli-signal"])
+        // Still buffered when the signal comes.
+        .args(["--record-max-buffered-time-ms", "20000"])
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env_remove("AWS_PROFILE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let output = tokio::task::spawn_blocking(move || {
+        let mut child = command.spawn().expect("the binary runs");
+        let mut stdin = child.stdin.take().unwrap();
+        let input: String = (0..10_000).map(|i| format!("line {i}\n")).collect();
+        stdin.write_all(input.as_bytes()).unwrap();
+        // The input stays open, as `tail -f` keeps it.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let killed = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(killed.success());
+        let output = child.wait_with_output().unwrap();
+        drop(stdin);
+        output
+    })
+    .await
+    .unwrap();
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(r#""signal":"SIGTERM""#), "{stderr}");
+    let figures = summary_figures(&stderr);
+    assert_eq!(figures["lines"], 10_000, "{stderr}");
+    assert_eq!(figures["records"], 10_000, "{stderr}");
+    assert_eq!(figures["failures"] + figures["refused"], 0, "{stderr}");
+    assert_eq!(kinesis.read_all("cli-signal").await.len(), 10_000);
+}
+
+/// A line longer than any record can be is skipped as it is read (never held whole) and
+/// reported by number; the lines after it go out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_skips_a_line_longer_than_any_record_and_goes_on() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("cli-long", 1).await;
+    let mut input = vec![b'a'; 15 << 20];
+    input.extend_from_slice(b"\nshort\n");
+    let output = run_put(&kinesis.endpoint, &["--stream-name", "cli-long"], input).await;
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(r#""line":1"#) && stderr.contains("longer than"),
+        "{stderr}"
+    );
+    let figures = summary_figures(&stderr);
+    assert_eq!(figures["records"], 1, "{stderr}");
+    assert_eq!(figures["refused"], 1, "{stderr}");
+    let read = kinesis.read_all("cli-long").await;
+    assert_eq!(read.len(), 1);
+    assert_eq!(&read[0].record.data[..], b"short");
+}

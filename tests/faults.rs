@@ -667,8 +667,7 @@ async fn a_request_refused_whole_for_throughput_backs_off_exponentially() {
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("refused-whole", 1).await;
     let throttled = Fault::Refuse(400, "ProvisionedThroughputExceededException");
-    let proxy =
-        FaultProxy::start(&kinesis.endpoint, Schedule::new(29, 1.0, vec![throttled])).await;
+    let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(29, 1.0, vec![throttled])).await;
     let producer = through_faults(&proxy, "refused-whole", |b| {
         b.retry_base_delay(Duration::from_millis(100))
             .retry_max_delay(Duration::from_secs(2))
@@ -683,7 +682,10 @@ async fn a_request_refused_whole_for_throughput_backs_off_exponentially() {
         .await
         .expect("the record ends")
         .expect_err("every request is refused");
-    assert_eq!(&*failed.error.code, "ProvisionedThroughputExceededException");
+    assert_eq!(
+        &*failed.error.code,
+        "ProvisionedThroughputExceededException"
+    );
     // 100, 200, 400, 800 ms ... (with jitter) fit about five attempts in 3 s; the base backoff
     // alone would make 30 or more.
     assert!(

@@ -997,8 +997,10 @@ async fn a_stop_racing_puts_that_close_aggregates_sends_every_accepted_record() 
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("close-race", 2).await;
     for round in 0..20u64 {
-        let producer =
-            producer_for(&kinesis.endpoint, "close-race", |b| b.aggregation_max_count(2)).await;
+        let producer = producer_for(&kinesis.endpoint, "close-race", |b| {
+            b.aggregation_max_count(2)
+        })
+        .await;
         let failures = producer.notify_failures();
         let accepted = Arc::new(AtomicU64::new(0));
         let tasks: Vec<_> = (0..4)

@@ -436,7 +436,11 @@ async fn order_holds_across_map_changes_on_the_shards_they_did_not_touch() {
             let key: usize = parts.next().unwrap().parse().unwrap();
             let seq: u64 = parts.next().unwrap().parse().unwrap();
             if key < PROBES {
-                assert_eq!(seq, next[key], "probe {key}: {seq} where {} was next", next[key]);
+                assert_eq!(
+                    seq, next[key],
+                    "probe {key}: {seq} where {} was next",
+                    next[key]
+                );
                 next[key] += 1;
             }
         }

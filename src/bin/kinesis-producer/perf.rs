@@ -559,12 +559,9 @@ pub async fn run_sink(args: SinkArgs) -> Result<bool, String> {
         shards: args.shards,
         stall_after: args.stall_after,
     };
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| e.to_string())?;
     tokio::select! {
         _ = crate::sink::serve(listener, config, Arc::clone(&counters)) => {}
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+        _ = crate::shutdown_signal() => {}
     }
     let served = counters.report(0.0);
     println!(

@@ -55,6 +55,51 @@ struct InputTally {
     refused: AtomicU64,
 }
 
+/// The longest line read: the largest record Kinesis takes (10 MiB), as JSON with its data in
+/// base64 (a third more) and room for the keys. A longer line is skipped, never held whole.
+const LINE_MAX: usize = RECORD_SIZE_LIMIT / 3 * 4 + (64 << 10);
+
+/// Kinesis' largest record, when the stream allows it (10 MiB).
+const RECORD_SIZE_LIMIT: usize = 10 << 20;
+
+/// Reads one line (with its line ending) into `line`, keeping at most `cap` bytes: a longer
+/// line is read to its end and dropped. `None` at the end of the input; `Some(false)` for a
+/// line that was too long.
+fn read_line_within(
+    input: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    cap: usize,
+) -> std::io::Result<Option<bool>> {
+    let mut read_any = false;
+    let mut fits = true;
+    loop {
+        let available = match input.fill_buf() {
+            Ok(available) => available,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            return Ok(read_any.then_some(fits));
+        }
+        read_any = true;
+        let (chunk, ends) = match memchr::memchr(b'\n', available) {
+            Some(end) => (&available[..=end], true),
+            None => (available, false),
+        };
+        if fits && line.len() + chunk.len() <= cap {
+            line.extend_from_slice(chunk);
+        } else {
+            fits = false;
+            line.clear();
+        }
+        let used = chunk.len();
+        input.consume(used);
+        if ends {
+            return Ok(Some(fits));
+        }
+    }
+}
+
 /// Reads stdin on this (plain) thread and puts each record, blocking while the backlog is full.
 fn read_input(producer: &Producer, args: &PutArgs, tally: &InputTally) -> std::io::Result<()> {
     let mut stdin = std::io::stdin().lock();
@@ -62,11 +107,20 @@ fn read_input(producer: &Producer, args: &PutArgs, tally: &InputTally) -> std::i
     let mut number = 0u64;
     loop {
         line.clear();
-        if stdin.read_until(b'\n', &mut line)? == 0 {
+        let Some(fits) = read_line_within(&mut stdin, &mut line, LINE_MAX)? else {
             return Ok(());
-        }
+        };
         number += 1;
         tally.lines.fetch_add(1, Ordering::Relaxed);
+        if !fits {
+            tally.refused.fetch_add(1, Ordering::Relaxed);
+            report(serde_json::json!({
+                "line": number,
+                "error": "refused",
+                "reason": format!("the line is longer than {LINE_MAX} bytes, more than any record can hold"),
+            }));
+            continue;
+        }
         if line.last() == Some(&b'\n') {
             line.pop();
             if line.last() == Some(&b'\r') {
@@ -79,7 +133,7 @@ fn read_input(producer: &Producer, args: &PutArgs, tally: &InputTally) -> std::i
                     .partition_key
                     .clone()
                     .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-                UserRecord::new(line.clone(), key)
+                UserRecord::new(std::mem::take(&mut line), key)
             }
             Input::Jsonl => match kinesis_producer::jsonl::parse_line(&line) {
                 Ok(record) => record,
@@ -151,13 +205,25 @@ pub async fn run(args: PutArgs) -> Result<bool, String> {
         .is_terminal()
         .then(|| tokio::spawn(show_progress(producer.clone(), started)));
     let tally = Arc::new(InputTally::default());
-    let reader = {
+    // The reader is a plain thread that says when it is done, not a blocking task: on a signal
+    // the command ends while the thread may still wait on stdin, and the runtime's shutdown
+    // would wait for a blocking task.
+    let (done, read) = tokio::sync::oneshot::channel();
+    {
         let (producer, tally) = (producer.clone(), Arc::clone(&tally));
-        std::thread::spawn(move || read_input(&producer, &args, &tally))
+        std::thread::spawn(move || {
+            let _ = done.send(read_input(&producer, &args, &tally));
+        });
+    }
+    // SIGINT or SIGTERM: stop as at the end of the input, so that everything already read is
+    // sent or reported failed; lines read after that are reported refused.
+    let read = tokio::select! {
+        read = read => Some(read),
+        signal = crate::shutdown_signal() => {
+            report(serde_json::json!({"event": "stopping", "signal": signal}));
+            None
+        }
     };
-    let read = tokio::task::spawn_blocking(move || reader.join())
-        .await
-        .map_err(|e| e.to_string())?;
     producer.stop().await;
     let _ = printer.await;
     if let Some(progress) = progress {
@@ -172,7 +238,7 @@ pub async fn run(args: PutArgs) -> Result<bool, String> {
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let failures = failed.load(Ordering::Relaxed);
     eprintln!(
-        "records={} bytes={} kinesis_records={} requests={} retries={} failures={} malformed={} refused={} seconds={:.3}",
+        "records={} bytes={} kinesis_records={} requests={} retries={} failures={} malformed={} refused={} lines={} seconds={:.3}",
         stats.user_records_put,
         stats.user_record_bytes_put,
         stats.kinesis_records_put,
@@ -181,12 +247,14 @@ pub async fn run(args: PutArgs) -> Result<bool, String> {
         failures,
         get(&tally.malformed),
         get(&tally.refused),
+        get(&tally.lines),
         started.elapsed().as_secs_f64()
     );
     match read {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(format!("reading stdin failed: {e}")),
-        Err(_) => return Err("the input thread panicked".into()),
+        Some(Ok(Ok(()))) => {}
+        Some(Ok(Err(e))) => return Err(format!("reading stdin failed: {e}")),
+        Some(Err(_)) => return Err("the input thread panicked".into()),
+        None => return Ok(false),
     }
     Ok(get(&tally.malformed) == 0
         && get(&tally.refused) == 0
