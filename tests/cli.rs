@@ -698,6 +698,25 @@ async fn perf_refuses_bad_arguments_with_a_clear_error() {
         "{}",
         stderr_of(&output)
     );
+    for (args, message) in [
+        (
+            ["--record-size", "18446744073709551615"],
+            "--record-size must be at most",
+        ),
+        (
+            ["--record-size", "20000000"],
+            "--record-size must be at most",
+        ),
+        (["--shards", "10000000000"], "--shards must be at most"),
+    ] {
+        let output = run_perf(&[&["--null-sink"][..], &args[..]].concat()).await;
+        assert_eq!(output.status.code(), Some(2), "{}", stderr_of(&output));
+        assert!(
+            stderr_of(&output).contains(message),
+            "{}",
+            stderr_of(&output)
+        );
+    }
     let output = run_perf(&["--records", "10"]).await;
     assert!(!output.status.success());
     assert!(

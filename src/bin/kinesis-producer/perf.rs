@@ -131,6 +131,10 @@ const FIXED_KEY: &str = "fixed-key";
 const MAX_PACED_SECONDS: f64 = 864_000.0;
 /// Most put threads.
 const MAX_THREADS: usize = 1_024;
+/// Most shards a run or the sink models (a map of them is built up front).
+const MAX_SHARDS: usize = 100_000;
+/// Kinesis' largest record when the stream allows it (10 MiB), data and key together.
+const MAX_RECORD_SIZE: usize = 10 << 20;
 /// Distinct explicit hash keys per put thread with `--keys ehk`.
 const EHK_POOL: usize = 65_536;
 /// Length of a hyphenated UUID, the default partitioner's keys.
@@ -165,6 +169,14 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
     }
     if args.threads > MAX_THREADS {
         return Err(format!("--threads must be at most {MAX_THREADS}"));
+    }
+    if args.shards > MAX_SHARDS {
+        return Err(format!("--shards must be at most {MAX_SHARDS}"));
+    }
+    if args.record_size > MAX_RECORD_SIZE {
+        return Err(format!(
+            "--record-size must be at most {MAX_RECORD_SIZE} (Kinesis' largest record, with its key)"
+        ));
     }
     let sink = if args.null_sink {
         let config = SinkConfig {
@@ -248,7 +260,7 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
             .collect::<Vec<u8>>(),
     ));
     let mut pools: Vec<Vec<String>> = (0..args.threads as u64)
-        .map(|t| ehk_pool(args.keys, t))
+        .map(|t| ehk_pool(args.keys, t, args.threads))
         .collect();
     let workload = Arc::new(Workload {
         producer: producer.clone(),
@@ -468,7 +480,7 @@ async fn put_share(work: &Workload, share: std::ops::Range<u64>, ehk_pool: Vec<S
             Keys::Random => None,
             Keys::Fixed => Some(UserRecord::new(data.clone(), FIXED_KEY)),
             Keys::Ehk => {
-                let ehk = ehk_pool[i as usize % EHK_POOL].clone();
+                let ehk = ehk_pool[i as usize % ehk_pool.len()].clone();
                 Some(UserRecord::new(data.clone(), "k").with_explicit_hash_key(ehk))
             }
         };
@@ -503,13 +515,15 @@ async fn put_share(work: &Workload, share: std::ops::Range<u64>, ehk_pool: Vec<S
 
 /// A put thread's explicit hash keys with `--keys ehk`, made before the clock starts: writing a
 /// 128-bit number in decimal is the caller's work, not the producer's, and would cost a tenth
-/// of what is measured. 65,536 random keys spread evenly over any shard count.
-fn ehk_pool(keys: Keys, thread: u64) -> Vec<String> {
+/// of what is measured. 65,536 random keys (shared out among the threads) spread evenly over any shard count.
+fn ehk_pool(keys: Keys, thread: u64, threads: usize) -> Vec<String> {
     if keys != Keys::Ehk {
         return Vec::new();
     }
     let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (thread + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    (0..EHK_POOL)
+    // Shared out among the threads (at least 4,096 each), so many threads do not hold
+    // gigabytes of keys.
+    (0..(EHK_POOL / threads.max(1)).max(4_096))
         .map(|_| {
             let high = u128::from(next_random(&mut state)) << 64;
             (high | u128::from(next_random(&mut state))).to_string()
@@ -541,8 +555,8 @@ pub struct SinkArgs {
 
 /// Serves until SIGINT or SIGTERM, then prints the sink's counters.
 pub async fn run_sink(args: SinkArgs) -> Result<bool, String> {
-    if args.shards == 0 {
-        return Err("--shards must be at least 1".into());
+    if args.shards == 0 || args.shards > MAX_SHARDS {
+        return Err(format!("--shards must be 1 ..= {MAX_SHARDS}"));
     }
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, args.port))
         .await
