@@ -360,6 +360,57 @@ async fn tail_follows_new_records_until_its_limit() {
     assert_eq!(lines.len(), 300);
 }
 
+/// An iterator that expires before `tail --from latest` printed anything is renewed at the time
+/// the reader started, not at the start of the shard: records older than the tail stay unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_from_latest_renews_an_expired_iterator_without_reading_older_records() {
+    use support::faults::{FaultProxy, Schedule};
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("cli-expired", 1).await;
+    let old: String = (0..20).map(|i| format!("old {i}\n")).collect();
+    let output = run_put(
+        &kinesis.endpoint,
+        &["--stream-name", "cli-expired"],
+        old.into_bytes(),
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(31, 0.0, Vec::new())).await;
+    let endpoint = proxy.endpoint.clone();
+    let tail = tokio::spawn(async move {
+        let args = ["tail", "--stream-name", "cli-expired", "--from", "latest"];
+        // It reads once at the start, then waits 3 s at the tip.
+        run_cli(
+            &endpoint,
+            &[&args[..], &["--limit", "5", "--poll-interval-ms", "3000"]].concat(),
+        )
+        .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
+    let new: String = (0..5).map(|i| format!("new {i}\n")).collect();
+    let output = run_put(
+        &kinesis.endpoint,
+        &["--stream-name", "cli-expired"],
+        new.into_bytes(),
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    // Its next read finds the iterator expired. (Renewed before the new records exist, the
+    // embedded server would place an AT_TIMESTAMP iterator at the shard's start, not its tip.)
+    proxy.expire_next_get_records();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(60), tail)
+        .await
+        .expect("tail stops at its limit")
+        .unwrap();
+    let printed: Vec<String> = tail_lines(&output)
+        .iter()
+        .map(|line| String::from_utf8(data_of(line)).unwrap())
+        .collect();
+    assert!(printed.iter().all(|d| d.starts_with("new ")), "{printed:?}");
+    assert_eq!(printed.len(), 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_reads_one_shard_from_a_sequence_number_and_refuses_bad_positions() {
     let kinesis = LocalKinesis::start(false).await;

@@ -130,6 +130,8 @@ struct Shared {
     refuse_list_shards: AtomicBool,
     /// The next PutRecords answer names, for every written entry, a shard no map has.
     misroute_next: AtomicBool,
+    /// The next GetRecords is answered ExpiredIteratorException, not forwarded.
+    expire_next_get_records: AtomicBool,
 }
 
 impl FaultProxy {
@@ -145,6 +147,7 @@ impl FaultProxy {
             stalled: AtomicBool::new(false),
             refuse_list_shards: AtomicBool::new(false),
             misroute_next: AtomicBool::new(false),
+            expire_next_get_records: AtomicBool::new(false),
         });
         let serving = Arc::clone(&shared);
         let accept = tokio::spawn(async move {
@@ -180,6 +183,14 @@ impl FaultProxy {
     /// shard the stream does not have (the records were written to their real shards).
     pub fn misroute_next_answer(&self) {
         self.shared.misroute_next.store(true, Ordering::SeqCst);
+    }
+
+    /// The next GetRecords is answered with ExpiredIteratorException (as after five minutes
+    /// without a read).
+    pub fn expire_next_get_records(&self) {
+        self.shared
+            .expire_next_get_records
+            .store(true, Ordering::SeqCst);
     }
 
     /// Stops injecting faults: requests pass from now on.
@@ -327,8 +338,19 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
         };
         let target = request.header("x-amz-target").unwrap_or_default();
         let put_records = target.ends_with(".PutRecords");
-        if target.ends_with(".ListShards") && shared.refuse_list_shards.load(Ordering::SeqCst) {
-            let answer = error_answer(500, "InternalFailure");
+        let refusal = if target.ends_with(".ListShards")
+            && shared.refuse_list_shards.load(Ordering::SeqCst)
+        {
+            Some((500, "InternalFailure"))
+        } else if target.ends_with(".GetRecords")
+            && shared.expire_next_get_records.swap(false, Ordering::SeqCst)
+        {
+            Some((400, "ExpiredIteratorException"))
+        } else {
+            None
+        };
+        if let Some((status, code)) = refusal {
+            let answer = error_answer(status, code);
             if client.write_all(answer.as_bytes()).await.is_err() {
                 return;
             }

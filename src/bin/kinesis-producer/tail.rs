@@ -102,6 +102,9 @@ struct Reader {
     iterator: String,
     /// The last sequence number printed, to renew an expired iterator after it.
     last_sequence: Option<String>,
+    /// Where an expired iterator starts again while nothing was printed: where the reader
+    /// started (`--from latest` as the time it started, so that what arrived since is read).
+    restart: Start,
     /// The last answer had nothing and the shard is not behind.
     at_tip: bool,
 }
@@ -275,11 +278,16 @@ impl<W: Write> Tail<W> {
         if !self.started.insert(shard_id.to_owned()) {
             return Ok(());
         }
+        let restart = match start {
+            Start::Latest => Start::AtTimestamp(DateTime::from(std::time::SystemTime::now())),
+            other => other.clone(),
+        };
         let iterator = self.iterator(shard_id, start).await?;
         self.readers.push_back(Reader {
             shard_id: shard_id.to_owned(),
             iterator,
             last_sequence: None,
+            restart,
             at_tip: false,
         });
         Ok(())
@@ -306,7 +314,7 @@ impl<W: Write> Tail<W> {
                     "ExpiredIteratorException" => {
                         let start = match &reader.last_sequence {
                             Some(n) => Start::AtSequence(n.clone()),
-                            None => Start::TrimHorizon,
+                            None => reader.restart.clone(),
                         };
                         reader.iterator = self.iterator(&reader.shard_id, &start).await?;
                         // AT the last printed record: skip it on the next read.
