@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::aggregation::{
-    records_of_aggregate, AggregateBuilder, AggregateLimits, Entry, EntryData, Unsealed,
+    records_of_aggregate, AggregateBuilder, AggregateLimits, Entry, EntryData, Unsealed, MAGIC,
 };
 use crate::metrics::ShardRef;
 use crate::prefetch::{prefetch, prefetch_spare};
@@ -402,7 +402,12 @@ fn add_to_slot<'a>(
         // Too big to share an aggregate (or aggregation is off): it goes out alone. Whatever
         // the slot holds goes first, so the shard's records leave in `put` order.
         emit_slot(shared, routing, index, slot);
-        let entry = Entry::plain(&record);
+        let entry = match routing.aggregates(shared, index) && record.data().starts_with(&MAGIC) {
+            // Readers would take its data for an aggregate: an aggregate of one instead, as
+            // for a lone record (`admit` checked that it fits a record with its key).
+            true => alone_in_an_aggregate(record),
+            false => Entry::plain(&record),
+        };
         shared.send(Inbound::Record(Outgoing::new(
             entry,
             vec![meta],
@@ -459,6 +464,20 @@ fn add_to_slot<'a>(
         }
     }
     emission
+}
+
+/// `record` as an aggregate of one, whatever its size.
+fn alone_in_an_aggregate(record: UserRecord) -> Entry {
+    let mut builder = AggregateBuilder::new(AggregateLimits {
+        max_size: usize::MAX,
+        max_count: 1,
+    });
+    // Plain only if the builder refused it, which these limits rule out: sent, never lost.
+    let plain = Entry::plain(&record);
+    if builder.try_push(record).is_err() {
+        return plain;
+    }
+    builder.finish_entry(false).unwrap_or(plain)
 }
 
 /// Encodes what the slot holds (if anything) and hands it to the sender, while the slot is still

@@ -13,7 +13,7 @@ use aws_sdk_kinesis::Client;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use crate::aggregation::AggregateLimits;
+use crate::aggregation::{AggregateBuilder, AggregateLimits, MAGIC};
 use crate::aggregator::{
     self, Admission, Landed, MetaPool, Outgoing, RecordMeta, Routing, ShardOrdinal, ShardOrdinals,
 };
@@ -22,6 +22,7 @@ use crate::config::{Config, ProducerBuilder};
 use crate::error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
 use crate::metrics::{MetricName, MetricsSnapshot, Recorder, Statistics};
 use crate::receipt::{Delivered, Receipt};
+use crate::record::RecordProblem;
 use crate::request_body::BodyPool;
 use crate::shard_map::{load_shard_map, ShardMap, StreamId};
 use crate::stats::{add, Counters, Stats};
@@ -629,6 +630,14 @@ impl Producer {
     fn admit(&self, record: &crate::UserRecord) -> Result<RecordMeta, PutRefusal> {
         let shared = self.shared();
         let hash_key = record.validate(shared.config.max_record_size)?;
+        if shared.config.aggregation && record.data().starts_with(&MAGIC) {
+            // It will go out as an aggregate of one (see `aggregator::add_to_slot`).
+            let size = AggregateBuilder::solo_len(record) + record.partition_key().len();
+            let max = shared.config.max_record_size;
+            if size > max {
+                return Err(RecordProblem::TooLargeToWrap { size, max }.into());
+            }
+        }
         if shared.closed.load(Ordering::SeqCst) {
             return Err(PutRefusal::Stopped);
         }

@@ -137,6 +137,13 @@ pub enum RecordProblem {
     InvalidExplicitHashKey { value: String },
     #[error("the record is {size} bytes (data + partition key); the maximum is {max}")]
     TooLarge { size: usize, max: usize },
+    /// Its data starts with the KPL aggregate's magic bytes, so (with aggregation on) it goes
+    /// out as an aggregate of one, which readers give back as it was put; that aggregate, with
+    /// its partition key, would pass the record size limit.
+    #[error(
+        "the record's data starts with the KPL aggregate magic bytes, so it must go out as an aggregate of one, which is {size} bytes with its partition key; the maximum is {max}"
+    )]
+    TooLargeToWrap { size: usize, max: usize },
 }
 
 /// The hash key Kinesis routes a record by when it has no explicit hash key: the MD5 of the

@@ -1034,3 +1034,54 @@ async fn a_stop_racing_puts_that_close_aggregates_sends_every_accepted_record() 
         );
     }
 }
+
+/// A record too big to share an aggregate whose data starts with the aggregate magic (a KPL
+/// aggregate forwarded from another stream, say) goes out as an aggregate of one, so every
+/// reader gives it back as it was put; one too big even for that is refused at `put`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_record_that_looks_like_an_aggregate_is_read_back_as_it_was_put() {
+    use kinesis_producer::aggregation::{AggregateBuilder, AggregateLimits, MAGIC};
+    use kinesis_producer::Deaggregator;
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("magic", 1).await;
+    let producer = producer_for(&kinesis.endpoint, "magic", |b| b).await;
+    let failures = producer.notify_failures();
+    // Magic bytes and 60 KB of zeros: no aggregate, but a reader would try one.
+    let fake = [&MAGIC[..], &[0u8; 60_000][..]].concat();
+    // A real aggregate of 60 KB, whose inner records belong to other keys.
+    let mut builder = AggregateBuilder::new(AggregateLimits {
+        max_size: 1 << 20,
+        max_count: usize::MAX,
+    });
+    for i in 0..600 {
+        builder
+            .try_push(UserRecord::new(vec![b'x'; 100], format!("inner-{i}")))
+            .unwrap();
+    }
+    let forwarded = builder.finish().unwrap().data.to_vec();
+    assert!(forwarded.starts_with(&MAGIC) && forwarded.len() > 51_200);
+    producer.put(fake.clone(), "fake").await.unwrap();
+    producer.put(forwarded.clone(), "forwarded").await.unwrap();
+    let too_big = [&MAGIC[..], &vec![0u8; (1 << 20) - 20][..]].concat();
+    let refused = producer.put(too_big, "k").await.unwrap_err();
+    assert!(
+        matches!(
+            refused.reason(),
+            PutRefusal::Invalid(RecordProblem::TooLargeToWrap { .. })
+        ),
+        "{refused}"
+    );
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty());
+
+    let strict: Vec<_> = kinesis.read_all("magic").await;
+    let data: Vec<&[u8]> = strict.iter().map(|r| &r.record.data[..]).collect();
+    assert_eq!(data, [&fake[..], &forwarded[..]]);
+    let kcl = Deaggregator::kcl(0, u128::MAX);
+    let mut read = Vec::new();
+    for raw in kinesis.read_raw("magic").await {
+        read.extend(kcl.deaggregate(raw.data, &raw.partition_key).unwrap());
+    }
+    let data: Vec<&[u8]> = read.iter().map(|r| &r.data[..]).collect();
+    assert_eq!(data, [&fake[..], &forwarded[..]]);
+}
