@@ -5,9 +5,11 @@
 //!
 //! The allowance adapts: throttling halves the shard's allowance (multiplicative decrease, down
 //! to 10% of the shard limit), at most once per second, the window Kinesis measures in, so that
-//! several entries throttled by one overload count once; each acknowledged entry gives back 1% of
-//! the limit (additive increase, up to `rate_limit`). Buckets hold one second's worth, so an idle
-//! shard can send a burst.
+//! several entries throttled by one overload count once. Success gives it back (additive
+//! increase, up to `rate_limit`): 1% of the limit per acknowledged entry, and 20% per second of
+//! success, so that a shard of large records, acknowledged a few times a second at the floor,
+//! climbs back in seconds rather than minutes. Buckets hold one second's worth, so an idle shard
+//! can send a burst.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,8 @@ const SHARD_BYTES_PER_SECOND: f64 = 1_048_576.0;
 const FLOOR: f64 = 0.1;
 /// What one acknowledged entry gives back.
 const STEP: f64 = 0.01;
+/// What each second of success gives back, however many entries it carried.
+const INCREASE_PER_SECOND: f64 = 0.2;
 /// Throttling within this long of the last decrease is the same overload.
 const DECREASE_WINDOW: Duration = Duration::from_secs(1);
 
@@ -32,6 +36,8 @@ pub(crate) struct Limiter {
     refilled: Instant,
     /// When the allowance was last halved.
     decreased: Option<Instant>,
+    /// Up to when success has been counted into the allowance.
+    grown: Instant,
 }
 
 impl Limiter {
@@ -45,6 +51,7 @@ impl Limiter {
             bytes: ceiling * SHARD_BYTES_PER_SECOND,
             refilled: now,
             decreased: None,
+            grown: now,
         }
     }
 
@@ -99,15 +106,24 @@ impl Limiter {
             return;
         }
         self.decreased = Some(now);
+        self.grown = now;
         self.allowance = (self.allowance / 2.0).max(FLOOR.min(self.ceiling));
         let (record_cap, byte_cap) = self.capacity();
         self.records = self.records.min(record_cap);
         self.bytes = self.bytes.min(byte_cap);
     }
 
-    /// Kinesis acknowledged an entry of this shard.
-    pub fn acknowledged(&mut self) {
-        self.allowance = (self.allowance + STEP).min(self.ceiling);
+    /// Kinesis acknowledged an entry of this shard (answered at `now`): the time since the last
+    /// throttling, or the last acknowledgement, counts as success.
+    pub fn acknowledged(&mut self, now: Instant) {
+        if self.allowance >= self.ceiling {
+            self.grown = now;
+            return;
+        }
+        let elapsed = now.saturating_duration_since(self.grown).as_secs_f64();
+        self.grown = self.grown.max(now);
+        let increase = STEP + elapsed * INCREASE_PER_SECOND;
+        self.allowance = (self.allowance + increase).min(self.ceiling);
     }
 
     /// The current allowance, as a percentage of the shard limit.
@@ -161,10 +177,21 @@ mod tests {
         for second in 1..=10 {
             limiter.throttled(start + Duration::from_secs(second));
         }
+        let floor_at = start + Duration::from_secs(10);
         assert!((limiter.allowance_percent() - 10.0).abs() < 1e-9, "floor");
-        for _ in 0..1_000 {
-            limiter.acknowledged();
+        // Each acknowledged entry gives back 1%, and each second of success 20%: large
+        // records, acknowledged a few times a second, bring the shard back in seconds.
+        for ack in 1..=10 {
+            limiter.acknowledged(floor_at + Duration::from_millis(250 * ack));
         }
+        let expected = 10.0 + 10.0 + 2.5 * 20.0;
+        assert!((limiter.allowance_percent() - expected).abs() < 1e-6);
+        // Small records, a thousand acknowledged at once, give back 1% each.
+        for _ in 0..50 {
+            limiter.acknowledged(floor_at + Duration::from_millis(2_500));
+        }
+        assert!((limiter.allowance_percent() - (expected + 50.0)).abs() < 1e-6);
+        limiter.acknowledged(floor_at + Duration::from_secs(60));
         assert_eq!(limiter.allowance_percent(), 150.0, "ceiling");
     }
 }

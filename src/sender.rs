@@ -825,11 +825,13 @@ impl Sender {
                             });
                             stale_map |= misplaced;
                             if misplaced && outgoing.entry.aggregated {
-                                self.with_limiter(&outgoing, Limiter::acknowledged);
+                                self.with_limiter(&outgoing, |limiter| limiter.acknowledged(ended));
                                 self.settle_misplaced(outgoing, Arc::from(actual), true);
                             } else {
                                 // A plain record is wherever Kinesis routed its own key: fine.
-                                self.release_with_limiter(&outgoing, Limiter::acknowledged);
+                                self.release_with_limiter(&outgoing, |limiter| {
+                                    limiter.acknowledged(ended)
+                                });
                                 let answered = answered.filter(|_| on_routed_shard);
                                 self.shared
                                     .acknowledge_with(outgoing, answered, &mut returns);

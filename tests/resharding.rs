@@ -447,3 +447,34 @@ async fn order_holds_across_map_changes_on_the_shards_they_did_not_touch() {
     }
     assert_eq!(next.iter().sum::<u64>(), probes_put as u64);
 }
+
+/// Unaggregated small records on one key, against a server that enforces the shard limits:
+/// throttled entries are retried and every record lands. Prints what the limiter's settings
+/// cost (README, Rate limiting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_records_on_one_throttled_shard_all_land() {
+    let kinesis = LocalKinesis::start(true).await; // 1,000 records/s per shard
+    kinesis.create_stream("small-hot", 1).await;
+    let producer = producer_for(&kinesis.endpoint, "small-hot", |b| {
+        b.aggregation(false).record_ttl(Duration::from_secs(120))
+    })
+    .await;
+    let failures = producer.notify_failures();
+    const RECORDS: u64 = 8_000;
+    let started = Instant::now();
+    for i in 0..RECORDS {
+        producer.put(format!("{i:0100}"), "one key").await.unwrap();
+    }
+    producer.stop().await;
+    let took = started.elapsed();
+    assert!(drain(failures).await.is_empty(), "nothing lost");
+    let stats = producer.stats();
+    assert_eq!(stats.user_records_put, RECORDS);
+    assert_eq!(kinesis.read_all("small-hot").await.len() as u64, RECORDS);
+    println!(
+        "small records on one key: {RECORDS} in {took:?}; {} entries throttled ({:.1}%), {} requests",
+        stats.throttled_entries,
+        stats.throttled_entries as f64 * 100.0 / RECORDS as f64,
+        stats.requests
+    );
+}
