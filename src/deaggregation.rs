@@ -107,6 +107,8 @@ pub enum DeaggregationError {
         "the aggregate's records would carry {bytes} bytes of keys, over {limit} ({KEY_BYTES_PER_INPUT_BYTE} per byte of the aggregate): keys within Kinesis's limits never reach that"
     )]
     KeysTooLarge { bytes: u64, limit: u64 },
+    #[error("the shard's hash key range starts at {start}, after its end {end}")]
+    InvalidShardRange { start: u128, end: u128 },
 }
 
 /// Each user record read out of an aggregate owns a copy of its keys, so a small aggregate
@@ -191,6 +193,13 @@ impl Deaggregator {
         data: impl Into<Bytes>,
         partition_key: &str,
     ) -> Result<Vec<DeaggregatedRecord>, DeaggregationError> {
+        if let Some(range) = self.shard.as_ref().filter(|r| r.start() > r.end()) {
+            // Bounds given the wrong way round would count every record outside the shard.
+            return Err(DeaggregationError::InvalidShardRange {
+                start: *range.start(),
+                end: *range.end(),
+            });
+        }
         let data = data.into();
         if data.len() <= FRAME_LEN || data[..MAGIC.len()] != MAGIC {
             return Ok(plain(data, partition_key));
@@ -237,7 +246,9 @@ impl Deaggregator {
             };
             // `parse` checked that the required fields are present.
             let pk_index = record.partition_key_index.unwrap_or_default();
-            let Some(partition_key) = pks.get(pk_index as usize) else {
+            // An index past what `usize` holds is out of range on every target, not wrapped.
+            let Some(partition_key) = usize::try_from(pk_index).ok().and_then(|i| pks.get(i))
+            else {
                 defect(DeaggregationError::IndexOutOfRange {
                     record: position,
                     table: "partition key table",
@@ -248,7 +259,7 @@ impl Deaggregator {
             };
             let explicit_hash_key = match record.explicit_hash_key_index {
                 None => None,
-                Some(index) => match ehks.get(index as usize) {
+                Some(index) => match usize::try_from(index).ok().and_then(|i| ehks.get(i)) {
                     Some(key) => Some(key),
                     None => {
                         defect(DeaggregationError::IndexOutOfRange {
@@ -436,6 +447,24 @@ mod tests {
             body.extend_from_slice(&[0x1A, 0x04, 0x08, 0x00, 0x1A, 0x00]);
         }
         frame(&body)
+    }
+
+    #[test]
+    fn a_shard_range_given_the_wrong_way_round_is_an_error_not_a_silent_drop() {
+        let data = aggregate_of(vec![UserRecord::new("a", "k")]);
+        for deaggregator in [
+            Deaggregator::kcl(10, 5),
+            Deaggregator::new().shard_range(10, 5),
+        ] {
+            assert_eq!(
+                deaggregator.deaggregate(data.clone(), "k"),
+                Err(DeaggregationError::InvalidShardRange { start: 10, end: 5 })
+            );
+        }
+        let whole = Deaggregator::kcl(0, u128::MAX)
+            .deaggregate(data, "k")
+            .unwrap();
+        assert_eq!(whole.len(), 1);
     }
 
     #[test]

@@ -41,8 +41,11 @@ pub(crate) async fn run(shared: Arc<Shared>, call: PutMetricData) {
     let mut received_before = 0;
     loop {
         let last = tokio::select! {
-            _ = ticks.tick() => false,
+            // The end first: a tick due at the same moment must not start a regular upload,
+            // with its longer budget, that `stop` would wait for.
+            biased;
             _ = done.wait_for(|done| *done) => true,
+            _ = ticks.tick() => false,
         };
         let budget = if last {
             LAST_UPLOAD_BUDGET
