@@ -296,7 +296,7 @@ impl Shared {
             let samples = [put, retries, (MetricName::UserRecordExpired, expired)];
             lock(&self.metrics).record_all(&samples, shard);
         }
-        let subscriber = lock(&self.failures).clone();
+        let mut subscriber = lock(&self.failures).clone();
         let mut unobserved = 0;
         let records = outgoing.take_user_records();
         debug_assert_eq!(records.len(), outgoing.metas.len());
@@ -314,9 +314,16 @@ impl Shared {
                 .take()
                 .filter(|receipt| !receipt.is_dropped())
                 .is_some_and(|receipt| receipt.send(Err(failed.clone())));
-            let stream_read = subscriber
-                .as_ref()
-                .is_some_and(|tx| tx.send(failed).is_ok());
+            let stream_read = match subscriber.as_ref().map(|tx| tx.send(failed)) {
+                Some(Ok(())) => true,
+                // Its stream was dropped, maybe for a newer one subscribed since this report
+                // began: the most recent subscriber gets the rest.
+                Some(Err(mpsc::error::SendError(failed))) => {
+                    subscriber = lock(&self.failures).clone();
+                    subscriber.as_ref().is_some_and(|tx| tx.send(failed).is_ok())
+                }
+                None => false,
+            };
             if !receipt_read && !stream_read {
                 unobserved += 1;
             }
