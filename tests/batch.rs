@@ -365,6 +365,46 @@ async fn an_attempt_limit_ends_retries_with_the_last_error() {
     assert_eq!(proxy.requests(), 3);
 }
 
+/// A page refused whole for one bad item is halved until that item is alone; those refused
+/// requests do not use up the other items' attempts, which stay for their own failures.
+#[tokio::test]
+async fn splitting_a_refused_page_leaves_the_other_items_their_attempts() {
+    let server = moto().await;
+    let client = sqs_client(&server.endpoint).await;
+    let url = create_queue(&client, "split-attempts").await;
+    let reset_once = std::sync::atomic::AtomicBool::new(false);
+    let proxy = BatchFaultProxy::start(
+        &server.endpoint,
+        on("SendMessageBatch", move |request| {
+            let body = String::from_utf8_lossy(&request.body).into_owned();
+            if body.contains("bad item") {
+                Plan::Refuse {
+                    status: 400,
+                    code: "InvalidParameterValue".to_owned(),
+                }
+            } else if !reset_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                Plan::ResetBefore
+            } else {
+                Plan::Pass
+            }
+        }),
+    )
+    .await;
+    let call = sqs::SendMessageBatch::new(sqs_client(&proxy.endpoint).await, &url);
+    let options = BatchOptions {
+        max_attempts: 2,
+        ..quick()
+    };
+    let items = ["a", "b", "c", "bad item"].map(message);
+    let outcome = call.send_all(items, &options).await.expect("options");
+    // "a" and "b" went in the first half, which was reset once and retried: two attempts.
+    assert_eq!(outcome.unprocessed.len(), 1, "{:?}", outcome.unprocessed);
+    let bad = &outcome.unprocessed[0];
+    assert_eq!(bad.index, 3);
+    assert_eq!(bad.reason.kind, ReasonKind::Permanent);
+    assert_eq!(drain_queue(&client, &url).await.len(), 3);
+}
+
 /// A retry policy of the longest delays (no retry in practice) gives the items up when the
 /// budget cannot hold the wait, instead of overflowing the clock.
 #[tokio::test]

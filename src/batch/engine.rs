@@ -333,7 +333,12 @@ async fn send_page<S: BatchCall>(run: &Run<S>, mut pending: Vec<Entry<S::Item>>)
             }
             Ok(Err(failure)) if pending.len() > 1 && failure.blames_an_item() => {
                 // Halve the page, so that the bad item fails alone; the halves go first, in order.
+                // The refused request is not counted as an attempt of its items: an innocent item
+                // keeps every retry it is allowed for failures of its own.
                 tracing::debug!(code = %failure.code, items = pending.len(), "splitting a refused page");
+                for entry in &mut pending {
+                    entry.attempts -= 1;
+                }
                 let second = pending.split_off(pending.len() / 2);
                 let mut pages = lock(&run.pages);
                 pages.push_front(second);
