@@ -320,7 +320,9 @@ impl Shared {
                 // began: the most recent subscriber gets the rest.
                 Some(Err(mpsc::error::SendError(failed))) => {
                     subscriber = lock(&self.failures).clone();
-                    subscriber.as_ref().is_some_and(|tx| tx.send(failed).is_ok())
+                    subscriber
+                        .as_ref()
+                        .is_some_and(|tx| tx.send(failed).is_ok())
                 }
                 None => false,
             };
