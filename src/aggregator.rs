@@ -402,7 +402,7 @@ fn add_to_slot<'a>(
         // Too big to share an aggregate (or aggregation is off): it goes out alone. Whatever
         // the slot holds goes first, so the shard's records leave in `put` order.
         emit_slot(shared, routing, index, slot);
-        let entry = match routing.aggregates(shared, index) && record.data().starts_with(&MAGIC) {
+        let entry = match shared.config.aggregation && record.data().starts_with(&MAGIC) {
             // Readers would take its data for an aggregate: an aggregate of one instead, as
             // for a lone record (`admit` checked that it fits a record with its key).
             true => alone_in_an_aggregate(record),

@@ -570,7 +570,10 @@ impl Sender {
             }
             self.spawn_request(batch, !full);
         }
-        if self.pending_count == 0 {
+        // The flush is served once nothing left can go now: what waits for a limiter, a retry's
+        // backoff or (in order mode) an outstanding record goes when it may, and the flush's
+        // wait covers it. Left set, it would send every record arriving later at once, alone.
+        if self.pending_count == 0 || (self.ready.is_empty() && self.may_send_more()) {
             self.flush_requested = false;
         }
     }

@@ -51,8 +51,13 @@ impl ShardMap {
     /// `count` shards splitting the hash key space evenly, named as Kinesis names them
     /// (`shardId-000000000000`, …): what a new stream with `count` shards has.
     pub fn uniform(count: usize) -> Self {
-        let count = count.max(1);
-        let width = u128::MAX / count as u128;
+        let count = count.max(1) as u128;
+        // 2^128 / count, as Kinesis splits a new stream (2^128 itself does not fit a u128).
+        let width = match count {
+            1 => u128::MAX,
+            _ => u128::MAX / count + u128::from(u128::MAX % count == count - 1),
+        };
+        let count = count as usize;
         ShardMap::new(
             (0..count)
                 .map(|i| ShardRange {
@@ -223,6 +228,11 @@ mod tests {
                 assert_eq!(pair[0].end + 1, pair[1].start);
             }
         }
+        // Where Kinesis splits a new stream: at multiples of 2^128 / count.
+        assert_eq!(ShardMap::uniform(2).shards()[1].start, 1 << 127);
+        assert_eq!(ShardMap::uniform(4).shards()[3].start, 3 << 126);
+        let third = u128::MAX / 3;
+        assert_eq!(ShardMap::uniform(3).shards()[1].start, third);
     }
 
     #[test]

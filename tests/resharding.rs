@@ -351,6 +351,46 @@ async fn a_shard_held_back_by_its_limiter_does_not_make_other_shards_send_tiny_r
     assert!(during < 600, "{during} requests");
 }
 
+/// The same, with a `flush` called while the hot shard is backlogged: it waits for that backlog,
+/// and meanwhile the other shards still gather their records into requests (a pending flush
+/// makes requests go at once only while something it waits for can be sent now).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_waiting_on_a_limited_shard_does_not_make_other_shards_send_tiny_requests() {
+    let kinesis = LocalKinesis::start(true).await;
+    kinesis.create_stream("flush-backlogged", 4).await;
+    let open = kinesis.open_shards("flush-backlogged").await;
+    let producer = producer_for(&kinesis.endpoint, "flush-backlogged", |b| {
+        b.aggregation(false).rate_limit(100)
+    })
+    .await;
+    let failures = producer.notify_failures();
+    let hot_shard = shard_of(&open, "hot-key");
+    for _ in 0..3_000 {
+        producer.put(vec![b'h'; 100], "hot-key").await.unwrap();
+    }
+    let flushing = {
+        let producer = producer.clone();
+        tokio::spawn(async move { producer.flush().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cold_keys = keys_off_shard(&open, &hot_shard, 100);
+    let before = producer.stats().requests;
+    // A trickle: one record every 2 ms.
+    for i in 0..400 {
+        let key = cold_keys[i % cold_keys.len()].clone();
+        producer.put(format!("cold {i}"), key).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let during = producer.stats().requests - before;
+    flushing.await.unwrap();
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty());
+    assert_eq!(producer.stats().user_records_put, 3_000 + 400);
+    println!("400 records of other shards, one every 2 ms, during a flush of a backlogged shard: {during} requests");
+    // Gathered for up to 100 ms each: a dozen or so, not one request per record.
+    assert!(during < 100, "{during} requests");
+}
+
 /// A map change re-routes the records the old aggregators hold, on every shard, the ones the
 /// change did not touch too. In order mode each key keeps its order through it: a `put` that
 /// finds the new map waits until the older records of its shard are in the new aggregators.
