@@ -314,18 +314,21 @@ impl Shared {
                 .take()
                 .filter(|receipt| !receipt.is_dropped())
                 .is_some_and(|receipt| receipt.send(Err(failed.clone())));
-            let stream_read = match subscriber.as_ref().map(|tx| tx.send(failed)) {
-                Some(Ok(())) => true,
-                // Its stream was dropped, maybe for a newer one subscribed since this report
-                // began: the most recent subscriber gets the rest.
-                Some(Err(mpsc::error::SendError(failed))) => {
-                    subscriber = lock(&self.failures).clone();
-                    subscriber
-                        .as_ref()
-                        .is_some_and(|tx| tx.send(failed).is_ok())
-                }
-                None => false,
+            // `Some(record)` when the subscriber's stream was dropped, maybe for a newer one
+            // subscribed since this report began: the most recent subscriber gets the rest.
+            let (mut stream_read, unsent) = match subscriber.as_ref() {
+                None => (false, None),
+                Some(tx) => match tx.send(failed) {
+                    Ok(()) => (true, None),
+                    Err(mpsc::error::SendError(failed)) => (false, Some(failed)),
+                },
             };
+            if let Some(failed) = unsent {
+                subscriber = lock(&self.failures).clone();
+                stream_read = subscriber
+                    .as_ref()
+                    .is_some_and(|tx| tx.send(failed).is_ok());
+            }
             if !receipt_read && !stream_read {
                 unobserved += 1;
             }
