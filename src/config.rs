@@ -21,6 +21,12 @@ pub const MAX_REQUEST_SIZE_LIMIT: usize = 10 << 20;
 /// Records per PutRecords request.
 pub const MAX_RECORDS_PER_REQUEST: usize = 500;
 
+/// The largest aggregate a record of `max_record_size` bytes holds with its partition key (1 KiB
+/// of room), and never under 64 bytes.
+fn aggregate_max(max_record_size: usize) -> usize {
+    max_record_size.saturating_sub(1024).max(64)
+}
+
 /// `record_ttl` when none is set (or this much past `record_max_buffered_time`, if that is
 /// longer).
 const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(30);
@@ -321,7 +327,7 @@ impl ProducerBuilder {
         }
         let mut d = self.config;
         // Defaults that follow the settings they depend on, so that setting one alone works.
-        let aggregate_max = d.max_record_size.saturating_sub(1024).max(64);
+        let aggregate_max = aggregate_max(d.max_record_size);
         if !d.aggregation_max_size_explicit {
             d.aggregation_max_size = d.aggregation_max_size.min(aggregate_max);
         }
@@ -507,7 +513,7 @@ impl Config {
             .min(MAX_RECORD_SIZE_LIMIT);
         // An aggregate, with its partition key, must still fit a record of the new size (the
         // same 1 KiB of room `resolve` asks for).
-        let aggregate_max = self.max_record_size.saturating_sub(1024).max(64);
+        let aggregate_max = aggregate_max(self.max_record_size);
         if self.aggregation_max_size > aggregate_max {
             tracing::warn!(
                 configured = self.aggregation_max_size,

@@ -116,10 +116,6 @@ impl Limiter {
     /// Kinesis acknowledged an entry of this shard (answered at `now`): the time since the last
     /// throttling, or the last acknowledgement, counts as success.
     pub fn acknowledged(&mut self, now: Instant) {
-        if self.allowance >= self.ceiling {
-            self.grown = now;
-            return;
-        }
         let elapsed = now.saturating_duration_since(self.grown).as_secs_f64();
         self.grown = self.grown.max(now);
         let increase = STEP + elapsed * INCREASE_PER_SECOND;

@@ -185,6 +185,9 @@ struct Lane {
     front_key: Option<Instant>,
 }
 
+/// The error code of an entry or request over its shard's throughput.
+const THROTTLED: &str = "ProvisionedThroughputExceededException";
+
 /// How a record that may be retried waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backoff {
@@ -841,9 +844,8 @@ impl Sender {
                             }
                         }
                         Some(code) => {
-                            if code == "ProvisionedThroughputExceededException" {
-                                add(&self.shared.stats.throttled_entries, 1);
-                                self.with_limiter(&outgoing, |limiter| limiter.throttled(ended));
+                            if code == THROTTLED {
+                                self.throttled(&outgoing, ended);
                             }
                             let error = AttemptError {
                                 code: code.to_owned(),
@@ -886,6 +888,13 @@ impl Sender {
                 }
             }
         }
+    }
+
+    /// Kinesis throttled `outgoing` (alone or with its whole request): counted, and its shard's
+    /// limiter slows down.
+    fn throttled(&mut self, outgoing: &Outgoing, at: Instant) {
+        add(&self.shared.stats.throttled_entries, 1);
+        self.with_limiter(outgoing, |limiter| limiter.throttled(at));
     }
 
     fn with_limiter(&mut self, outgoing: &Outgoing, f: impl FnOnce(&mut Limiter)) {
@@ -952,15 +961,13 @@ impl Sender {
             self.isolating.push_back(second);
             return;
         }
-        let throttled = error.code == "ProvisionedThroughputExceededException";
+        let throttled = error.code == THROTTLED;
         let now = Instant::now();
         for outgoing in batch {
             if throttled {
-                // The whole request refused for throughput: each shard in it slows down, and
-                // its records back off exponentially (`Backoff::Exponential`), as nothing says which
-                // shard was over its limit.
-                add(&self.shared.stats.throttled_entries, 1);
-                self.with_limiter(&outgoing, |limiter| limiter.throttled(now));
+                // The whole request refused for throughput: each shard in it slows down, and its
+                // records back off exponentially, as nothing says which shard was over its limit.
+                self.throttled(&outgoing, now);
             }
             self.retry_or_fail_with(outgoing, error.clone(), Backoff::Exponential);
         }
@@ -991,7 +998,7 @@ impl Sender {
         // allowance and paces it from here, so the entry waits one base backoff rather than an
         // exponential one that would leave it idle while its shard has room again.
         let paced = backoff == Backoff::PacedIfThrottled
-            && error.code == "ProvisionedThroughputExceededException"
+            && error.code == THROTTLED
             && self
                 .lane_mut(&outgoing)
                 .is_some_and(|lane| lane.limiter.is_some());

@@ -7,16 +7,22 @@ use std::process::{Command, Output, Stdio};
 
 use support::local_kinesis::LocalKinesis;
 
-async fn run_put(endpoint: &str, args: &[&str], stdin: Vec<u8>) -> Output {
+/// `kinesis-producer put` against `endpoint`, with `args`.
+fn put_command(endpoint: &str, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kinesis-producer"));
     command
         .arg("put")
         .args(["--endpoint-url", endpoint, "--region", "us-east-1"])
         .args(args);
-    run(command, stdin).await
+    command
 }
 
-async fn run(mut command: Command, stdin: Vec<u8>) -> Output {
+async fn run_put(endpoint: &str, args: &[&str], stdin: Vec<u8>) -> Output {
+    run(put_command(endpoint, args), stdin).await
+}
+
+/// Test credentials, no profile, and every stream piped.
+fn piped_with_test_credentials(command: &mut Command) {
     command
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -24,6 +30,10 @@ async fn run(mut command: Command, stdin: Vec<u8>) -> Output {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+}
+
+async fn run(mut command: Command, stdin: Vec<u8>) -> Output {
+    piped_with_test_credentials(&mut command);
     tokio::task::spawn_blocking(move || {
         let mut child = command.spawn().expect("the binary runs");
         child.stdin.take().unwrap().write_all(&stdin).unwrap();
@@ -887,19 +897,17 @@ fn summary_figures(stderr: &str) -> std::collections::HashMap<String, u64> {
 async fn put_stopped_by_a_signal_sends_what_it_read_and_accounts_for_every_line() {
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("cli-signal", 2).await;
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kinesis-producer"));
-    command
-        .arg("put")
-        .args(["--endpoint-url", &kinesis.endpoint, "--region", "us-east-1"])
-        .args(["--stream-name", "cli-signal"])
+    let mut command = put_command(
+        &kinesis.endpoint,
         // Still buffered when the signal comes.
-        .args(["--record-max-buffered-time-ms", "20000"])
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env_remove("AWS_PROFILE")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        &[
+            "--stream-name",
+            "cli-signal",
+            "--record-max-buffered-time-ms",
+            "20000",
+        ],
+    );
+    piped_with_test_credentials(&mut command);
     let output = tokio::task::spawn_blocking(move || {
         let mut child = command.spawn().expect("the binary runs");
         let mut stdin = child.stdin.take().unwrap();

@@ -90,6 +90,9 @@ pub fn report(value: serde_json::Value) {
     let _ = writeln!(stderr, "{value}");
 }
 
+/// Kinesis' largest record when the stream allows it (10 MiB), data and key together.
+pub const RECORD_SIZE_LIMIT: usize = 10 << 20;
+
 /// Waits for SIGINT or SIGTERM and names it.
 pub async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};

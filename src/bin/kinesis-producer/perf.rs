@@ -133,9 +133,7 @@ const MAX_PACED_SECONDS: f64 = 864_000.0;
 const MAX_THREADS: usize = 1_024;
 /// Most shards a run or the sink models (a map of them is built up front).
 const MAX_SHARDS: usize = 100_000;
-/// Kinesis' largest record when the stream allows it (10 MiB), data and key together.
-const MAX_RECORD_SIZE: usize = 10 << 20;
-/// Distinct explicit hash keys per put thread with `--keys ehk`.
+/// Distinct explicit hash keys with `--keys ehk`, shared out among the put threads.
 const EHK_POOL: usize = 65_536;
 /// Length of a hyphenated UUID, the default partitioner's keys.
 const UUID_LEN: usize = 36;
@@ -173,9 +171,10 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
     if args.shards > MAX_SHARDS {
         return Err(format!("--shards must be at most {MAX_SHARDS}"));
     }
-    if args.record_size > MAX_RECORD_SIZE {
+    if args.record_size > crate::RECORD_SIZE_LIMIT {
         return Err(format!(
-            "--record-size must be at most {MAX_RECORD_SIZE} (Kinesis' largest record, with its key)"
+            "--record-size must be at most {} (Kinesis' largest record, with its key)",
+            crate::RECORD_SIZE_LIMIT
         ));
     }
     let sink = if args.null_sink {
@@ -515,14 +514,13 @@ async fn put_share(work: &Workload, share: std::ops::Range<u64>, ehk_pool: Vec<S
 
 /// A put thread's explicit hash keys with `--keys ehk`, made before the clock starts: writing a
 /// 128-bit number in decimal is the caller's work, not the producer's, and would cost a tenth
-/// of what is measured. 65,536 random keys (shared out among the threads) spread evenly over any shard count.
+/// of what is measured. Random keys, spread evenly over any shard count: a share of
+/// [`EHK_POOL`], at least 4,096, so that many threads do not hold gigabytes of keys.
 fn ehk_pool(keys: Keys, thread: u64, threads: usize) -> Vec<String> {
     if keys != Keys::Ehk {
         return Vec::new();
     }
     let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (thread + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    // Shared out among the threads (at least 4,096 each), so many threads do not hold
-    // gigabytes of keys.
     (0..(EHK_POOL / threads.max(1)).max(4_096))
         .map(|_| {
             let high = u128::from(next_random(&mut state)) << 64;

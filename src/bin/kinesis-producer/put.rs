@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::ValueEnum;
 use kinesis_producer::{MetricsSnapshot, Producer, UserRecord};
 
-use crate::{report, StreamArgs};
+use crate::{report, StreamArgs, RECORD_SIZE_LIMIT};
 
 #[derive(clap::Args)]
 pub struct PutArgs {
@@ -58,9 +58,6 @@ struct InputTally {
 /// The longest line read: the largest record Kinesis takes (10 MiB), as JSON with its data in
 /// base64 (a third more) and room for the keys. A longer line is skipped, never held whole.
 const LINE_MAX: usize = RECORD_SIZE_LIMIT / 3 * 4 + (64 << 10);
-
-/// Kinesis' largest record, when the stream allows it (10 MiB).
-const RECORD_SIZE_LIMIT: usize = 10 << 20;
 
 /// Reads one line (with its line ending) into `line`, keeping at most `cap` bytes: a longer
 /// line is read to its end and dropped. `None` at the end of the input; `Some(false)` for a
