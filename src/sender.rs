@@ -927,10 +927,12 @@ impl Sender {
             }
             None if may_wait => self.parked.push((outgoing, actual, 0)),
             _ => {
-                add(
-                    &self.shared.stats.records_resent_after_reshard,
-                    outgoing.len() as u64,
-                );
+                // Kinesis did take this aggregate (its metrics counted it with the answer), even
+                // though its records go out again.
+                let stats = &self.shared.stats;
+                add(&stats.kinesis_records_put, 1);
+                add(&stats.kinesis_bytes_put, outgoing.request_size() as u64);
+                add(&stats.records_resent_after_reshard, outgoing.len() as u64);
                 if self.shared.metrics_on {
                     let shard = ShardRef {
                         id: &actual,

@@ -426,10 +426,17 @@ async fn the_longest_retry_delays_give_up_instead_of_overflowing_the_clock() {
         time_budget: Duration::from_secs(60),
         ..quick()
     };
+    let started = Instant::now();
     let outcome = call
         .send_all([message("a")], &options)
         .await
         .expect("options");
+    // A delay past the time budget means giving up at once, not sleeping out the budget.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(outcome.unprocessed.len(), 1);
     let unprocessed = &outcome.unprocessed[0];
     assert_eq!(unprocessed.reason.kind, ReasonKind::GaveUp);

@@ -413,6 +413,10 @@ async fn tail_from_latest_renews_an_expired_iterator_without_reading_older_recor
         .await
         .expect("tail stops at its limit")
         .unwrap();
+    assert!(
+        !proxy.expiry_pending(),
+        "tail read through the expired iterator, not around it"
+    );
     let printed: Vec<String> = tail_lines(&output)
         .iter()
         .map(|line| String::from_utf8(data_of(line)).unwrap())

@@ -125,13 +125,80 @@ async fn a_reshard_on_kinesis_mock_loses_nothing() {
     );
     let duplicates: u64 = seen.iter().map(|n| u64::from(n.saturating_sub(1))).sum();
     assert!(duplicates <= producer.stats().records_resent_after_reshard);
-    let open = open_shards(&client, "mock").await.len();
-    assert_eq!(open, 4, "the stream was resharded");
+    let open = open_shards(&client, "mock").await;
+    assert_eq!(open.len(), 4, "the stream was resharded");
+    // The producer noticed: its map is the stream's four open shards.
+    let mut mapped: Vec<String> = producer
+        .shard_map()
+        .shards()
+        .iter()
+        .map(|s| s.shard_id.to_string())
+        .collect();
+    let mut open_ids: Vec<String> = open.into_iter().map(|(id, _, _)| id).collect();
+    mapped.sort();
+    open_ids.sort();
+    assert_eq!(mapped, open_ids, "the producer's map follows the reshard");
     println!(
         "kinesis-mock: {:?}, map now {} shards",
         producer.stats(),
         producer.shard_map().len()
     );
+}
+
+/// A producer configured with the stream's ARN alone: DescribeStreamSummary, ListShards and
+/// PutRecords all name the stream by `StreamARN`, and every record lands. (The embedded server
+/// ignores `StreamARN` in ListShards, so this runs on kinesis-mock, which implements it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_given_only_the_stream_arn_delivers_every_record() {
+    const RECORDS: usize = 400;
+    let mock = start_kinesis_mock().await;
+    let client = support::local_kinesis::client_for(&mock.endpoint);
+    for name in ["by-arn", "decoy"] {
+        client
+            .create_stream()
+            .stream_name(name)
+            .shard_count(2)
+            .send()
+            .await
+            .expect("CreateStream");
+        wait_active(&client, name).await;
+    }
+    let summary = client
+        .describe_stream_summary()
+        .stream_name("by-arn")
+        .send()
+        .await
+        .expect("DescribeStreamSummary");
+    let arn = summary
+        .stream_description_summary()
+        .expect("a summary")
+        .stream_arn()
+        .to_owned();
+    let producer = Producer::builder()
+        .stream_arn(arn)
+        .client(client.clone())
+        .record_max_buffered_time(Duration::from_millis(500))
+        .request_timeout(Duration::from_secs(60))
+        .record_ttl(Duration::from_secs(300))
+        .build()
+        .await
+        .expect("builds from the ARN alone");
+    assert_eq!(producer.shard_map().len(), 2, "ListShards by ARN");
+    let mut failures = producer.notify_failures();
+    for i in 0..RECORDS {
+        producer
+            .put(format!("{i:06}"), format!("key-{i}"))
+            .await
+            .unwrap();
+    }
+    producer.stop().await;
+    assert!(failures.recv().await.is_none(), "nothing failed");
+    assert_eq!(producer.stats().user_records_put, RECORDS as u64);
+    let (delivered, _) = read_as_kcl(&client, "by-arn").await;
+    let seen = count_by_index(&delivered, RECORDS);
+    assert!(seen.iter().all(|n| *n == 1), "each record once: {seen:?}");
+    let (decoy, _) = read_as_kcl(&client, "decoy").await;
+    assert!(decoy.is_empty(), "nothing went to the other stream");
 }
 
 /// The support code every local server starts through: a server that exits before it listens

@@ -328,6 +328,17 @@ async fn metrics_keep_only_the_configured_level_and_granularity() {
                         _ => assert!(!dims.contains(&"ShardId"), "{metric:?}"),
                     }
                 }
+                if matches!(granularity, MetricsGranularity::Stream) {
+                    // The stream's own rows are there, named after it.
+                    let streamed = metrics.metrics.iter().find(|m| {
+                        m.name == MetricName::UserRecordsPut
+                            && m.dimensions
+                                .iter()
+                                .any(|(k, v)| *k == "StreamName" && v == "levels")
+                    });
+                    let streamed = streamed.expect("UserRecordsPut by StreamName");
+                    assert_eq!(streamed.statistics.sum, 100.0, "{streamed:?}");
+                }
             }
         }
     }

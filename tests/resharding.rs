@@ -511,6 +511,9 @@ async fn small_records_on_one_throttled_shard_all_land() {
     let stats = producer.stats();
     assert_eq!(stats.user_records_put, RECORDS);
     assert_eq!(kinesis.read_all("small-hot").await.len() as u64, RECORDS);
+    // The limiter starts above the server's 1,000 records/s: the shard must have throttled, or
+    // this test did not test what its name says.
+    assert!(stats.throttled_entries > 0, "{stats:?}");
     println!(
         "small records on one key: {RECORDS} in {took:?}; {} entries throttled ({:.1}%), {} requests",
         stats.throttled_entries,

@@ -29,6 +29,7 @@ async fn run_and_check(config: JobConfig) -> job::Report {
     let (_, expected) = job::input_file(config.records);
     assert_eq!(report.expected, expected);
     assert_eq!(report.gathered, expected, "gathered totals");
+    assert_eq!(report.gathers, 1, "exactly one worker won the gather");
     let summary = clients
         .s3
         .get_object()

@@ -118,6 +118,8 @@ pub struct Report {
     pub gathered: Totals,
     /// Deliveries that found their task already counted (SQS redeliveries).
     pub redelivered: usize,
+    /// Claims of the gather that succeeded in this process: 1 in a correct run.
+    pub gathers: usize,
     /// The summary file as written to S3.
     pub summary_json: String,
 }
@@ -254,6 +256,7 @@ pub async fn run(clients: &Clients, queue_url: &str, config: &JobConfig) -> Resu
         producer,
         finished: AtomicBool::new(false),
         redelivered: AtomicUsize::new(0),
+        gathers: AtomicUsize::new(0),
         process_started: Instant::now(),
         scatter_time,
         gathered: tokio::sync::Mutex::new(None),
@@ -284,6 +287,7 @@ pub async fn run(clients: &Clients, queue_url: &str, config: &JobConfig) -> Resu
         expected,
         gathered,
         redelivered: shared.redelivered.into_inner(),
+        gathers: shared.gathers.into_inner(),
         summary_json,
     })
 }
@@ -343,6 +347,8 @@ struct Shared {
     producer: Producer,
     finished: AtomicBool,
     redelivered: AtomicUsize,
+    /// Claims of the gather won (each then scans and writes the summary).
+    gathers: AtomicUsize,
     process_started: Instant,
     scatter_time: Duration,
     /// Set once, by the worker that detects completion: process and gather durations, totals,
@@ -594,6 +600,7 @@ async fn maybe_gather(job: &Shared) -> Result<(), Error> {
         }
         Err(error) => return Err(error.into()),
     }
+    job.gathers.fetch_add(1, Ordering::SeqCst);
     let process = job.process_started.elapsed();
     let gather_started = Instant::now();
     let totals = scan_totals(&job.clients.dynamodb).await?;

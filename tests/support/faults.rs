@@ -193,6 +193,12 @@ impl FaultProxy {
             .store(true, Ordering::SeqCst);
     }
 
+    /// Whether an expiry asked for by `expire_next_get_records` is still waiting for a
+    /// GetRecords to answer (false once it was served).
+    pub fn expiry_pending(&self) -> bool {
+        self.shared.expire_next_get_records.load(Ordering::SeqCst)
+    }
+
     /// Stops injecting faults: requests pass from now on.
     pub fn heal(&self) {
         self.shared.schedule.lock().unwrap().0.faults.clear();
