@@ -136,7 +136,11 @@ pub(crate) fn put_records<'a>(
         out.extend_from_slice(ENTRY_OPEN);
         match &entry.data {
             EntryData::Whole(data) => base64_simd::STANDARD.encode_append(data, &mut out),
-            EntryData::Pieces(pieces) => encode_pieces(pieces.parts(), &mut out),
+            EntryData::Pieces(pieces) => {
+                let mut encoder = PieceEncoder::default();
+                pieces.visit(|piece| encoder.push(piece, &mut out));
+                encoder.finish(&mut out);
+            }
         }
         if let Some(ehk) = &entry.explicit_hash_key {
             out.extend_from_slice(EXPLICIT_HASH_KEY);
@@ -156,29 +160,36 @@ pub(crate) fn put_records<'a>(
     })
 }
 
-/// Appends the base64 of the concatenation of `pieces`, without concatenating them: each
-/// piece's whole 3-byte groups are encoded in place, and the bytes left over join the next
+/// Appends the base64 of the concatenation of the pieces pushed, without concatenating them:
+/// each piece's whole 3-byte groups are encoded in place, and the bytes left over join the next
 /// piece's first ones.
-fn encode_pieces<'a>(pieces: impl Iterator<Item = &'a [u8]>, out: &mut Vec<u8>) {
-    let mut carry = [0u8; 3];
-    let mut held = 0;
-    for mut piece in pieces {
-        if held > 0 {
-            let take = (3 - held).min(piece.len());
-            carry[held..held + take].copy_from_slice(&piece[..take]);
-            held += take;
+#[derive(Default)]
+struct PieceEncoder {
+    carry: [u8; 3],
+    held: usize,
+}
+
+impl PieceEncoder {
+    fn push(&mut self, mut piece: &[u8], out: &mut Vec<u8>) {
+        if self.held > 0 {
+            let take = (3 - self.held).min(piece.len());
+            self.carry[self.held..self.held + take].copy_from_slice(&piece[..take]);
+            self.held += take;
             piece = &piece[take..];
-            if held < 3 {
-                continue;
+            if self.held < 3 {
+                return;
             }
-            base64_simd::STANDARD.encode_append(carry, out);
+            base64_simd::STANDARD.encode_append(self.carry, out);
         }
         let whole = piece.len() - piece.len() % 3;
         base64_simd::STANDARD.encode_append(&piece[..whole], out);
-        held = piece.len() - whole;
-        carry[..held].copy_from_slice(&piece[whole..]);
+        self.held = piece.len() - whole;
+        self.carry[..self.held].copy_from_slice(&piece[whole..]);
     }
-    base64_simd::STANDARD.encode_append(&carry[..held], out);
+
+    fn finish(self, out: &mut Vec<u8>) {
+        base64_simd::STANDARD.encode_append(&self.carry[..self.held], out);
+    }
 }
 
 /// How a byte of a string is written inside JSON quotes.
@@ -343,7 +354,9 @@ mod tests {
             let bounds: Vec<usize> = bounds.collect();
             let pieces = bounds.windows(2).map(|w| &data[w[0]..w[1]]);
             let mut out = Vec::new();
-            encode_pieces(pieces, &mut out);
+            let mut encoder = PieceEncoder::default();
+            pieces.for_each(|piece| encoder.push(piece, &mut out));
+            encoder.finish(&mut out);
             prop_assert_eq!(out, base64_simd::STANDARD.encode_type::<Vec<u8>>(&data));
         }
 
