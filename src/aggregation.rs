@@ -276,6 +276,7 @@ impl AggregatePieces {
     }
 
     /// The aggregate's bytes, in order, as slices.
+    #[cfg(test)]
     pub fn parts(&self) -> impl Iterator<Item = &[u8]> {
         std::iter::once(&MAGIC[..])
             .chain(self.sections.parts())
