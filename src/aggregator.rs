@@ -35,8 +35,18 @@ pub(crate) struct RecordMeta {
     pub backlog_bytes: u32,
     /// Bytes of the record's data (the record itself lives on only in its encoding).
     pub data_len: u32,
+    /// PutRecords attempts of Kinesis records that carried it before it was re-split into
+    /// another (after a reshard): its attempts are these and its current Kinesis record's.
+    pub earlier_attempts: u32,
     /// Where the outcome goes when the record was put with a receipt.
     pub receipt: Option<ReceiptTx>,
+}
+
+impl RecordMeta {
+    /// PutRecords attempts that carried this record, when `current` carried its Kinesis record.
+    pub fn attempts(&self, current: u32) -> u32 {
+        self.earlier_attempts.saturating_add(current)
+    }
 }
 
 /// One finished Kinesis record on its way through the sender, with what the producer knows of
@@ -745,6 +755,7 @@ mod tests {
             epoch: 0,
             backlog_bytes: 1,
             data_len: 1,
+            earlier_attempts: 0,
             receipt: None,
         }));
         metas

@@ -249,7 +249,7 @@ impl Shared {
                         sequence_number: Arc::clone(&sequence_number),
                         sub_sequence_number: if aggregated { position as u64 } else { 0 },
                         aggregated,
-                        attempts: outgoing.attempts,
+                        attempts: meta.attempts(outgoing.attempts),
                     }));
                 }
             }
@@ -304,7 +304,7 @@ impl Shared {
             let failed = FailedRecord {
                 record,
                 error: error.clone(),
-                attempts: outgoing.attempts,
+                attempts: meta.attempts(outgoing.attempts),
                 shard_id: outgoing.shard_id.clone(),
             };
             // The receipt gets the failure, and so does the stream: it is where every
@@ -447,13 +447,20 @@ impl Shared {
 /// acknowledged, 0 failed) and `RetriesPerRecord`.
 fn ends(outgoing: &Outgoing, put: f64) -> [(MetricName, Statistics); 2] {
     let n = outgoing.len() as u64;
-    let retries = f64::from(outgoing.attempts.saturating_sub(1));
+    let attempts = outgoing.attempts;
+    let resplit = outgoing.metas.iter().any(|m| m.earlier_attempts > 0);
+    let retries = if resplit {
+        let each = outgoing.metas.iter();
+        Statistics::of_integers(
+            each.map(|m| u64::from(m.attempts(attempts).saturating_sub(1))),
+            1.0,
+        )
+    } else {
+        Statistics::repeated(f64::from(attempts.saturating_sub(1)), n)
+    };
     [
         (MetricName::UserRecordsPut, Statistics::repeated(put, n)),
-        (
-            MetricName::RetriesPerRecord,
-            Statistics::repeated(retries, n),
-        ),
+        (MetricName::RetriesPerRecord, retries),
     ]
 }
 
@@ -664,6 +671,7 @@ impl Producer {
             // Validation bounds data + key by max_record_size (≤ 10 MiB) and the EHK by 39.
             backlog_bytes: record.backlog_size() as u32,
             data_len: record.data().len() as u32,
+            earlier_attempts: 0,
             receipt: None,
         })
     }

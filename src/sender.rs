@@ -398,6 +398,11 @@ impl Sender {
 
     /// Routes a not-yet-written Kinesis record's user records again, under the current map.
     fn resplit(&mut self, mut outgoing: Outgoing) {
+        // Its records keep the attempts that carried them so far (receipts, failure reports and
+        // RetriesPerRecord count them all).
+        for meta in &mut outgoing.metas {
+            meta.earlier_attempts = meta.attempts(outgoing.attempts);
+        }
         let records = outgoing.take_user_records();
         aggregator::reroute(&self.shared, records, outgoing.metas);
         if self.stop_deadline.is_some() {

@@ -682,17 +682,29 @@ async fn aggregates_written_across_a_split_are_resent_so_a_kcl_reader_loses_noth
         .unwrap();
     kinesis.wait_active("kcl-split").await;
     let failures = producer.notify_failures();
+    let mut receipts = Vec::new();
     for i in 0..3_000 {
-        producer
-            .put(format!("v{i}"), format!("key-{i}"))
-            .await
-            .unwrap();
+        let record = UserRecord::new(format!("v{i}"), format!("key-{i}"));
+        receipts.push(producer.put_with_receipt(record).await.unwrap());
     }
     producer.stop().await;
     assert!(drain(failures).await.is_empty());
     let stats = producer.stats();
     assert!(stats.records_resent_after_reshard > 0, "{stats:?}");
     assert_eq!(stats.user_records_put, 3_000);
+    // A re-sent record's receipt counts the request that wrote its misplaced aggregate too.
+    let mut carried_twice = 0;
+    for receipt in receipts {
+        let delivered = receipt.await.expect("delivered");
+        if delivered.attempts >= 2 {
+            carried_twice += 1;
+        }
+    }
+    assert!(
+        carried_twice >= stats.records_resent_after_reshard,
+        "{carried_twice} receipts with two attempts or more, {} records re-sent",
+        stats.records_resent_after_reshard
+    );
 
     // Read as the KCL does: an aggregate holding any record outside the shard's hash range is
     // thrown away whole.
