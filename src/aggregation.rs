@@ -116,6 +116,19 @@ pub(crate) enum UnsealedBody {
 }
 
 impl Unsealed {
+    /// Whether [`seal`](Self::seal) computes a checksum (an aggregate in one buffer); an
+    /// aggregate in pieces gets its checksum when its request body is written, and a lone
+    /// record needs none.
+    pub(crate) fn checksums_when_sealed(&self) -> bool {
+        matches!(
+            self,
+            Unsealed::Aggregate {
+                body: UnsealedBody::Whole(_),
+                ..
+            }
+        )
+    }
+
     /// Gives the Kinesis record to send. A small aggregate (one buffer) gets its checksum
     /// here; a large one (pieces) when its request body is written, in the same pass as its
     /// base64 (see [`AggregatePieces`]), so this costs it nothing.
@@ -593,8 +606,8 @@ impl AggregateBuilder {
         self.finish_unsealed(keep_room).map(Unsealed::seal)
     }
 
-    /// [`finish_entry`](Self::finish_entry) without its checksum: the builder is free for the
-    /// next aggregate at once, and the MD5 pass over this one ([`Unsealed::seal`]) can run
+    /// [`finish_entry`](Self::finish_entry) without sealing: the builder is free for the
+    /// next aggregate at once, and the MD5 pass over a small one ([`Unsealed::seal`]) can run
     /// after the caller has let go of the builder's lock.
     pub(crate) fn finish_unsealed(&mut self, keep_room: bool) -> Option<Unsealed> {
         // `first` is set exactly when a record was pushed.

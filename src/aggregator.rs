@@ -539,18 +539,23 @@ struct Emission<'a> {
 }
 
 impl Emission<'_> {
-    /// Hands the aggregate to the sender, checksummed. With `hand_over` (a `put` closed it),
-    /// the checksum (an MD5 pass over up to 50 KB) is left to the sender while it keeps up,
-    /// as it then has time to spare and the putting thread, usually the busier, can go on
-    /// taking records; when the sender falls behind (larger records), this thread computes
-    /// it. Deadlines and flushes run on the sender or for `flush`: they compute it here.
+    /// Hands the aggregate to the sender, sealed. A small aggregate (one buffer, at most
+    /// 8 KiB) is checksummed when sealed; an aggregate in pieces is checksummed later, as its
+    /// request body is written, so sealing it costs nothing. With `hand_over` (a `put` closed
+    /// it), a small aggregate's checksum is left to the sender while it keeps up, as it then
+    /// has time to spare and the putting thread, usually the busier, can go on taking records;
+    /// when the sender falls behind, this thread computes it. Deadlines and flushes run on the
+    /// sender or for `flush`: they compute it here.
     fn send(self, shared: &Shared, hand_over: bool) {
         let Emission {
             closed,
             then,
             _turn,
         } = self;
-        if hand_over && shared.unsealed_at_sender.load(Ordering::Relaxed) < SENDER_CHECKSUMS_MAX {
+        if hand_over
+            && closed.unsealed.checksums_when_sealed()
+            && shared.unsealed_at_sender.load(Ordering::Relaxed) < SENDER_CHECKSUMS_MAX
+        {
             shared.unsealed_at_sender.fetch_add(1, Ordering::Relaxed);
             shared.send(Inbound::Closed(closed));
         } else {
@@ -563,11 +568,11 @@ impl Emission<'_> {
     }
 }
 
-/// Most closed aggregates waiting for the sender to checksum them before putting threads
+/// Most closed small aggregates waiting for the sender to checksum them before putting threads
 /// checksum their own.
 const SENDER_CHECKSUMS_MAX: usize = 2;
 
-/// A closed aggregate on its way to the sender, which computes its checksum.
+/// A closed small aggregate on its way to the sender, which computes its checksum.
 pub(crate) struct Closed {
     unsealed: Unsealed,
     metas: Vec<RecordMeta>,

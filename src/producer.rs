@@ -35,7 +35,7 @@ use crate::sync::lock;
 pub(crate) enum Inbound {
     /// A finished Kinesis record.
     Record(Outgoing),
-    /// A closed aggregate for the sender to checksum (it had time to spare).
+    /// A closed small aggregate for the sender to checksum (it had time to spare).
     Closed(aggregator::Closed),
     /// An aggregator received its first record; flush it at `at` if it is still that aggregate.
     Deadline {
@@ -335,12 +335,13 @@ impl Shared {
         }
         if unobserved > 0 {
             add(&self.stats.failures_unobserved, unobserved);
+            let attempts = outgoing.metas.iter().map(|m| m.attempts(outgoing.attempts));
             tracing::warn!(
                 records = unobserved,
                 code = %error.code,
                 kind = %error.kind,
                 shard = outgoing.shard_id.as_deref().unwrap_or("-"),
-                attempts = outgoing.attempts,
+                attempts = attempts.max().unwrap_or(outgoing.attempts),
                 "records failed and no failure stream is subscribed"
             );
         }

@@ -295,6 +295,35 @@ mod tests {
         (records, value)
     }
 
+    /// An aggregate in pieces gets its checksum as its body is written; a retry's body writes
+    /// the kept checksum. Both read back, checksum verified, as the records pushed.
+    #[test]
+    fn an_aggregate_in_pieces_reads_back_from_the_first_body_and_a_retrys() {
+        use crate::aggregation::tests::build;
+        use crate::aggregation::AggregateLimits;
+        let records: Vec<crate::UserRecord> = (0..60usize)
+            .map(|i| crate::UserRecord::new(vec![i as u8; 100 + i * 37], format!("k{i}")))
+            .collect();
+        let limits = AggregateLimits {
+            max_size: 1 << 20,
+            max_count: usize::MAX,
+        };
+        let entry = build(records.clone(), limits)
+            .finish_entry(false)
+            .expect("an aggregate");
+        assert!(matches!(entry.data, EntryData::Pieces(_)), "in pieces");
+        let pool = BodyPool::new(1 << 20);
+        for attempt in ["first", "retry"] {
+            let body = put_records(&pool, &StreamId::Name("s".into()), [&entry].into_iter());
+            let (read, _) = read_back(&body);
+            let (data, key, _) = &read[0];
+            let users = crate::deaggregate(Bytes::from(data.clone()), key).expect("valid");
+            let got: Vec<&[u8]> = users.iter().map(|u| &u.data[..]).collect();
+            let want: Vec<&[u8]> = records.iter().map(|r| &r.data()[..]).collect();
+            assert_eq!(got, want, "{attempt}");
+        }
+    }
+
     #[test]
     fn a_body_reads_back_as_its_entries() {
         let pool = BodyPool::new(1 << 20);

@@ -41,7 +41,8 @@ pub struct Stats {
     pub user_records_failed: u64,
     /// Of those, failures nobody was subscribed to (they were logged instead).
     pub failures_unobserved: u64,
-    /// Kinesis records (aggregates or plain records) acknowledged.
+    /// Kinesis records (aggregates or plain records) acknowledged, including an aggregate
+    /// written across a reshard whose records were then re-sent (Kinesis did take it).
     pub kinesis_records_put: u64,
     /// Bytes (data + partition key) of the acknowledged Kinesis records.
     pub kinesis_bytes_put: u64,
