@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -456,11 +456,15 @@ fn add_to_slot<'a>(
     // A deadline for the first record, and again for a re-routed record older than those held.
     if slot.earliest_put.is_none_or(|earliest| put_at < earliest) {
         slot.earliest_put = Some(put_at);
+        // The sender sends a request when its oldest record has waited the whole buffered time,
+        // so an aggregate closes a little before that (`close_lead_nanos`): long enough for
+        // aggregates closing around it to fill a request with it, instead of each leaving alone
+        // in a tiny one. At a high rate that takes milliseconds, and the aggregate stays open
+        // for nearly the whole buffered time, gathering more records; at a low rate it closes
+        // at half the time.
+        let lead = Duration::from_nanos(shared.close_lead_nanos.load(Ordering::Relaxed));
         let deadline = Inbound::Deadline {
-            // Half the buffered time: the sender sends a request when its oldest record has
-            // waited the whole time, so aggregates flushed in the second half of that window
-            // share one request instead of each leaving alone in a tiny one.
-            at: put_at + shared.config.record_max_buffered_time / 2,
+            at: put_at + shared.config.record_max_buffered_time.saturating_sub(lead),
             aggregate: AggregateId {
                 generation: routing.generation,
                 slot: index,

@@ -132,6 +132,10 @@ pub(crate) struct Shared {
     /// Closed aggregates handed to the sender for it to checksum, not yet checksummed (see
     /// `aggregator::Emission::send`).
     pub unsealed_at_sender: AtomicUsize,
+    /// How long before its records' buffering deadline an aggregate closes, in nanoseconds:
+    /// the time the sender expects a request to take to fill from what arrives (see
+    /// `sender::Sender::update_close_lead`). Half the buffering time until it has measured.
+    pub close_lead_nanos: AtomicU64,
     inbound: mpsc::UnboundedSender<Inbound>,
     failures: Mutex<Option<mpsc::UnboundedSender<FailedRecord>>>,
     /// A reload task is running.
@@ -545,6 +549,9 @@ impl ProducerBuilder {
             idle_room_max: config.max_backlog_bytes / 16,
             metas: MetaPool::default(),
             unsealed_at_sender: AtomicUsize::new(0),
+            close_lead_nanos: AtomicU64::new(
+                (config.record_max_buffered_time / 2).as_nanos() as u64
+            ),
             inbound,
             failures: Mutex::new(None),
             refreshing: AtomicBool::new(false),
