@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -462,7 +462,7 @@ fn add_to_slot<'a>(
         // in a tiny one. At a high rate that takes milliseconds, and the aggregate stays open
         // for nearly the whole buffered time, gathering more records; at a low rate it closes
         // at half the time.
-        let lead = Duration::from_nanos(shared.close_lead_nanos.load(Ordering::Relaxed));
+        let lead = shared.close_lead(put_at);
         let deadline = Inbound::Deadline {
             at: put_at + shared.config.record_max_buffered_time.saturating_sub(lead),
             aggregate: AggregateId {

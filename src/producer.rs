@@ -133,9 +133,11 @@ pub(crate) struct Shared {
     /// `aggregator::Emission::send`).
     pub unsealed_at_sender: AtomicUsize,
     /// How long before its records' buffering deadline an aggregate closes, in nanoseconds:
-    /// the time the sender expects a request to take to fill from what arrives (see
-    /// `sender::Sender::update_close_lead`). Half the buffering time until it has measured.
+    /// twice the time the sender expects a request to take to fill from what arrives (see
+    /// `sender::Sender::update_close_lead`), and when it measured that, in nanoseconds since
+    /// `built_at`. Read through [`close_lead`](Self::close_lead).
     pub close_lead_nanos: AtomicU64,
+    pub close_lead_set_nanos: AtomicU64,
     inbound: mpsc::UnboundedSender<Inbound>,
     failures: Mutex<Option<mpsc::UnboundedSender<FailedRecord>>>,
     /// A reload task is running.
@@ -181,6 +183,20 @@ impl Shared {
                 Statistics::repeated(self.backlog.bytes_held() as f64, 1),
             ),
         ]
+    }
+
+    /// How long before its records' buffering deadline an aggregate whose first record was
+    /// put at `put_at` closes: the sender's latest measurement, or half the buffered time when
+    /// that is more than two measuring periods old (the sender has been idle, and the rate it
+    /// measured is gone).
+    pub fn close_lead(&self, put_at: Instant) -> Duration {
+        let set_at = Duration::from_nanos(self.close_lead_set_nanos.load(Ordering::Relaxed));
+        let since_built = put_at.saturating_duration_since(self.built_at);
+        if since_built.saturating_sub(set_at) > 2 * crate::sender::arrivals_period(&self.config) {
+            self.config.record_max_buffered_time / 2
+        } else {
+            Duration::from_nanos(self.close_lead_nanos.load(Ordering::Relaxed))
+        }
     }
 
     pub fn aggregate_limits(&self) -> AggregateLimits {
@@ -552,6 +568,7 @@ impl ProducerBuilder {
             close_lead_nanos: AtomicU64::new(
                 (config.record_max_buffered_time / 2).as_nanos() as u64
             ),
+            close_lead_set_nanos: AtomicU64::new(0),
             inbound,
             failures: Mutex::new(None),
             refreshing: AtomicBool::new(false),

@@ -105,6 +105,7 @@ impl Sender {
             arrived_count: 0,
             arrived_bytes: 0,
             arrivals_since: Instant::now(),
+            arrivals_disturbed: false,
         }
     }
 }
@@ -164,15 +165,25 @@ struct Sender {
     /// Set at the stop deadline: requests in flight give up.
     cancel: watch::Sender<bool>,
     next_refresh: Instant,
-    /// Kinesis records (and their request bytes) queued since `arrivals_since`: the rate that
-    /// sets how long before their deadline aggregates close (`update_close_lead`).
+    /// Fresh Kinesis records (and their request bytes) queued since `arrivals_since` in
+    /// lanes that may send: the rate that sets how long before their deadline aggregates close
+    /// (`update_close_lead`). Retries and records held by a limiter do not count: they do not
+    /// fill requests at that rate.
     arrived_count: usize,
     arrived_bytes: usize,
     arrivals_since: Instant,
+    /// A flush or the stop sent every aggregate at once in this period: its rate says nothing
+    /// of the traffic, and it is not used.
+    arrivals_disturbed: bool,
 }
 
-/// How often the sender measures the rate Kinesis records reach it.
-const ARRIVALS_PERIOD: Duration = Duration::from_millis(100);
+/// How often the sender measures the rate Kinesis records reach it: every 100 ms, or every
+/// buffering time if that is longer (a lead is used that long after it is measured).
+pub(crate) fn arrivals_period(config: &Config) -> Duration {
+    config
+        .record_max_buffered_time
+        .max(Duration::from_millis(100))
+}
 
 /// One shard's queue.
 struct Lane {
@@ -270,7 +281,7 @@ impl Sender {
                 self.next_refresh = now + self.shared.config.shard_map_refresh_interval;
                 self.shared.request_refresh();
             }
-            if now >= self.arrivals_since + ARRIVALS_PERIOD {
+            if now >= self.arrivals_since + arrivals_period(&self.shared.config) {
                 self.update_close_lead(now);
             }
             if self.stop_deadline.is_some_and(|deadline| now >= deadline) {
@@ -320,8 +331,12 @@ impl Sender {
             Inbound::Record(outgoing) => self.enqueue(outgoing, false),
             Inbound::Closed(closed) => self.enqueue(closed.seal(&self.shared), false),
             Inbound::Deadline { at, aggregate } => self.deadlines.push(Reverse((at, aggregate))),
-            Inbound::Flush => self.flush_requested = true,
+            Inbound::Flush => {
+                self.flush_requested = true;
+                self.arrivals_disturbed = true;
+            }
             Inbound::Stop { deadline } => {
+                self.arrivals_disturbed = true;
                 self.stop_deadline = Some(self.stop_deadline.map_or(deadline, |d| d.min(deadline)));
             }
             Inbound::MapRefreshed { loaded } => {
@@ -391,8 +406,10 @@ impl Sender {
             })
         });
         let size = outgoing.request_size();
-        self.arrived_count += 1;
-        self.arrived_bytes += size;
+        if !front && !lane.waiting {
+            self.arrived_count += 1;
+            self.arrived_bytes += size;
+        }
         self.pending_count += 1;
         self.pending_bytes += size;
         lane.bytes += size;
@@ -413,27 +430,34 @@ impl Sender {
     }
 
     /// Sets how long before its records' buffering deadline an aggregate closes
-    /// (`Shared::close_lead_nanos`): twice the time a request takes to fill (to
-    /// `collection_max_count` records or `collection_max_size` bytes) at the rate Kinesis
-    /// records arrived over the last period, within a twentieth and a half of
-    /// `record_max_buffered_time`. Busy, with thousands of shards, a request fills in a few
-    /// milliseconds: aggregates then stay open for 95% of the buffered time, not half, and hold
-    /// nearly twice the records (fewer Kinesis records, less work per user record). At low
+    /// (`Shared::close_lead`): twice the time a request takes to fill (to
+    /// `collection_max_count` records or `collection_max_size` bytes) at the rate fresh Kinesis
+    /// records arrived over the last period, within a twentieth (2 ms at least) and a half of
+    /// `record_max_buffered_time`, averaged with the lead before. Busy, with thousands of
+    /// shards, a request fills in a few milliseconds: aggregates then stay open for up to 95%
+    /// of the buffered time, not half, and hold more records (fewer Kinesis records). At low
     /// rates it stays at half, so that the aggregates of many shards still share requests.
     fn update_close_lead(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.arrivals_since);
-        let lead = close_lead(
-            &self.shared.config,
-            elapsed,
-            self.arrived_count,
-            self.arrived_bytes,
-        );
-        self.shared
-            .close_lead_nanos
-            .store(lead.as_nanos() as u64, Ordering::Relaxed);
+        let shared = &self.shared;
+        if !self.arrivals_disturbed {
+            let elapsed = now.saturating_duration_since(self.arrivals_since);
+            let (count, bytes) = (self.arrived_count, self.arrived_bytes);
+            let measured = close_lead(&shared.config, elapsed, count, bytes);
+            // A lead more than two periods old stands for half the buffered time.
+            let previous = shared.close_lead(now);
+            let lead = (previous + measured) / 2;
+            shared
+                .close_lead_nanos
+                .store(lead.as_nanos() as u64, Ordering::Relaxed);
+            let set_at = now.saturating_duration_since(shared.built_at);
+            shared
+                .close_lead_set_nanos
+                .store(set_at.as_nanos() as u64, Ordering::Relaxed);
+        }
         self.arrived_count = 0;
         self.arrived_bytes = 0;
         self.arrivals_since = now;
+        self.arrivals_disturbed = false;
     }
 
     /// Routes a not-yet-written Kinesis record's user records again, under the current map.
@@ -1293,9 +1317,14 @@ fn close_lead(config: &Config, elapsed: Duration, count: usize, bytes: usize) ->
     let fill = |limit: usize, arrived: usize| limit as f64 * elapsed / arrived as f64;
     let fill =
         fill(config.collection_max_count, count).min(fill(config.collection_max_size, bytes));
+    // The close still has to reach the sender (its timer ticks by the millisecond) before the
+    // request is due: 2 ms at least.
+    let least = (buffered / 20)
+        .max(Duration::from_millis(2))
+        .min(buffered / 2);
     Duration::try_from_secs_f64(2.0 * fill)
         .unwrap_or(Duration::MAX)
-        .clamp(buffered / 20, buffered / 2)
+        .clamp(least, buffered / 2)
 }
 
 /// Whole-request errors that mean "something in this request is invalid".
@@ -1431,8 +1460,16 @@ mod tests {
         // Large records fill a request by its bytes first: 5 MiB at 500 MiB/s is 10 ms.
         let lead = close_lead(&config, period, 100, 50 << 20);
         assert!(lead.abs_diff(ms(20)) < ms(1), "{lead:?}");
-        // Faster still: never closer to the deadline than a twentieth of the buffered time.
+        // Faster still: never closer to the deadline than a twentieth of the buffered time,
+        // and 2 ms (or half, if that is less) whatever the buffered time.
         assert_eq!(close_lead(&config, period, 1_000_000, 100_000_000), ms(5));
+        for (buffered, least) in [(ms(20), ms(2)), (ms(3), Duration::from_micros(1_500))] {
+            let config = Config {
+                record_max_buffered_time: buffered,
+                ..Config::default()
+            };
+            assert_eq!(close_lead(&config, period, 1_000_000, 100_000_000), least);
+        }
     }
 
     proptest! {
