@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use aws_sdk_kinesis::types::ScalingType;
-use kinesis_producer::Producer;
+use kinesis_producer::{Producer, ProducerBuilder};
 use support::local_kinesis::{count_by_index, open_shards, read_as_kcl, wait_active};
 use support::ports::start_on_free_ports;
 
@@ -60,6 +60,17 @@ async fn start_kinesis_mock() -> KinesisMock {
     }
 }
 
+/// Settings for a server this slow. It answers about one request a second, slower while it
+/// reshards: a request that timed out after it was written would be sent again, a duplicate
+/// the tests' checks do not allow. Nothing here needs a short timeout.
+fn patient(builder: ProducerBuilder, client: &aws_sdk_kinesis::Client) -> ProducerBuilder {
+    builder
+        .client(client.clone())
+        .record_max_buffered_time(Duration::from_millis(500))
+        .request_timeout(Duration::from_secs(60))
+        .record_ttl(Duration::from_secs(300))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reshard_on_kinesis_mock_loses_nothing() {
     const RECORDS: usize = 3_000;
@@ -73,15 +84,7 @@ async fn a_reshard_on_kinesis_mock_loses_nothing() {
         .await
         .expect("CreateStream");
     wait_active(&client, "mock").await;
-    let producer = Producer::builder()
-        .stream_name("mock")
-        .client(client.clone())
-        .record_max_buffered_time(Duration::from_millis(500))
-        // This server answers about one request a second, slower while it reshards: a request
-        // that timed out after it was written would be sent again, a duplicate the checks
-        // below do not allow. Nothing here needs a short timeout.
-        .request_timeout(Duration::from_secs(60))
-        .record_ttl(Duration::from_secs(300))
+    let producer = patient(Producer::builder().stream_name("mock"), &client)
         .build()
         .await
         .expect("builds");
@@ -174,12 +177,7 @@ async fn a_producer_given_only_the_stream_arn_delivers_every_record() {
         .expect("a summary")
         .stream_arn()
         .to_owned();
-    let producer = Producer::builder()
-        .stream_arn(arn)
-        .client(client.clone())
-        .record_max_buffered_time(Duration::from_millis(500))
-        .request_timeout(Duration::from_secs(60))
-        .record_ttl(Duration::from_secs(300))
+    let producer = patient(Producer::builder().stream_arn(arn), &client)
         .build()
         .await
         .expect("builds from the ARN alone");
