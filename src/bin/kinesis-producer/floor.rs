@@ -126,29 +126,34 @@ pub fn measure(sizes: &Sizes, key_hashes: u64, key_len: usize, sample: &[u8]) ->
         .cycle()
         .take(largest.max(key_len))
         .collect();
-    let timed = |work: &mut dyn FnMut()| {
+    // Work of no items is 0, not the cost of reading the clock twice (which, on a busy
+    // machine, could round to 1 ns per record).
+    let timed = |items: usize, work: &mut dyn FnMut()| {
+        if items == 0 {
+            return 0;
+        }
         let start = thread_cpu_nanos();
         work();
         thread_cpu_nanos() - start
     };
     Floor {
-        md5_aggregates_ns: timed(&mut || {
+        md5_aggregates_ns: timed(sizes.aggregates.len(), &mut || {
             for &n in &sizes.aggregates {
                 black_box(Md5::digest(&buffer[..n as usize]));
             }
         }),
-        md5_keys_ns: timed(&mut || {
+        md5_keys_ns: timed(key_hashes as usize, &mut || {
             let key = &buffer[..key_len];
             for _ in 0..key_hashes {
                 black_box(Md5::digest(black_box(key)));
             }
         }),
-        sha256_bodies_ns: timed(&mut || {
+        sha256_bodies_ns: timed(sizes.bodies.len(), &mut || {
             for &n in &sizes.bodies {
                 black_box(Sha256::digest(&buffer[..n as usize]));
             }
         }),
-        base64_blobs_ns: timed(&mut || {
+        base64_blobs_ns: timed(sizes.blobs.len(), &mut || {
             // Into a buffer that is already there: the encoding, not an allocation.
             let mut out = vec![0u8; base64_simd::STANDARD.encoded_length(largest)];
             for &n in &sizes.blobs {
