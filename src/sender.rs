@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_kinesis::config::retry::RetryConfig;
 use aws_sdk_kinesis::operation::put_records::PutRecordsOutput;
 use aws_smithy_types::body::SdkBody;
+use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
@@ -807,8 +808,14 @@ impl Sender {
         tokio::spawn(async move {
             let shared = Arc::clone(&in_flight.shared);
             let timeout = shared.config.request_timeout;
+            // The body is written first (a large aggregate is checksummed and encoded on the
+            // way): `request_timeout` bounds the wait for the server, not this work, which on a
+            // loaded machine (or in a debug build) could otherwise use up the timeout of a
+            // request the server then writes, and its retry would write the records twice.
+            let entries = in_flight.batch.iter().map(|outgoing| &outgoing.entry);
+            let body = request_body::put_records(&shared.bodies, &shared.stream, entries);
             let outcome = tokio::select! {
-                result = tokio::time::timeout(timeout, put_records(&shared, &in_flight.batch)) => match result {
+                result = tokio::time::timeout(timeout, put_records(&shared, body)) => match result {
                     Ok(Ok(output)) => Outcome::Answered(output),
                     Ok(Err(error)) => Outcome::Failed(error),
                     Err(_) => Outcome::Failed(AttemptError {
@@ -1346,15 +1353,7 @@ fn is_invalid_input(code: &str) -> bool {
 /// ([`crate::request_body`]): the SDK signs that body, sends it and parses the answer as
 /// usual. Its own serializer would copy every blob twice more into a body it regrows by
 /// doubling, then drop the megabytes after each request.
-async fn put_records(
-    shared: &Shared,
-    batch: &[Outgoing],
-) -> Result<PutRecordsOutput, AttemptError> {
-    let body = request_body::put_records(
-        &shared.bodies,
-        &shared.stream,
-        batch.iter().map(|outgoing| &outgoing.entry),
-    );
+async fn put_records(shared: &Shared, body: Bytes) -> Result<PutRecordsOutput, AttemptError> {
     let request = shared.client.put_records().set_records(Some(Vec::new()));
     let request = match &shared.stream {
         StreamId::Name(name) => request.stream_name(name),
