@@ -225,7 +225,8 @@ impl ProducerBuilder {
         record_max_buffered_time: Duration,
         /// Most PutRecords requests in flight at once.
         max_in_flight: usize,
-        /// How long one PutRecords request may take before it counts as failed (transient).
+        /// How long one PutRecords request may take, from when its body is written (signing,
+        /// sending, the answer), before it counts as failed (transient).
         request_timeout: Duration,
         /// How long `stop` keeps delivering before it reports what is left as failed.
         stop_timeout: Duration,

@@ -434,10 +434,11 @@ impl Sender {
     /// (`Shared::close_lead`): twice the time a request takes to fill (to
     /// `collection_max_count` records or `collection_max_size` bytes) at the rate fresh Kinesis
     /// records arrived over the last period, within a twentieth (2 ms at least) and a half of
-    /// `record_max_buffered_time`, averaged with the lead before. Busy, with thousands of
-    /// shards, a request fills in a few milliseconds: aggregates then stay open for up to 95%
-    /// of the buffered time, not half, and hold more records (fewer Kinesis records). At low
-    /// rates it stays at half, so that the aggregates of many shards still share requests.
+    /// `record_max_buffered_time` and never more than 50 ms short of half, averaged with the
+    /// lead before. Busy, with thousands of shards, a request fills in a few milliseconds:
+    /// aggregates then stay open for up to 95% of the default 100 ms, not half, and hold more
+    /// records (fewer Kinesis records). At low rates it stays at half, so that the aggregates
+    /// of many shards still share requests.
     fn update_close_lead(&mut self, now: Instant) {
         let shared = &self.shared;
         if !self.arrivals_disturbed {
