@@ -652,10 +652,14 @@ async fn perf_against_the_null_sink_prints_every_figure_and_the_floor() {
                 "{case}"
             );
         }
-        if keys != "random" || !aggregation {
-            assert_eq!(number(&f, "floor_md5_keys_ns_per_record"), 0.0, "{case}");
-        } else {
-            assert!(number(&f, "floor_md5_keys_ns_per_record") > 0.0, "{case}");
+        let md5_keys = number(&f, "floor_md5_keys_ns_per_record");
+        match (keys, aggregation) {
+            ("random", true) => assert!(md5_keys > 0.0, "{case}"),
+            // One key, hashed once for the whole run: a few nanoseconds at most over 20,000
+            // records, however the clock rounds.
+            ("fixed", true) => assert!(md5_keys <= 5.0, "{case}"),
+            // Explicit hash keys, or no aggregation: Kinesis routes, nothing to hash.
+            _ => assert_eq!(md5_keys, 0.0, "{case}"),
         }
     }
 }
