@@ -468,17 +468,12 @@ impl Shared {
 /// acknowledged, 0 failed) and `RetriesPerRecord`.
 fn ends(outgoing: &Outgoing, put: f64) -> [(MetricName, Statistics); 2] {
     let n = outgoing.len() as u64;
-    let attempts = outgoing.attempts;
-    let resplit = outgoing.metas.iter().any(|m| m.earlier_attempts > 0);
-    let retries = if resplit {
-        let each = outgoing.metas.iter();
-        Statistics::of_integers(
-            each.map(|m| u64::from(m.attempts(attempts).saturating_sub(1))),
-            1.0,
-        )
-    } else {
-        Statistics::repeated(f64::from(attempts.saturating_sub(1)), n)
-    };
+    // Each record's own count: those re-split after a reshard carry earlier attempts.
+    let retries = outgoing
+        .metas
+        .iter()
+        .map(|m| u64::from(m.attempts(outgoing.attempts).saturating_sub(1)));
+    let retries = Statistics::of_integers(retries, 1.0);
     [
         (MetricName::UserRecordsPut, Statistics::repeated(put, n)),
         (MetricName::RetriesPerRecord, retries),
