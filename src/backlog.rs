@@ -6,6 +6,7 @@
 //! assembled, requests in flight, retries waiting out their backoff) counts against the bound.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::{watch, Semaphore, TryAcquireError};
@@ -16,10 +17,28 @@ pub(crate) struct Backlog {
     records: Semaphore,
     bytes: Semaphore,
     max_bytes: usize,
+    /// Puts waiting in `acquire`.
+    waiting: AtomicUsize,
     epochs: Mutex<EpochBook>,
     /// The oldest flush epoch that still has records outstanding (or the current epoch when
     /// none has): every epoch below it is finished.
     finished_below: watch::Sender<u64>,
+}
+
+/// One put counted in `Backlog::waiting` while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Outstanding records per flush epoch. `flush` starts a new epoch and waits until every older
@@ -41,6 +60,7 @@ impl Backlog {
             records: Semaphore::new(max_records),
             bytes: Semaphore::new(max_bytes),
             max_bytes,
+            waiting: AtomicUsize::new(0),
             epochs: Mutex::new(EpochBook {
                 current: 0,
                 outstanding: VecDeque::new(),
@@ -49,8 +69,9 @@ impl Backlog {
         }
     }
 
-    /// Waits for room for one record of `bytes` bytes.
-    pub async fn acquire(&self, bytes: u32) -> Result<(), NoRoom> {
+    /// Waits for room for one record of `bytes` bytes; calls `on_full` first when it has to
+    /// wait.
+    pub async fn acquire(&self, bytes: u32, on_full: impl FnOnce()) -> Result<(), NoRoom> {
         // One unit of tokio's cooperative budget per put, spent whether or not there is room,
         // so that a task putting in a loop yields its worker thread now and then, as it would
         // through the semaphores' futures. (A fast path through `try_acquire` without it let
@@ -62,6 +83,9 @@ impl Backlog {
             Err(NoRoom::Full) => {}
             taken => return taken,
         }
+        // Counted as waiting until this returns or is dropped.
+        let _waiting = Waiting::new(&self.waiting);
+        on_full();
         let record = self.records.acquire().await.map_err(|_| NoRoom::Closed)?;
         match self.bytes.acquire_many(bytes).await {
             Ok(room) => {
@@ -71,6 +95,11 @@ impl Backlog {
             }
             Err(_) => Err(NoRoom::Closed),
         }
+    }
+
+    /// Whether a put is waiting for room now.
+    pub fn has_waiters(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
     }
 
     /// Takes room for one record if there is some now.

@@ -44,6 +44,11 @@ pub(crate) enum Inbound {
     },
     /// Send everything buffered now (`flush`).
     Flush,
+    /// A put found the backlog full: send early what waits only for its buffering time.
+    Pressure,
+    /// Sent by the sender behind the aggregates a relief closed (`early`: it sends early):
+    /// the lanes may send now, and the next put finding the backlog full may ask again.
+    Relieved { early: bool },
     /// Send everything, then end; at `deadline`, report what is left as failed.
     Stop { deadline: Instant },
     /// A shard map reload finished: `loaded` says whether ListShards answered (the map may or
@@ -138,6 +143,9 @@ pub(crate) struct Shared {
     /// `built_at`. Read through [`close_lead`](Self::close_lead).
     pub close_lead_nanos: AtomicU64,
     pub close_lead_set_nanos: AtomicU64,
+    /// A put found the backlog full and the sender has not yet answered with a relief (see
+    /// [`backlog_full`](Self::backlog_full)).
+    pub pressure: AtomicBool,
     inbound: mpsc::UnboundedSender<Inbound>,
     failures: Mutex<Option<mpsc::UnboundedSender<FailedRecord>>>,
     /// A reload task is running.
@@ -196,6 +204,17 @@ impl Shared {
             self.config.record_max_buffered_time / 2
         } else {
             Duration::from_nanos(self.close_lead_nanos.load(Ordering::Relaxed))
+        }
+    }
+
+    /// A put found the backlog full (it waits, or `try_put` refuses it). Counted, and the first
+    /// one since the sender's last relief asks for another: records held back only by
+    /// `record_max_buffered_time` then go out early, since holding them longer would keep
+    /// the caller waiting instead of filling aggregates (see `sender::Sender::relieve`).
+    pub fn backlog_full(&self) {
+        crate::stats::add(&self.stats.puts_found_backlog_full, 1);
+        if !self.pressure.swap(true, Ordering::AcqRel) {
+            self.send(Inbound::Pressure);
         }
     }
 
@@ -564,6 +583,7 @@ impl ProducerBuilder {
                 (config.record_max_buffered_time / 2).as_nanos() as u64
             ),
             close_lead_set_nanos: AtomicU64::new(0),
+            pressure: AtomicBool::new(false),
             inbound,
             failures: Mutex::new(None),
             refreshing: AtomicBool::new(false),
@@ -620,7 +640,12 @@ impl Producer {
             Ok(meta) => meta,
             Err(refusal) => return Err(PutError::new(record, refusal)),
         };
-        match self.shared().backlog.acquire(meta.backlog_bytes).await {
+        let shared = self.shared();
+        match shared
+            .backlog
+            .acquire(meta.backlog_bytes, || shared.backlog_full())
+            .await
+        {
             Ok(()) => self.place(record, meta),
             Err(_) => Err(PutError::new(record, PutRefusal::Stopped)),
         }
@@ -637,7 +662,12 @@ impl Producer {
         };
         let (tx, receipt) = Receipt::new();
         meta.receipt = Some(tx);
-        match self.shared().backlog.acquire(meta.backlog_bytes).await {
+        let shared = self.shared();
+        match shared
+            .backlog
+            .acquire(meta.backlog_bytes, || shared.backlog_full())
+            .await
+        {
             Ok(()) => self.place(record, meta).map(|()| receipt),
             Err(_) => Err(PutError::new(record, PutRefusal::Stopped)),
         }
@@ -651,7 +681,10 @@ impl Producer {
         };
         match self.shared().backlog.try_acquire(meta.backlog_bytes) {
             Ok(()) => self.place(record, meta),
-            Err(NoRoom::Full) => Err(PutError::new(record, PutRefusal::BacklogFull)),
+            Err(NoRoom::Full) => {
+                self.shared().backlog_full();
+                Err(PutError::new(record, PutRefusal::BacklogFull))
+            }
             Err(NoRoom::Closed) => Err(PutError::new(record, PutRefusal::Stopped)),
         }
     }

@@ -47,6 +47,9 @@ const MAX_PARTIAL_IN_FLIGHT: usize = 2;
 /// Inbound messages handled in one pass of the sender's loop at most.
 const INBOUND_BATCH: usize = 256;
 
+/// A relief closes the oldest of the open aggregates, one in this many (at least one).
+const RELIEF_SHARE: usize = 4;
+
 /// A lane its limiter holds back waits at least this long before it may send again.
 const LIMITED_LANE_PACE: Duration = Duration::from_millis(50);
 
@@ -100,6 +103,8 @@ impl Sender {
             results_tx,
             results_rx,
             flush_requested: false,
+            relief_requested: false,
+            retry_bytes: 0,
             stop_deadline: None,
             cancel: watch::Sender::new(false),
             next_refresh,
@@ -162,6 +167,11 @@ struct Sender {
     results_tx: mpsc::UnboundedSender<Completed>,
     results_rx: mpsc::UnboundedReceiver<Completed>,
     flush_requested: bool,
+    /// A relief is sending early (see [`relieve`](Sender::relieve)): like a flush, the lanes
+    /// send what they may now.
+    relief_requested: bool,
+    /// Request bytes of the records in `retries`.
+    retry_bytes: usize,
     stop_deadline: Option<Instant>,
     /// Set at the stop deadline: requests in flight give up.
     cancel: watch::Sender<bool>,
@@ -335,6 +345,11 @@ impl Sender {
             Inbound::Flush => {
                 self.flush_requested = true;
                 self.arrivals_disturbed = true;
+            }
+            Inbound::Pressure => self.relieve(),
+            Inbound::Relieved { early } => {
+                self.relief_requested |= early;
+                self.shared.pressure.store(false, Ordering::Release);
             }
             Inbound::Stop { deadline } => {
                 self.arrivals_disturbed = true;
@@ -540,9 +555,40 @@ impl Sender {
         self.due.clear();
     }
 
+    /// A put found the backlog full. When the room is held mostly by records the producer keeps
+    /// only for their buffering time (in open aggregates, and in lanes waiting to fill a
+    /// request), the oldest quarter of the open aggregates close now and the lanes send what
+    /// they may: holding the records longer would keep the caller waiting rather than fill the
+    /// aggregates, since no new record can come in. When most of it is held by requests in
+    /// flight, by lanes waiting for their rate limiter and by retries waiting out a backoff,
+    /// Kinesis (or the endpoint) limits the rate, and closing aggregates early would only make
+    /// more, smaller Kinesis records: nothing changes then.
+    ///
+    /// A `Relieved` message follows the closed aggregates through the inbound channel; it lets
+    /// the lanes send, and lets the next put that finds the backlog full ask again.
+    fn relieve(&mut self) {
+        // In request bytes (data and keys): near enough to the backlog's own count for a
+        // share, and the same whichever of the backlog's bounds was reached.
+        let stuck = self.in_flight_bytes + self.blocked_bytes + self.retry_bytes;
+        let early = stuck * 2 < self.shared.backlog.bytes_held();
+        if early {
+            let oldest = self.deadlines.len().div_ceil(RELIEF_SHARE);
+            for _ in 0..oldest {
+                if let Some(Reverse((_, aggregate))) = self.deadlines.pop() {
+                    self.due.push(aggregate);
+                }
+            }
+            aggregator::flush_expired(&self.shared, &self.due);
+            self.due.clear();
+        }
+        add(&self.shared.stats.reliefs, u64::from(early));
+        self.shared.send(Inbound::Relieved { early });
+    }
+
     fn release_retries(&mut self, now: Instant) {
         while self.retries.peek().is_some_and(|Reverse(r)| r.at <= now) {
             if let Some(Reverse(retry)) = self.retries.pop() {
+                self.retry_bytes -= retry.outgoing.request_size();
                 self.enqueue(retry.outgoing, true);
             }
         }
@@ -612,11 +658,17 @@ impl Sender {
         // MAX_PARTIAL_IN_FLIGHT such requests are in flight: under load, records keep gathering
         // behind them into fuller requests instead of leaving a few at a time (each request
         // costs a signature and a round trip). At low rates nothing is in flight and the
-        // deadline holds.
-        let due = oldest + config.record_max_buffered_time <= now
+        // deadline holds. While a put waits for room in the backlog, records are due at once:
+        // holding them longer would not fill the request, only keep the caller waiting.
+        let due = (oldest + config.record_max_buffered_time <= now
+            || self.shared.backlog.has_waiters())
             && self.partial_in_flight < MAX_PARTIAL_IN_FLIGHT;
         !self.ready.is_empty()
-            && (full || due || self.flush_requested || self.stop_deadline.is_some())
+            && (full
+                || due
+                || self.flush_requested
+                || self.relief_requested
+                || self.stop_deadline.is_some())
     }
 
     fn dispatch(&mut self, now: Instant) {
@@ -649,6 +701,7 @@ impl Sender {
         // wait covers it. Left set, it would send every record arriving later at once, alone.
         if self.pending_count == 0 || (self.ready.is_empty() && self.may_send_more()) {
             self.flush_requested = false;
+            self.relief_requested = false;
         }
     }
 
@@ -1107,6 +1160,7 @@ impl Sender {
             return;
         }
         self.retry_seq += 1;
+        self.retry_bytes += outgoing.request_size();
         self.retries.push(Reverse(Retry {
             at,
             seq: self.retry_seq,

@@ -18,6 +18,8 @@ pub(crate) struct Counters {
     pub shard_map_refreshes: AtomicU64,
     pub records_resent_after_reshard: AtomicU64,
     pub metric_data_not_uploaded: AtomicU64,
+    pub puts_found_backlog_full: AtomicU64,
+    pub reliefs: AtomicU64,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -70,6 +72,13 @@ pub struct Stats {
     /// Metric data CloudWatch did not take (feature `cloudwatch-metrics`, with an upload
     /// configured): each was retried within its upload's time and then logged.
     pub metric_data_not_uploaded: u64,
+    /// Puts that found the backlog full: they waited for room (`put`, `put_with_receipt`,
+    /// `put_blocking`) or were refused (`try_put`). Each wave of them makes the producer send
+    /// early the records it held only for `record_max_buffered_time`.
+    pub puts_found_backlog_full: u64,
+    /// Times the producer closed its oldest aggregates early because puts found the backlog
+    /// full while most of it was held for buffering, not by requests in flight.
+    pub reliefs: u64,
 }
 
 impl Counters {
@@ -96,6 +105,8 @@ impl Counters {
             // Filled in by `Producer::stats`, which sees the aggregators.
             idle_aggregator_room_bytes: 0,
             metric_data_not_uploaded: get(&self.metric_data_not_uploaded),
+            puts_found_backlog_full: get(&self.puts_found_backlog_full),
+            reliefs: get(&self.reliefs),
         }
     }
 }

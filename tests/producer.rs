@@ -543,6 +543,120 @@ async fn try_put_refuses_when_the_backlog_is_full_and_put_blocking_waits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backlog_sends_what_waits_only_for_its_buffering_time() {
+    let kinesis = LocalKinesis::start(false).await;
+    // Backlogs' worth of records, each held up to 20 s. Without the relief every backlog
+    // would wait for its aggregates' deadline (10 s, half the buffered time at this rate)
+    // and then its requests' (20 s): minutes. Three cases: many shards with small aggregates
+    // (the aggregators hold the records); one shard whose aggregates fill and wait in its lane
+    // for a request's deadline (a backlog of bytes smaller than a request); and the same with
+    // the shard's rate limiter (150% of 1 MiB/s) holding the lane, whose records go as soon
+    // as it lets them, not at their deadline.
+    let cases = [
+        ("many small aggregates", 4, 100, 500, 64 << 20, 0, 10),
+        (
+            "full aggregates in a lane",
+            1,
+            1_000,
+            100_000,
+            (1 << 20) + 64,
+            0,
+            10,
+        ),
+        (
+            "a lane held by its limiter",
+            1,
+            1_000,
+            100_000,
+            (1 << 20) + 64,
+            150,
+            3,
+        ),
+    ];
+    for (i, (case, shards, size, max_records, max_bytes, rate_limit, backlogs)) in
+        cases.into_iter().enumerate()
+    {
+        let stream = format!("pressure-{i}");
+        kinesis.create_stream(&stream, shards).await;
+        let producer = producer_for(&kinesis.endpoint, &stream, |b| {
+            b.record_max_buffered_time(Duration::from_secs(20))
+                .max_backlog_records(max_records)
+                .max_backlog_bytes(max_bytes)
+                .rate_limit(rate_limit)
+        })
+        .await;
+        let count = backlogs * max_records.min(max_bytes / size) as u64;
+        let started = Instant::now();
+        let put_all = async {
+            for i in 0..count {
+                producer
+                    .put(vec![b'x'; size], format!("k{i}"))
+                    .await
+                    .unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), put_all)
+            .await
+            .unwrap_or_else(|_| panic!("{case}: puts still waiting after 60 s"));
+        let put_time = started.elapsed();
+        producer.flush().await;
+        let stats = producer.stats();
+        producer.stop().await;
+        assert!(
+            put_time < Duration::from_secs(15),
+            "{case}: {count} puts took {put_time:?}"
+        );
+        assert!(
+            stats.reliefs > 0 && stats.puts_found_backlog_full >= stats.reliefs,
+            "{case}: {stats:?}"
+        );
+        assert_eq!(stats.user_records_put, count, "{case}");
+        assert_eq!(
+            kinesis.read_all(&stream).await.len() as u64,
+            count,
+            "{case}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backlog_held_by_retries_closes_nothing_early() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("held", 1).await;
+    let proxy = Proxy::start(&kinesis.endpoint).await;
+    let producer = producer_for(&proxy.endpoint, "held", |b| {
+        b.max_backlog_records(10)
+            .record_max_buffered_time(Duration::from_millis(20))
+            .retry_base_delay(Duration::from_secs(5))
+            .retry_max_delay(Duration::from_secs(5))
+    })
+    .await;
+    proxy.down();
+    for i in 0..10 {
+        producer.put("x", format!("k{i}")).await.unwrap();
+    }
+    // The records' request fails, and they wait out a 5 s backoff.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while producer.stats().request_errors == 0 {
+        assert!(Instant::now() < deadline, "no request failed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..3 {
+        let full = producer.try_put(UserRecord::new("y", "k")).unwrap_err();
+        assert_eq!(full.reason(), &PutRefusal::BacklogFull);
+        // The sender's answer to each is a pass through its inbound channel.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = producer.stats();
+    assert_eq!(stats.puts_found_backlog_full, 3);
+    assert_eq!(stats.reliefs, 0, "retries, not buffering, hold the backlog");
+    proxy.up();
+    producer.flush().await;
+    assert_eq!(producer.stats().user_records_put, 10);
+    producer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flush_returns_once_earlier_records_are_acknowledged() {
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("flush", 2).await;

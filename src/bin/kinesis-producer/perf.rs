@@ -373,6 +373,11 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
             "user_records_per_request",
             format!("{:.1}", per(stats.user_records_put, stats.requests)),
         ),
+        (
+            "puts_found_backlog_full",
+            stats.puts_found_backlog_full.to_string(),
+        ),
+        ("reliefs", stats.reliefs.to_string()),
         ("peak_rss_bytes", usage::peak_rss_bytes().to_string()),
         ("latency_samples", latencies.len().to_string()),
         ("latency_p50_ms", format!("{:.1}", percentile(50))),
