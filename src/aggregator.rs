@@ -501,10 +501,12 @@ fn alone_in_an_aggregate(record: UserRecord) -> Entry {
 /// under its cap: a busy shard then writes every aggregate into the same memory instead of
 /// allocating it on the putting thread and freeing it on the sender's, and all the shards
 /// together hold at most the cap in room no record uses.
-fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) {
-    if let Some(emission) = take_emission(shared, routing, index, slot) {
-        emission.send(shared, false);
-    }
+fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) -> bool {
+    let Some(emission) = take_emission(shared, routing, index, slot) else {
+        return false;
+    };
+    emission.send(shared, false);
+    true
 }
 
 /// Takes the slot's aggregate out, unsealed, with the slot's place in the order of sending
@@ -614,11 +616,13 @@ fn set_idle_room(shared: &Shared, slot: &mut Slot, room: usize) {
     slot.idle_room = room;
 }
 
-/// The sender's timer: flushes each aggregate of `due` that is still in its slot.
-pub(crate) fn flush_expired(shared: &Shared, due: &[AggregateId]) {
+/// The sender's timer: flushes each aggregate of `due` that is still in its slot, and says how
+/// many there were.
+pub(crate) fn flush_expired(shared: &Shared, due: &[AggregateId]) -> usize {
     if due.is_empty() {
-        return;
+        return 0;
     }
+    let mut flushed = 0;
     let mut routing = shared.routing.load();
     let prefetch_slot_of = |routing: &Routing, aggregate: &AggregateId| {
         if aggregate.generation == routing.generation {
@@ -650,9 +654,10 @@ pub(crate) fn flush_expired(shared: &Shared, due: &[AggregateId]) {
                 slot.metas.as_ptr(),
                 std::mem::size_of_val(slot.metas.as_slice()),
             );
-            emit_slot(shared, &routing, aggregate.slot, &mut slot);
+            flushed += usize::from(emit_slot(shared, &routing, aggregate.slot, &mut slot));
         }
     }
+    flushed
 }
 
 /// Which aggregate a deadline is for: the routing generation and slot it was started in, and

@@ -46,8 +46,8 @@ pub(crate) enum Inbound {
     Flush,
     /// A put found the backlog full: send early what waits only for its buffering time.
     Pressure,
-    /// Sent by the sender behind the aggregates a relief closed (`early`: it sends early):
-    /// the lanes may send now, and the next put finding the backlog full may ask again.
+    /// Sent by the sender behind the aggregates a relief closed (`early`: it closed some):
+    /// the lanes may send them now, and the next put finding the backlog full may ask again.
     Relieved { early: bool },
     /// Send everything, then end; at `deadline`, report what is left as failed.
     Stop { deadline: Instant },
@@ -208,9 +208,9 @@ impl Shared {
     }
 
     /// A put found the backlog full (it waits, or `try_put` refuses it). Counted, and the first
-    /// one since the sender's last relief asks for another: records held back only by
-    /// `record_max_buffered_time` then go out early, since holding them longer would keep
-    /// the caller waiting instead of filling aggregates (see `sender::Sender::relieve`).
+    /// one since the sender's last relief asks for another: open aggregates may then close
+    /// early, since holding them longer would keep the caller waiting instead of filling
+    /// them (see `sender::Sender::relieve`).
     pub fn backlog_full(&self) {
         crate::stats::add(&self.stats.puts_found_backlog_full, 1);
         if !self.pressure.swap(true, Ordering::AcqRel) {

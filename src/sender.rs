@@ -104,7 +104,7 @@ impl Sender {
             results_rx,
             flush_requested: false,
             relief_requested: false,
-            retry_bytes: 0,
+            in_flight_backlog_bytes: 0,
             stop_deadline: None,
             cancel: watch::Sender::new(false),
             next_refresh,
@@ -167,11 +167,11 @@ struct Sender {
     results_tx: mpsc::UnboundedSender<Completed>,
     results_rx: mpsc::UnboundedReceiver<Completed>,
     flush_requested: bool,
-    /// A relief is sending early (see [`relieve`](Sender::relieve)): like a flush, the lanes
-    /// send what they may now.
+    /// A relief closed aggregates early (see [`relieve`](Sender::relieve)): the lanes send
+    /// what they may now, as while a put waits for room.
     relief_requested: bool,
-    /// Request bytes of the records in `retries`.
-    retry_bytes: usize,
+    /// Backlog bytes (the backlog's own count) of the records in requests in flight.
+    in_flight_backlog_bytes: usize,
     stop_deadline: Option<Instant>,
     /// Set at the stop deadline: requests in flight give up.
     cancel: watch::Sender<bool>,
@@ -349,7 +349,9 @@ impl Sender {
             Inbound::Pressure => self.relieve(),
             Inbound::Relieved { early } => {
                 self.relief_requested |= early;
-                self.shared.pressure.store(false, Ordering::Release);
+                // Acquire: a put that found the flag still set counted itself as waiting
+                // before; `should_send`, next, sees it.
+                self.shared.pressure.swap(false, Ordering::AcqRel);
             }
             Inbound::Stop { deadline } => {
                 self.arrivals_disturbed = true;
@@ -555,40 +557,58 @@ impl Sender {
         self.due.clear();
     }
 
-    /// A put found the backlog full. When the room is held mostly by records the producer keeps
-    /// only for their buffering time (in open aggregates, and in lanes waiting to fill a
-    /// request), the oldest quarter of the open aggregates close now and the lanes send what
-    /// they may: holding the records longer would keep the caller waiting rather than fill the
-    /// aggregates, since no new record can come in. When most of it is held by requests in
-    /// flight, by lanes waiting for their rate limiter and by retries waiting out a backoff,
-    /// Kinesis (or the endpoint) limits the rate, and closing aggregates early would only make
-    /// more, smaller Kinesis records: nothing changes then.
+    /// A put found the backlog full. When open aggregates hold at least half of it (the
+    /// records the producer keeps only to gather them with others), about the oldest quarter
+    /// of them close now: once puts wait for room no new record can join them, and holding
+    /// them longer would only keep the caller waiting. When the sender holds most of it (lanes,
+    /// requests in flight, retries waiting out a backoff, records held by a limiter or by
+    /// order mode), Kinesis or the endpoint is what limits the rate, and closing aggregates
+    /// early would only make more, smaller Kinesis records: nothing closes then. (Lanes send
+    /// without waiting for their deadline while a put waits, either way: see `should_send`.)
     ///
     /// A `Relieved` message follows the closed aggregates through the inbound channel; it lets
-    /// the lanes send, and lets the next put that finds the backlog full ask again.
+    /// the lanes send them, and lets the next put that finds the backlog full ask again.
     fn relieve(&mut self) {
-        // In request bytes (data and keys): near enough to the backlog's own count for a
-        // share, and the same whichever of the backlog's bounds was reached.
-        let stuck = self.in_flight_bytes + self.blocked_bytes + self.retry_bytes;
-        let early = stuck * 2 < self.shared.backlog.bytes_held();
-        if early {
-            let oldest = self.deadlines.len().div_ceil(RELIEF_SHARE);
-            for _ in 0..oldest {
-                if let Some(Reverse((_, aggregate))) = self.deadlines.pop() {
-                    self.due.push(aggregate);
+        let held = self.shared.backlog.bytes_held();
+        let in_aggregators = held.saturating_sub(self.held_backlog_bytes());
+        let mut closed = 0;
+        if held > 0 && in_aggregators * 2 >= held {
+            // Deadlines of aggregates that already closed (full, or flushed) stay in the heap
+            // until they fire, and closing them does nothing: the next oldest go then.
+            while closed == 0 && !self.deadlines.is_empty() {
+                for _ in 0..self.deadlines.len().div_ceil(RELIEF_SHARE) {
+                    if let Some(Reverse((_, aggregate))) = self.deadlines.pop() {
+                        self.due.push(aggregate);
+                    }
                 }
+                closed = aggregator::flush_expired(&self.shared, &self.due);
+                self.due.clear();
             }
-            aggregator::flush_expired(&self.shared, &self.due);
-            self.due.clear();
         }
-        add(&self.shared.stats.reliefs, u64::from(early));
-        self.shared.send(Inbound::Relieved { early });
+        add(&self.shared.stats.reliefs, u64::from(closed > 0));
+        self.shared.send(Inbound::Relieved { early: closed > 0 });
+    }
+
+    /// Backlog bytes of the records the sender holds: queued in lanes, in requests in flight,
+    /// waiting out a backoff, parked or being isolated. Walked for a relief only.
+    fn held_backlog_bytes(&self) -> usize {
+        let of = |outgoing: &Outgoing| outgoing.backlog_bytes;
+        let queued: usize = self
+            .lanes
+            .iter()
+            .flatten()
+            .flat_map(|l| &l.queue)
+            .map(of)
+            .sum();
+        let retries: usize = self.retries.iter().map(|Reverse(r)| of(&r.outgoing)).sum();
+        let parked: usize = self.parked.iter().map(|(o, ..)| of(o)).sum();
+        let isolating: usize = self.isolating.iter().flatten().map(of).sum();
+        self.in_flight_backlog_bytes + queued + retries + parked + isolating
     }
 
     fn release_retries(&mut self, now: Instant) {
         while self.retries.peek().is_some_and(|Reverse(r)| r.at <= now) {
             if let Some(Reverse(retry)) = self.retries.pop() {
-                self.retry_bytes -= retry.outgoing.request_size();
                 self.enqueue(retry.outgoing, true);
             }
         }
@@ -660,15 +680,13 @@ impl Sender {
         // costs a signature and a round trip). At low rates nothing is in flight and the
         // deadline holds. While a put waits for room in the backlog, records are due at once:
         // holding them longer would not fill the request, only keep the caller waiting.
+        // So are they after a relief closed aggregates for a `try_put` that was refused.
         let due = (oldest + config.record_max_buffered_time <= now
-            || self.shared.backlog.has_waiters())
+            || self.shared.backlog.has_waiters()
+            || self.relief_requested)
             && self.partial_in_flight < MAX_PARTIAL_IN_FLIGHT;
         !self.ready.is_empty()
-            && (full
-                || due
-                || self.flush_requested
-                || self.relief_requested
-                || self.stop_deadline.is_some())
+            && (full || due || self.flush_requested || self.stop_deadline.is_some())
     }
 
     fn dispatch(&mut self, now: Instant) {
@@ -832,6 +850,7 @@ impl Sender {
         let bytes: usize = batch.iter().map(Outgoing::request_size).sum();
         self.in_flight += 1;
         self.in_flight_bytes += bytes;
+        self.in_flight_backlog_bytes += batch.iter().map(|o| o.backlog_bytes).sum::<usize>();
         if partial {
             self.partial_in_flight += 1;
         }
@@ -894,6 +913,7 @@ impl Sender {
             outcome,
         } = completed;
         self.in_flight_bytes -= bytes;
+        self.in_flight_backlog_bytes -= batch.iter().map(|o| o.backlog_bytes).sum::<usize>();
         if partial {
             self.partial_in_flight -= 1;
         }
@@ -1160,7 +1180,6 @@ impl Sender {
             return;
         }
         self.retry_seq += 1;
-        self.retry_bytes += outgoing.request_size();
         self.retries.push(Reverse(Retry {
             at,
             seq: self.retry_seq,

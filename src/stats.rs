@@ -73,11 +73,12 @@ pub struct Stats {
     /// configured): each was retried within its upload's time and then logged.
     pub metric_data_not_uploaded: u64,
     /// Puts that found the backlog full: they waited for room (`put`, `put_with_receipt`,
-    /// `put_blocking`) or were refused (`try_put`). Each wave of them makes the producer send
-    /// early the records it held only for `record_max_buffered_time`.
+    /// `put_blocking`) or were refused (`try_put`). While one waits, lanes send without waiting
+    /// for their deadline, and each wave of them may close aggregates early (`reliefs`).
     pub puts_found_backlog_full: u64,
     /// Times the producer closed its oldest aggregates early because puts found the backlog
-    /// full while most of it was held for buffering, not by requests in flight.
+    /// full while open aggregates held at least half of it (not lanes, requests in flight or
+    /// retries: then Kinesis or the endpoint sets the pace, and nothing closes early).
     pub reliefs: u64,
 }
 

@@ -547,35 +547,66 @@ async fn a_full_backlog_sends_what_waits_only_for_its_buffering_time() {
     let kinesis = LocalKinesis::start(false).await;
     // Backlogs' worth of records, each held up to 20 s. Without the relief every backlog
     // would wait for its aggregates' deadline (10 s, half the buffered time at this rate)
-    // and then its requests' (20 s): minutes. Three cases: many shards with small aggregates
-    // (the aggregators hold the records); one shard whose aggregates fill and wait in its lane
-    // for a request's deadline (a backlog of bytes smaller than a request); and the same with
-    // the shard's rate limiter (150% of 1 MiB/s) holding the lane, whose records go as soon
-    // as it lets them, not at their deadline.
+    // and then its requests' (20 s): minutes.
+    struct Case {
+        name: &'static str,
+        shards: i32,
+        size: usize,
+        max_records: usize,
+        max_bytes: usize,
+        rate_limit: u32,
+        backlogs: u64,
+        /// Whether open aggregates hold most of the backlog, so that reliefs close some.
+        closes: bool,
+    }
+    let small = Case {
+        name: "many small aggregates (the aggregators hold the records)",
+        shards: 4,
+        size: 100,
+        max_records: 500,
+        max_bytes: 64 << 20,
+        rate_limit: 0,
+        backlogs: 10,
+        closes: true,
+    };
     let cases = [
-        ("many small aggregates", 4, 100, 500, 64 << 20, 0, 10),
-        (
-            "full aggregates in a lane",
-            1,
-            1_000,
-            100_000,
-            (1 << 20) + 64,
-            0,
-            10,
-        ),
-        (
-            "a lane held by its limiter",
-            1,
-            1_000,
-            100_000,
-            (1 << 20) + 64,
-            150,
-            3,
-        ),
+        Case {
+            name: "in order mode",
+            ..small
+        },
+        Case {
+            name: "full aggregates waiting in one lane for a request (a backlog under 5 MiB)",
+            shards: 1,
+            size: 1_000,
+            max_records: 100_000,
+            max_bytes: (1 << 20) + 64,
+            closes: false,
+            ..small
+        },
+        Case {
+            name: "the same, the lane held by its rate limiter (150% of 1 MiB/s) until it lets go",
+            shards: 1,
+            size: 1_000,
+            max_records: 100_000,
+            max_bytes: (1 << 20) + 64,
+            rate_limit: 150,
+            backlogs: 3,
+            closes: false,
+        },
+        small,
     ];
-    for (i, (case, shards, size, max_records, max_bytes, rate_limit, backlogs)) in
-        cases.into_iter().enumerate()
-    {
+    for (i, case) in cases.into_iter().enumerate() {
+        let Case {
+            name: case,
+            shards,
+            size,
+            max_records,
+            max_bytes,
+            rate_limit,
+            backlogs,
+            closes,
+        } = case;
+        let in_order = case == "in order mode";
         let stream = format!("pressure-{i}");
         kinesis.create_stream(&stream, shards).await;
         let producer = producer_for(&kinesis.endpoint, &stream, |b| {
@@ -583,6 +614,7 @@ async fn a_full_backlog_sends_what_waits_only_for_its_buffering_time() {
                 .max_backlog_records(max_records)
                 .max_backlog_bytes(max_bytes)
                 .rate_limit(rate_limit)
+                .preserve_order(in_order)
         })
         .await;
         let count = backlogs * max_records.min(max_bytes / size) as u64;
@@ -606,8 +638,13 @@ async fn a_full_backlog_sends_what_waits_only_for_its_buffering_time() {
             put_time < Duration::from_secs(15),
             "{case}: {count} puts took {put_time:?}"
         );
+        assert!(stats.puts_found_backlog_full > 0, "{case}: {stats:?}");
         assert!(
-            stats.reliefs > 0 && stats.puts_found_backlog_full >= stats.reliefs,
+            if closes {
+                stats.reliefs > 0 && stats.puts_found_backlog_full >= stats.reliefs
+            } else {
+                stats.reliefs == 0
+            },
             "{case}: {stats:?}"
         );
         assert_eq!(stats.user_records_put, count, "{case}");
@@ -620,27 +657,35 @@ async fn a_full_backlog_sends_what_waits_only_for_its_buffering_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_backlog_held_by_retries_closes_nothing_early() {
+async fn a_full_backlog_held_by_retries_closes_no_aggregate_early() {
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("held", 1).await;
     let proxy = Proxy::start(&kinesis.endpoint).await;
+    // Aggregates of 8 records, each its own request at once; a backlog of 10 records.
     let producer = producer_for(&proxy.endpoint, "held", |b| {
         b.max_backlog_records(10)
-            .record_max_buffered_time(Duration::from_millis(20))
+            .aggregation_max_count(8)
+            .collection_max_count(1)
+            .record_max_buffered_time(Duration::from_secs(10))
             .retry_base_delay(Duration::from_secs(5))
             .retry_max_delay(Duration::from_secs(5))
     })
     .await;
     proxy.down();
-    for i in 0..10 {
+    for i in 0..8 {
         producer.put("x", format!("k{i}")).await.unwrap();
     }
-    // The records' request fails, and they wait out a 5 s backoff.
+    // Their request fails, and they wait out a backoff of at least 2.5 s.
     let deadline = Instant::now() + Duration::from_secs(10);
     while producer.stats().request_errors == 0 {
         assert!(Instant::now() < deadline, "no request failed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Two more fill the backlog in an open aggregate, which may stay open for seconds.
+    for i in 8..10 {
+        producer.put("x", format!("k{i}")).await.unwrap();
+    }
+    let requests = producer.stats().requests;
     for _ in 0..3 {
         let full = producer.try_put(UserRecord::new("y", "k")).unwrap_err();
         assert_eq!(full.reason(), &PutRefusal::BacklogFull);
@@ -649,7 +694,14 @@ async fn a_full_backlog_held_by_retries_closes_nothing_early() {
     }
     let stats = producer.stats();
     assert_eq!(stats.puts_found_backlog_full, 3);
-    assert_eq!(stats.reliefs, 0, "retries, not buffering, hold the backlog");
+    assert_eq!(
+        stats.reliefs, 0,
+        "retries, not open aggregates, hold the backlog"
+    );
+    assert_eq!(
+        stats.requests, requests,
+        "the open aggregate was not sent early"
+    );
     proxy.up();
     producer.flush().await;
     assert_eq!(producer.stats().user_records_put, 10);
