@@ -47,8 +47,11 @@ const MAX_PARTIAL_IN_FLIGHT: usize = 2;
 /// Inbound messages handled in one pass of the sender's loop at most.
 const INBOUND_BATCH: usize = 256;
 
-/// A relief closes the oldest of the open aggregates, one in this many (at least one).
+/// A relief closes the open aggregates among this share of the pending deadlines, the oldest
+/// (see `Sender::relieve`).
 const RELIEF_SHARE: usize = 4;
+/// The least time between two reliefs' walks over what the sender holds.
+const RELIEF_WALK_GAP: Duration = Duration::from_millis(1);
 
 /// A lane its limiter holds back waits at least this long before it may send again.
 const LIMITED_LANE_PACE: Duration = Duration::from_millis(50);
@@ -105,6 +108,8 @@ impl Sender {
             flush_requested: false,
             relief_requested: false,
             in_flight_backlog_bytes: 0,
+            last_relief_walk: None,
+            relief_wanted_at: None,
             stop_deadline: None,
             cancel: watch::Sender::new(false),
             next_refresh,
@@ -172,6 +177,10 @@ struct Sender {
     relief_requested: bool,
     /// Backlog bytes (the backlog's own count) of the records in requests in flight.
     in_flight_backlog_bytes: usize,
+    /// When a relief last walked what the sender holds, and how long the walk took.
+    last_relief_walk: Option<(Instant, Duration)>,
+    /// A relief asked for too soon after the last walk, to be made at this time.
+    relief_wanted_at: Option<Instant>,
     stop_deadline: Option<Instant>,
     /// Set at the stop deadline: requests in flight give up.
     cancel: watch::Sender<bool>,
@@ -294,6 +303,10 @@ impl Sender {
             }
             if now >= self.arrivals_since + arrivals_period(&self.shared.config) {
                 self.update_close_lead(now);
+            }
+            if self.relief_wanted_at.is_some_and(|at| now >= at) {
+                self.relief_wanted_at = None;
+                self.relieve();
             }
             if self.stop_deadline.is_some_and(|deadline| now >= deadline) {
                 self.abandon_all();
@@ -558,24 +571,43 @@ impl Sender {
     }
 
     /// A put found the backlog full. When open aggregates hold at least half of it (the
-    /// records the producer keeps only to gather them with others), about the oldest quarter
-    /// of them close now: once puts wait for room no new record can join them, and holding
-    /// them longer would only keep the caller waiting. When the sender holds most of it (lanes,
-    /// requests in flight, retries waiting out a backoff, records held by a limiter or by
-    /// order mode), Kinesis or the endpoint is what limits the rate, and closing aggregates
-    /// early would only make more, smaller Kinesis records: nothing closes then. (Lanes send
-    /// without waiting for their deadline while a put waits, either way: see `should_send`.)
+    /// records the producer keeps only to gather them with others), the open aggregates among
+    /// the oldest quarter of the pending deadlines close now: once puts wait for room no new
+    /// record can join them, and holding them longer would only keep the caller waiting. (The
+    /// heap also holds the deadlines of aggregates that already closed, full or flushed, until
+    /// they fire; when a quarter closes nothing, the next quarter goes, so a relief closes from
+    /// one aggregate to about a quarter of them.) When the sender holds most of it (lanes,
+    /// requests in flight, retries waiting out a backoff, records held by a limiter or by order
+    /// mode, parked or isolated), Kinesis or the endpoint is what limits the rate, and closing
+    /// aggregates early would only make more, smaller Kinesis records: nothing closes then.
+    /// "Open aggregates" is what the backlog holds beyond that, so it also counts records on
+    /// their way in (in the inbound channel, or between taking room and reaching their
+    /// aggregator): an estimate that errs towards closing.
+    ///
+    /// The walk over what the sender holds is skipped when requests in flight alone hold half
+    /// the backlog; and a relief asked for within 20 times the last walk's own time after it
+    /// (1 ms at least) waits until then (`relief_wanted_at`): a stream where every answer frees
+    /// room for one waiting put sends a `Pressure` per answer, and the walks must not take more
+    /// than a twentieth of the sender's time.
     ///
     /// A `Relieved` message follows the closed aggregates through the inbound channel; it lets
     /// the lanes send them, and lets the next put that finds the backlog full ask again.
     fn relieve(&mut self) {
         let held = self.shared.backlog.bytes_held();
-        let in_aggregators = held.saturating_sub(self.held_backlog_bytes());
+        let now = Instant::now();
         let mut closed = 0;
-        if held > 0 && in_aggregators * 2 >= held {
-            // Deadlines of aggregates that already closed (full, or flushed) stay in the heap
-            // until they fire, and closing them does nothing: the next oldest go then.
-            while closed == 0 && !self.deadlines.is_empty() {
+        if held > 0 && self.in_flight_backlog_bytes * 2 < held {
+            if let Some((at, took)) = self.last_relief_walk {
+                let next = at + RELIEF_WALK_GAP.max(took * 20);
+                if now < next {
+                    // Answered then; the put's flag stays set, so nothing asks again meanwhile.
+                    self.relief_wanted_at = Some(next);
+                    return;
+                }
+            }
+            let in_aggregators = held.saturating_sub(self.held_backlog_bytes());
+            self.last_relief_walk = Some((now, now.elapsed()));
+            while in_aggregators * 2 >= held && closed == 0 && !self.deadlines.is_empty() {
                 for _ in 0..self.deadlines.len().div_ceil(RELIEF_SHARE) {
                     if let Some(Reverse((_, aggregate))) = self.deadlines.pop() {
                         self.due.push(aggregate);
@@ -648,6 +680,9 @@ impl Sender {
         }
         if let Some(Reverse((at, _))) = self.waking.peek() {
             wake = wake.min(*at);
+        }
+        if let Some(at) = self.relief_wanted_at {
+            wake = wake.min(at);
         }
         if let Some(&oldest) = self.lane_fronts.keys().next() {
             if self.may_send_more()

@@ -37,6 +37,8 @@ struct Scenario {
     records: usize,
     /// Split a shard once half of the records are put.
     reshard: bool,
+    /// Settings beyond `through_faults`'.
+    tune: fn(ProducerBuilder) -> ProducerBuilder,
 }
 
 struct Report {
@@ -46,6 +48,7 @@ struct Report {
     duplicates: usize,
     ambiguous: u64,
     seconds: f64,
+    reliefs: u64,
 }
 
 fn id_of(data: &[u8]) -> (usize, usize) {
@@ -62,7 +65,7 @@ async fn run(scenario: Scenario) -> Report {
     kinesis.create_stream(scenario.name, 4).await;
     let schedule = Schedule::new(scenario.seed, scenario.rate, scenario.faults.clone());
     let proxy = FaultProxy::start(&kinesis.endpoint, schedule).await;
-    let producer = through_faults(&proxy, scenario.name, |b| b).await;
+    let producer = through_faults(&proxy, scenario.name, scenario.tune).await;
     let failures = drain_in_background(producer.notify_failures());
 
     let per_putter = scenario.records / scenario.putters;
@@ -160,9 +163,10 @@ async fn run(scenario: Scenario) -> Report {
         duplicates,
         ambiguous,
         seconds: started.elapsed().as_secs_f64(),
+        reliefs: stats.reliefs,
     };
     println!(
-        "{}: {} put, {} acknowledged, {} failed, {} duplicates read (≤ {} ambiguous), {} entry retries, {:.1} s; {}",
+        "{}: {} put, {} acknowledged, {} failed, {} duplicates read (≤ {} ambiguous), {} entry retries, {} puts found the backlog full, {} reliefs, {:.1} s; {}",
         scenario.name,
         report.put,
         report.acknowledged,
@@ -170,6 +174,8 @@ async fn run(scenario: Scenario) -> Report {
         report.duplicates,
         report.ambiguous,
         stats.entry_retries,
+        stats.puts_found_backlog_full,
+        report.reliefs,
         report.seconds,
         proxy.summary()
     );
@@ -214,6 +220,7 @@ async fn each_fault_alone_loses_nothing_and_fails_nothing() {
             putters: 2,
             records: 60_000,
             reshard: false,
+            tune: |b| b,
         })
         .await;
         assert_eq!(report.failed, 0, "{fault:?}: transient faults fail nothing");
@@ -243,6 +250,7 @@ async fn every_fault_mixed_at_20_percent_with_8_putters_loses_nothing() {
         putters: 8,
         records: 320_000,
         reshard: false,
+        tune: |b| b,
     })
     .await;
     assert_eq!(report.failed, 0);
@@ -259,9 +267,39 @@ async fn a_reshard_in_the_middle_of_mixed_faults_loses_nothing() {
         putters: 8,
         records: 200_000,
         reshard: true,
+        tune: |b| b,
     })
     .await;
     assert_eq!(report.failed, 0);
+}
+
+/// A backlog of 2,000 records and a 5 s buffered time: puts keep finding the backlog full, and
+/// reliefs close aggregates early while faults fail, delay and duplicate their requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_backlog_relieved_under_mixed_faults_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let report = run(Scenario {
+        name: "mixed-relief",
+        seed: 13,
+        rate: 0.2,
+        faults: Fault::all(TIMEOUT),
+        putters: 8,
+        records: 160_000,
+        reshard: false,
+        tune: |b| {
+            b.max_backlog_records(2_000)
+                .record_max_buffered_time(Duration::from_secs(5))
+        },
+    })
+    .await;
+    assert_eq!(report.failed, 0);
+    assert!(report.reliefs > 0, "no relief closed an aggregate");
+    // Without reliefs, each backlog's worth would wait out 2.5 s or more: 200 s at least.
+    assert!(
+        report.seconds < 60.0,
+        "{} s for 80 backlogs' worth",
+        report.seconds
+    );
 }
 
 /// Resident memory of this process, from /proc/self/status.

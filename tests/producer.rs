@@ -661,7 +661,9 @@ async fn a_full_backlog_held_by_retries_closes_no_aggregate_early() {
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("held", 1).await;
     let proxy = Proxy::start(&kinesis.endpoint).await;
-    // Aggregates of 8 records, each its own request at once; a backlog of 10 records.
+    // Aggregates of at most 8 records, each its own request; a backlog of 10 records. The
+    // first 8 go out on their aggregate's deadline (about 5 s: 10 s less the lead at a low
+    // rate) and fail, then wait out a backoff.
     let producer = producer_for(&proxy.endpoint, "held", |b| {
         b.max_backlog_records(10)
             .aggregation_max_count(8)
@@ -676,7 +678,7 @@ async fn a_full_backlog_held_by_retries_closes_no_aggregate_early() {
         producer.put("x", format!("k{i}")).await.unwrap();
     }
     // Their request fails, and they wait out a backoff of at least 2.5 s.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while producer.stats().request_errors == 0 {
         assert!(Instant::now() < deadline, "no request failed");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -706,6 +708,40 @@ async fn a_full_backlog_held_by_retries_closes_no_aggregate_early() {
     producer.flush().await;
     assert_eq!(producer.stats().user_records_put, 10);
     producer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_try_put_relieves_the_backlog_too() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("refused", 1).await;
+    let producer = producer_for(&kinesis.endpoint, "refused", |b| {
+        b.max_backlog_records(10)
+            .record_max_buffered_time(Duration::from_secs(20))
+    })
+    .await;
+    for i in 0..10 {
+        producer
+            .try_put(UserRecord::new("x", format!("k{i}")))
+            .unwrap();
+    }
+    // The backlog is full, held by one open aggregate due in about 10 s; nobody waits in
+    // `put`, so only the relief this refusal asks for can send it early.
+    let full = producer.try_put(UserRecord::new("y", "k10")).unwrap_err();
+    assert_eq!(full.reason(), &PutRefusal::BacklogFull);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while producer.stats().user_records_put < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the aggregate waited for its deadline: {:?}",
+            producer.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = producer.stats();
+    assert_eq!((stats.puts_found_backlog_full, stats.reliefs), (1, 1));
+    producer.try_put(UserRecord::new("y", "k10")).unwrap();
+    producer.stop().await;
+    assert_eq!(kinesis.read_all("refused").await.len(), 11);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
