@@ -607,14 +607,16 @@ impl Sender {
             }
             let in_aggregators = held.saturating_sub(self.held_backlog_bytes());
             self.last_relief_walk = Some((now, now.elapsed()));
-            while in_aggregators * 2 >= held && closed == 0 && !self.deadlines.is_empty() {
-                for _ in 0..self.deadlines.len().div_ceil(RELIEF_SHARE) {
-                    if let Some(Reverse((_, aggregate))) = self.deadlines.pop() {
-                        self.due.push(aggregate);
+            if in_aggregators * 2 >= held {
+                while closed == 0 && !self.deadlines.is_empty() {
+                    for _ in 0..self.deadlines.len().div_ceil(RELIEF_SHARE) {
+                        if let Some(Reverse((_, aggregate))) = self.deadlines.pop() {
+                            self.due.push(aggregate);
+                        }
                     }
+                    closed = aggregator::flush_expired(&self.shared, &self.due);
+                    self.due.clear();
                 }
-                closed = aggregator::flush_expired(&self.shared, &self.due);
-                self.due.clear();
             }
         }
         add(&self.shared.stats.reliefs, u64::from(closed > 0));
