@@ -218,6 +218,12 @@ impl Shared {
         }
     }
 
+    /// Waits for room in the backlog for one record of `bytes` bytes, telling the sender when
+    /// the backlog is full.
+    async fn take_room(&self, bytes: u32) -> Result<(), NoRoom> {
+        self.backlog.acquire(bytes, || self.backlog_full()).await
+    }
+
     pub fn aggregate_limits(&self) -> AggregateLimits {
         AggregateLimits {
             max_size: self.config.aggregation_max_size,
@@ -640,12 +646,7 @@ impl Producer {
             Ok(meta) => meta,
             Err(refusal) => return Err(PutError::new(record, refusal)),
         };
-        let shared = self.shared();
-        match shared
-            .backlog
-            .acquire(meta.backlog_bytes, || shared.backlog_full())
-            .await
-        {
+        match self.shared().take_room(meta.backlog_bytes).await {
             Ok(()) => self.place(record, meta),
             Err(_) => Err(PutError::new(record, PutRefusal::Stopped)),
         }
@@ -662,12 +663,7 @@ impl Producer {
         };
         let (tx, receipt) = Receipt::new();
         meta.receipt = Some(tx);
-        let shared = self.shared();
-        match shared
-            .backlog
-            .acquire(meta.backlog_bytes, || shared.backlog_full())
-            .await
-        {
+        match self.shared().take_room(meta.backlog_bytes).await {
             Ok(()) => self.place(record, meta).map(|()| receipt),
             Err(_) => Err(PutError::new(record, PutRefusal::Stopped)),
         }

@@ -269,8 +269,10 @@ struct Completed {
     partial: bool,
     /// When the request was sent.
     started: Instant,
-    /// Its bytes, counted in `in_flight_bytes`.
+    /// Its bytes, counted in `in_flight_bytes`, and its backlog bytes, in
+    /// `in_flight_backlog_bytes`.
     bytes: usize,
+    backlog_bytes: usize,
     outcome: Outcome,
 }
 
@@ -565,9 +567,15 @@ impl Sender {
             self.deadlines.pop();
             self.due.push(aggregate);
         }
-        // The aggregates come back through the inbound channel, in order with the rest.
-        aggregator::flush_expired(&self.shared, &self.due);
+        self.flush_due();
+    }
+
+    /// Flushes the aggregates of the deadlines in `due` that are still open, and says how many
+    /// there were. They come back through the inbound channel, in order with the rest.
+    fn flush_due(&mut self) -> usize {
+        let flushed = aggregator::flush_expired(&self.shared, &self.due);
         self.due.clear();
+        flushed
     }
 
     /// A put found the backlog full. When open aggregates hold at least half of it (the
@@ -614,8 +622,7 @@ impl Sender {
                             self.due.push(aggregate);
                         }
                     }
-                    closed = aggregator::flush_expired(&self.shared, &self.due);
-                    self.due.clear();
+                    closed = self.flush_due();
                 }
             }
         }
@@ -885,9 +892,10 @@ impl Sender {
 
     fn spawn_request(&mut self, mut batch: Vec<Outgoing>, partial: bool) {
         let bytes: usize = batch.iter().map(Outgoing::request_size).sum();
+        let backlog_bytes: usize = batch.iter().map(|o| o.backlog_bytes).sum();
         self.in_flight += 1;
         self.in_flight_bytes += bytes;
-        self.in_flight_backlog_bytes += batch.iter().map(|o| o.backlog_bytes).sum::<usize>();
+        self.in_flight_backlog_bytes += backlog_bytes;
         if partial {
             self.partial_in_flight += 1;
         }
@@ -913,6 +921,7 @@ impl Sender {
             partial,
             started,
             bytes,
+            backlog_bytes,
             _ending: self.ending.clone(),
         };
         tokio::spawn(async move {
@@ -947,10 +956,11 @@ impl Sender {
             partial,
             started,
             bytes,
+            backlog_bytes,
             outcome,
         } = completed;
         self.in_flight_bytes -= bytes;
-        self.in_flight_backlog_bytes -= batch.iter().map(|o| o.backlog_bytes).sum::<usize>();
+        self.in_flight_backlog_bytes -= backlog_bytes;
         if partial {
             self.partial_in_flight -= 1;
         }
@@ -1389,6 +1399,7 @@ struct InFlight {
     partial: bool,
     started: Instant,
     bytes: usize,
+    backlog_bytes: usize,
     /// Dropped after `drop` has handed the records back.
     _ending: Option<Arc<Ending>>,
 }
@@ -1401,6 +1412,7 @@ impl InFlight {
             partial: self.partial,
             started: self.started,
             bytes: self.bytes,
+            backlog_bytes: self.backlog_bytes,
             outcome,
         };
         if let Err(mpsc::error::SendError(completed)) = self.results.send(completed) {
