@@ -1,5 +1,6 @@
 //! The producer's hot path, without a runtime or a network: packing user records into KPL
-//! aggregates (encoding and MD5 included), and hashing + routing a record to its shard.
+//! aggregates (encoding and MD5 included), hashing + routing a record to its shard, and routing
+//! alone.
 //!
 //! `cargo bench --bench aggregation` prints records/s (elements) and MB/s (bytes).
 
@@ -97,5 +98,41 @@ fn hash_and_route(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, aggregation, hash_and_route);
+/// Routing alone, over hash keys computed beforehand: the map's table-narrowed search against a
+/// binary search of every start (what routing was before round 13), on 1,000,000 random keys
+/// so that the lookups are not all in the cache.
+fn route_only(c: &mut Criterion) {
+    const KEYS: usize = 1_000_000;
+    let mut rng = Rng(11);
+    let hashes: Vec<u128> = (0..KEYS)
+        .map(|_| (u128::from(rng.next()) << 64) | u128::from(rng.next()))
+        .collect();
+    let mut group = c.benchmark_group("route-only");
+    group.throughput(Throughput::Elements(KEYS as u64));
+    for shards in [1, 500, 10_000, 100_000] {
+        let map = ShardMap::uniform(shards);
+        let starts: Vec<u128> = map.shards().iter().map(|s| s.start).collect();
+        group.bench_function(format!("{shards}-shards"), |b| {
+            b.iter(|| {
+                let mut sum = 0usize;
+                for &hash in &hashes {
+                    sum += map.shard_index(hash).unwrap_or(0);
+                }
+                black_box(sum)
+            })
+        });
+        group.bench_function(format!("{shards}-shards-search-all-starts"), |b| {
+            b.iter(|| {
+                let mut sum = 0usize;
+                for &hash in &hashes {
+                    sum += starts.partition_point(|&start| start <= hash) - 1;
+                }
+                black_box(sum)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, aggregation, hash_and_route, route_only);
 criterion_main!(benches);
