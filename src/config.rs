@@ -40,10 +40,13 @@ pub type Partitioner = Arc<dyn Fn(&[u8]) -> String + Send + Sync>;
 fn random_partition_key() -> String {
     let high = u128::from(crate::retry::random_u64()) << 64;
     let bytes = (high | u128::from(crate::retry::random_u64())).to_be_bytes();
-    uuid::Builder::from_random_bytes(bytes)
+    // Encoded straight into place: `to_string` would go through the formatting machinery.
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let key = uuid::Builder::from_random_bytes(bytes)
         .into_uuid()
         .hyphenated()
-        .to_string()
+        .encode_lower(&mut text);
+    String::from(&*key)
 }
 
 /// The producer's settings; validated by `ProducerBuilder::resolve`. See [`ProducerBuilder`]
@@ -783,6 +786,7 @@ mod tests {
             let key = random_partition_key();
             let uuid = uuid::Uuid::parse_str(&key).expect("a UUID");
             assert_eq!(uuid.get_version_num(), 4, "{key}");
+            assert_eq!(key, uuid.hyphenated().to_string(), "the canonical text");
             let hash = crate::record::partition_key_hash(&key);
             per_shard[map.shard_index(hash).expect("covered")] += 1;
             assert!(seen.insert(key), "a repeated key");

@@ -598,6 +598,13 @@ async fn perf_against_the_null_sink_prints_every_figure_and_the_floor() {
             assert!(number(&f, key) > 0.0, "{key} in {case}");
         }
         assert_eq!(number(&f, "acknowledged"), 20_000.0, "{case}");
+        // perf's own work is left out of the producer's CPU.
+        let own = number(&f, "sink_cpu_seconds") + number(&f, "recorder_cpu_seconds");
+        assert!(
+            number(&f, "recorder_cpu_seconds") > 0.0
+                && number(&f, "cpu_seconds") <= number(&f, "process_cpu_seconds") - own + 0.0015,
+            "{case}"
+        );
         assert_eq!(number(&f, "failed"), 0.0, "{case}");
         assert_eq!(number(&f, "bytes"), 2_000_000.0, "{case}");
         assert_eq!(number(&f, "shards"), 4.0, "{case}");

@@ -37,6 +37,9 @@ pub struct Sizes {
     pub aggregates: Vec<u32>,
     /// Size of each PutRecords request body.
     pub bodies: Vec<u32>,
+    /// CPU the recorder itself took (reading every body for its blobs): `perf`'s own work,
+    /// which it leaves out of the producer's CPU as it leaves out the sink's.
+    pub recorder_cpu_ns: u64,
 }
 
 /// The interceptor that fills [`Sizes`]; it only reads lengths.
@@ -60,10 +63,12 @@ impl Intercept for SizeRecorder {
             .get("x-amz-target")
             .is_some_and(|t| t.ends_with(".PutRecords"));
         if is_put_records {
+            let started = thread_cpu_nanos();
             let body = context.request().body().bytes().unwrap_or_default();
             let mut sizes = self.0.lock().unwrap();
             sizes.bodies.push(body.len() as u32);
             note_blobs(body, &mut sizes);
+            sizes.recorder_cpu_ns += thread_cpu_nanos().saturating_sub(started);
         }
         Ok(())
     }

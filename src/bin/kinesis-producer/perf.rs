@@ -302,7 +302,9 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
     let records = args.records;
     let data_bytes = u128::from(records) * args.record_size as u128;
     let sink_cpu = sink_report.map_or(0.0, |r| r.cpu_seconds);
-    let cpu = (process_cpu - sink_cpu).max(0.0);
+    let sizes = std::mem::take(&mut *sizes.0.lock().unwrap());
+    let recorder_cpu = sizes.recorder_cpu_ns as f64 * 1e-9;
+    let cpu = (process_cpu - sink_cpu - recorder_cpu).max(0.0);
     let cpu_ns_per_record = cpu * 1e9 / records as f64;
     let key_hashes = match (args.keys, args.no_aggregation) {
         (_, true) | (Keys::Ehk, _) => 0,
@@ -314,7 +316,6 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
     } else {
         UUID_LEN
     };
-    let sizes = std::mem::take(&mut *sizes.0.lock().unwrap());
     // On a thread of its own (named, so that profiles can tell it from the run).
     let floor = std::thread::Builder::new()
         .name("perf-floor".into())
@@ -351,6 +352,7 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
         ("cpu_seconds", format!("{cpu:.3}")),
         ("process_cpu_seconds", format!("{process_cpu:.3}")),
         ("sink_cpu_seconds", format!("{sink_cpu:.3}")),
+        ("recorder_cpu_seconds", format!("{recorder_cpu:.6}")),
         ("cpu_ns_per_record", format!("{cpu_ns_per_record:.0}")),
         (
             "records_per_second",
