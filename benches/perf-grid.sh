@@ -48,6 +48,9 @@ for i in 1 2 3; do
   run workload W3 --record-size 1024 --keys ehk --shards 500 --records 300000
   run workload W4 --record-size 100 --keys random --shards 10000 --records 1000000
 done
+echo "== W2 and W3 over 1,000,000 records, one run each (the first touch of the memory weighs less)"
+run workload-long "W2 1M records" --record-size 1024 --keys random --shards 500 --records 1000000
+run workload-long "W3 1M records" --record-size 1024 --keys ehk --shards 500 --records 1000000
 echo "== memory: default backlog (64 MiB), the sink stops answering after 20 requests"
 run memory "W2 stalled sink" --record-size 1024 --shards 500 --records 300000 \
   --sink-stall-after 20 --record-ttl-ms 3000 --request-timeout-ms 1000
