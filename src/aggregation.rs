@@ -362,6 +362,16 @@ impl KinesisEntry {
 }
 
 impl Entry {
+    /// Asks for the first line of the data and of the partition key (what freeing them reads).
+    #[cfg(feature = "producer")]
+    pub(crate) fn prefetch_data(&self) {
+        use crate::prefetch::prefetch;
+        if let EntryData::Whole(bytes) = &self.data {
+            prefetch(bytes.as_ptr(), 1);
+        }
+        prefetch(self.partition_key.as_ptr(), 1);
+    }
+
     /// A user record sent to Kinesis as it is.
     pub fn plain(record: &UserRecord) -> Self {
         Entry {

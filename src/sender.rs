@@ -30,6 +30,7 @@ use crate::config::Config;
 use crate::error::{DeliveryError, FailureKind};
 use crate::limiter::Limiter;
 use crate::metrics::{MetricName, Recorder, ShardRef, Statistics};
+use crate::prefetch::prefetch;
 use crate::producer::{Inbound, Returns, Shared};
 use crate::request_body;
 use crate::retry::{classify_sdk_error, entry_error_is_transient, AttemptError};
@@ -229,6 +230,10 @@ struct Lane {
 
 /// The error code of an entry or request over its shard's throughput.
 const THROTTLED: &str = "ProvisionedThroughputExceededException";
+
+/// How many Kinesis records ahead the handling of a request or its answer asks for their
+/// memory.
+const ANSWER_PREFETCH_AHEAD: usize = 2;
 
 /// How a record that may be retried waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -552,6 +557,23 @@ impl Sender {
             lane.listed = true;
             self.ready.push_back(outgoing.ordinal);
         }
+    }
+
+    /// Asks for the memory an answered Kinesis record's handling reads: its shard's name (for
+    /// the comparison with where it landed), its lane, its records' metadata and its data's
+    /// first line (which freeing it reads).
+    fn prefetch_answered(&self, outgoing: &Outgoing) {
+        if let Some(shard_id) = &outgoing.shard_id {
+            prefetch(shard_id.as_ptr(), shard_id.len());
+        }
+        if let Some(Some(lane)) = self.lanes.get(outgoing.ordinal as usize) {
+            prefetch(&**lane as *const Lane, std::mem::size_of::<Lane>());
+        }
+        prefetch(
+            outgoing.metas.as_ptr(),
+            std::mem::size_of_val(outgoing.metas.as_slice()),
+        );
+        outgoing.entry.prefetch_data();
     }
 
     /// The lane of `outgoing`.
@@ -985,7 +1007,19 @@ impl Sender {
                 );
                 let mut stale_map = false;
                 let mut returns = Returns::default();
-                for (mut outgoing, result) in batch.into_iter().zip(output.records()) {
+                let mut batch = batch.into_iter();
+                for ahead in batch.as_slice().iter().take(ANSWER_PREFETCH_AHEAD) {
+                    self.prefetch_answered(ahead);
+                }
+                for result in output.records() {
+                    let Some(mut outgoing) = batch.next() else {
+                        break;
+                    };
+                    // The memory of a record a few places on is asked for while this one is
+                    // handled: with thousands of shards each of them is a cache miss.
+                    if let Some(ahead) = batch.as_slice().get(ANSWER_PREFETCH_AHEAD - 1) {
+                        self.prefetch_answered(ahead);
+                    }
                     match result.error_code() {
                         None => {
                             let actual = result.shard_id().unwrap_or_default();
@@ -1502,7 +1536,21 @@ async fn put_records(shared: &Shared, body: Bytes) -> Result<PutRecordsOutput, A
 /// record, and how many records each Kinesis record and the request carry.
 fn record_sent(metrics: &mut Recorder, batch: &[Outgoing], now: Instant) {
     let mut user_records = 0;
-    for outgoing in batch {
+    let prefetch_metas = |outgoing: &Outgoing| {
+        prefetch(
+            outgoing.metas.as_ptr(),
+            std::mem::size_of_val(outgoing.metas.as_slice()),
+        )
+    };
+    batch
+        .iter()
+        .take(ANSWER_PREFETCH_AHEAD)
+        .for_each(prefetch_metas);
+    for (i, outgoing) in batch.iter().enumerate() {
+        // The metadata of a record a few places on is asked for while this one's is read.
+        if let Some(ahead) = batch.get(i + ANSWER_PREFETCH_AHEAD) {
+            prefetch_metas(ahead);
+        }
         let waited = outgoing.metas.iter().map(|meta| {
             let since = outgoing.last_attempt_end.unwrap_or(meta.put_at);
             now.saturating_duration_since(since).as_nanos() as u64
