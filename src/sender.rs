@@ -87,6 +87,7 @@ impl Sender {
             ending: Some(Arc::new(Ending(Arc::clone(&shared)))),
             shared,
             inbound,
+            inbox: Vec::with_capacity(INBOUND_BATCH),
             lanes: Vec::new(),
             ready: VecDeque::new(),
             waking: BinaryHeap::new(),
@@ -127,6 +128,8 @@ struct Sender {
     /// Let go of last in `drop`; each request task holds a clone.
     ending: Option<Arc<Ending>>,
     inbound: mpsc::UnboundedReceiver<Inbound>,
+    /// The batch of inbound messages being handled (kept for its room).
+    inbox: Vec<Inbound>,
     /// Kinesis records waiting for a request, one lane per shard, by shard ordinal (the lane
     /// of records no open shard covered at `NO_SHARD`). Looked up for every Kinesis record
     /// queued, sent and answered.
@@ -235,6 +238,10 @@ const THROTTLED: &str = "ProvisionedThroughputExceededException";
 /// memory.
 const ANSWER_PREFETCH_AHEAD: usize = 2;
 
+/// How many messages ahead `handle_all` asks for a record's lane's queue (and for the lane
+/// itself, twice as far).
+const LANE_PREFETCH_AHEAD: usize = 2;
+
 /// How a record that may be retried waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backoff {
@@ -341,19 +348,50 @@ impl Sender {
             tokio::select! {
                 Some(completed) = self.results_rx.recv() => self.complete(completed),
                 Some(message) = self.inbound.recv() => {
-                    self.handle(message);
                     // What else has arrived is handled in the same pass: one round of timers
                     // and dispatch per batch of messages, not per message (with thousands of
                     // shards, each aggregate's deadline and close is a message).
-                    for _ in 1..INBOUND_BATCH {
+                    let mut inbox = std::mem::take(&mut self.inbox);
+                    inbox.push(message);
+                    while inbox.len() < INBOUND_BATCH {
                         match self.inbound.try_recv() {
-                            Ok(message) => self.handle(message),
+                            Ok(message) => inbox.push(message),
                             Err(_) => break,
                         }
                     }
+                    self.handle_all(&mut inbox);
+                    self.inbox = inbox;
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
+        }
+    }
+
+    /// Handles `messages` in order, emptying it. While it handles one, it asks for the lane
+    /// of a record a few places on, and for that lane's queue a little nearer (with thousands
+    /// of shards both are cache misses, and the queue's place is only known once the lane is
+    /// read).
+    fn handle_all(&mut self, messages: &mut Vec<Inbound>) {
+        let mut messages = messages.drain(..);
+        while let Some(message) = messages.next() {
+            let ahead = messages.as_slice();
+            if let Some(lane) = self.lane_of(ahead.get(2 * LANE_PREFETCH_AHEAD - 1)) {
+                prefetch(lane as *const Lane, std::mem::size_of::<Lane>());
+            }
+            if let Some(lane) = self.lane_of(ahead.get(LANE_PREFETCH_AHEAD - 1)) {
+                let (front, back) = lane.queue.as_slices();
+                let tail = if back.is_empty() { front } else { back };
+                prefetch(tail.as_ptr_range().end, std::mem::size_of::<Outgoing>());
+            }
+            self.handle(message);
+        }
+    }
+
+    /// The lane of the record a message carries, if it has one yet.
+    fn lane_of(&self, message: Option<&Inbound>) -> Option<&Lane> {
+        match message? {
+            Inbound::Record(outgoing) => self.lanes.get(outgoing.ordinal as usize)?.as_deref(),
+            _ => None,
         }
     }
 
