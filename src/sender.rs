@@ -239,7 +239,8 @@ const THROTTLED: &str = "ProvisionedThroughputExceededException";
 const ANSWER_PREFETCH_AHEAD: usize = 2;
 
 /// How many messages ahead `handle_all` asks for a record's lane's queue (and for the lane
-/// itself, twice as far).
+/// itself, twice as far); and how many lanes ahead `take_batch` asks for a lane's first
+/// record (and for the lane, twice as far).
 const LANE_PREFETCH_AHEAD: usize = 2;
 
 /// How a record that may be retried waits.
@@ -838,6 +839,18 @@ impl Sender {
             let Some(key) = self.ready.pop_front() else {
                 break;
             };
+            // The lanes a few turns on, and the first record of a nearer one, are asked for
+            // while this lane gives its records.
+            let lane_ahead = |at: usize| {
+                let key = *self.ready.get(at)?;
+                self.lanes.get(key as usize)?.as_deref()
+            };
+            if let Some(lane) = lane_ahead(2 * LANE_PREFETCH_AHEAD - 1) {
+                prefetch(lane as *const Lane, std::mem::size_of::<Lane>());
+            }
+            if let Some(front) = lane_ahead(LANE_PREFETCH_AHEAD - 1).and_then(|l| l.queue.front()) {
+                prefetch(front as *const Outgoing, std::mem::size_of::<Outgoing>());
+            }
             match self.take_from_lane(key, now, &mut batch, &mut bytes) {
                 Blocked::No => {
                     if let Some(lane) = self.lane(key) {
