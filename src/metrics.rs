@@ -504,6 +504,16 @@ impl Recorder {
         }
     }
 
+    /// Asks for the memory of `shard`'s row, when it has one and shard-level figures are kept
+    /// (a hint: with thousands of shards, each row is a cache miss).
+    pub fn prefetch_row(&self, shard: Option<ShardRef>) {
+        if let Some(shard) = shard.filter(|_| self.granularity == MetricsGranularity::Shard) {
+            if let Some(Some(row)) = self.current.shards.get(shard.ordinal as usize) {
+                crate::prefetch::prefetch(&**row as *const ShardRow, size_of::<ShardRow>());
+            }
+        }
+    }
+
     /// One sample of `name`.
     pub fn add(&mut self, name: MetricName, value: f64, shard: Option<ShardRef>) {
         self.record(name, Statistics::repeated(value, 1), shard);

@@ -1598,9 +1598,11 @@ fn record_sent(metrics: &mut Recorder, batch: &[Outgoing], now: Instant) {
         .take(ANSWER_PREFETCH_AHEAD)
         .for_each(prefetch_metas);
     for (i, outgoing) in batch.iter().enumerate() {
-        // The metadata of a record a few places on is asked for while this one's is read.
+        // The metadata of a record a few places on, and its shard's metrics, are asked for
+        // while this one's are read.
         if let Some(ahead) = batch.get(i + ANSWER_PREFETCH_AHEAD) {
             prefetch_metas(ahead);
+            metrics.prefetch_row(ahead.shard());
         }
         let waited = outgoing.metas.iter().map(|meta| {
             let since = outgoing.last_attempt_end.unwrap_or(meta.put_at);
