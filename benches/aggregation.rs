@@ -99,8 +99,8 @@ fn hash_and_route(c: &mut Criterion) {
 }
 
 /// Routing alone, over hash keys computed beforehand: the map's table-narrowed search against a
-/// binary search of every start (what routing was before round 13), on 1,000,000 random keys
-/// so that the lookups are not all in the cache.
+/// binary search of every start (how routing worked before the table), on 1,000,000 random
+/// keys so that the lookups are not all in the cache.
 fn route_only(c: &mut Criterion) {
     const KEYS: usize = 1_000_000;
     let mut rng = Rng(11);

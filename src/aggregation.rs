@@ -362,14 +362,17 @@ impl KinesisEntry {
 }
 
 impl Entry {
-    /// Asks for the first line of the data and of the partition key (what freeing them reads).
+    /// Asks for the line where the data and the partition key begin, each with the word
+    /// before it: the allocator keeps a buffer's size there, and reads it when the buffer is
+    /// freed.
     #[cfg(feature = "producer")]
     pub(crate) fn prefetch_data(&self) {
         use crate::prefetch::prefetch;
+        let word = size_of::<usize>();
         if let EntryData::Whole(bytes) = &self.data {
-            prefetch(bytes.as_ptr(), 1);
+            prefetch(bytes.as_ptr().wrapping_sub(word), word + 1);
         }
-        prefetch(self.partition_key.as_ptr(), 1);
+        prefetch(self.partition_key.as_ptr().wrapping_sub(word), word + 1);
     }
 
     /// A user record sent to Kinesis as it is.

@@ -505,7 +505,7 @@ impl Recorder {
     }
 
     /// Asks for the memory of `shard`'s row, when it has one and shard-level figures are kept
-    /// (a hint: with thousands of shards, each row is a cache miss).
+    /// (a hint, see `prefetch`).
     pub fn prefetch_row(&self, shard: Option<ShardRef>) {
         if let Some(shard) = shard.filter(|_| self.granularity == MetricsGranularity::Shard) {
             if let Some(Some(row)) = self.current.shards.get(shard.ordinal as usize) {

@@ -118,8 +118,7 @@ pub(crate) fn put_records<'a>(
     let mut len = RECORDS_OPEN.len() + stream_field.len() + escaped_len(stream_value);
     len += BODY_CLOSE.len();
     let mut count: usize = 0;
-    // Each pass asks for the memory of an entry a few places on while it reads this one: with
-    // thousands of shards, every entry's key and data are cache misses.
+    // Each pass asks for the memory of an entry a few places on while it reads this one.
     let mut keys_ahead = entries.clone().skip(PREFETCH_AHEAD);
     for entry in entries.clone() {
         if let Some(ahead) = keys_ahead.next() {

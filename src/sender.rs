@@ -87,7 +87,7 @@ impl Sender {
             ending: Some(Arc::new(Ending(Arc::clone(&shared)))),
             shared,
             inbound,
-            inbox: Vec::with_capacity(INBOUND_BATCH),
+            inbox: VecDeque::with_capacity(INBOUND_BATCH),
             lanes: Vec::new(),
             ready: VecDeque::new(),
             waking: BinaryHeap::new(),
@@ -128,8 +128,8 @@ struct Sender {
     /// Let go of last in `drop`; each request task holds a clone.
     ending: Option<Arc<Ending>>,
     inbound: mpsc::UnboundedReceiver<Inbound>,
-    /// The batch of inbound messages being handled (kept for its room).
-    inbox: Vec<Inbound>,
+    /// Inbound messages taken from the channel and not handled yet (one batch at most).
+    inbox: VecDeque<Inbound>,
     /// Kinesis records waiting for a request, one lane per shard, by shard ordinal (the lane
     /// of records no open shard covered at `NO_SHARD`). Looked up for every Kinesis record
     /// queued, sent and answered.
@@ -352,34 +352,30 @@ impl Sender {
                     // What else has arrived is handled in the same pass: one round of timers
                     // and dispatch per batch of messages, not per message (with thousands of
                     // shards, each aggregate's deadline and close is a message).
-                    let mut inbox = std::mem::take(&mut self.inbox);
-                    inbox.push(message);
-                    while inbox.len() < INBOUND_BATCH {
+                    self.inbox.push_back(message);
+                    while self.inbox.len() < INBOUND_BATCH {
                         match self.inbound.try_recv() {
-                            Ok(message) => inbox.push(message),
+                            Ok(message) => self.inbox.push_back(message),
                             Err(_) => break,
                         }
                     }
-                    self.handle_all(&mut inbox);
-                    self.inbox = inbox;
+                    self.handle_inbox();
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
         }
     }
 
-    /// Handles `messages` in order, emptying it. While it handles one, it asks for the lane
-    /// of a record a few places on, and for that lane's queue a little nearer (with thousands
-    /// of shards both are cache misses, and the queue's place is only known once the lane is
-    /// read).
-    fn handle_all(&mut self, messages: &mut Vec<Inbound>) {
-        let mut messages = messages.drain(..);
-        while let Some(message) = messages.next() {
-            let ahead = messages.as_slice();
-            if let Some(lane) = self.lane_of(ahead.get(2 * LANE_PREFETCH_AHEAD - 1)) {
+    /// Handles the messages in `inbox`, in order. While it handles one, it asks for the lane
+    /// of a record a few places on, and for that lane's queue a little nearer (the queue's
+    /// place is only known once the lane is read). A message leaves `inbox` only as it is
+    /// handled, so a sender that ends midway reports the records of the rest (`drop`).
+    fn handle_inbox(&mut self) {
+        while let Some(message) = self.inbox.pop_front() {
+            if let Some(lane) = self.lane_of(self.inbox.get(2 * LANE_PREFETCH_AHEAD - 1)) {
                 prefetch(lane as *const Lane, std::mem::size_of::<Lane>());
             }
-            if let Some(lane) = self.lane_of(ahead.get(LANE_PREFETCH_AHEAD - 1)) {
+            if let Some(lane) = self.lane_of(self.inbox.get(LANE_PREFETCH_AHEAD - 1)) {
                 let (front, back) = lane.queue.as_slices();
                 let tail = if back.is_empty() { front } else { back };
                 prefetch(tail.as_ptr_range().end, std::mem::size_of::<Outgoing>());
@@ -599,8 +595,8 @@ impl Sender {
     }
 
     /// Asks for the memory an answered Kinesis record's handling reads: its shard's name (for
-    /// the comparison with where it landed), its lane, its records' metadata and its data's
-    /// first line (which freeing it reads).
+    /// the comparison with where it landed), its lane, its records' metadata, and where its
+    /// data and key begin (see [`Entry::prefetch_data`](crate::aggregation::Entry)).
     fn prefetch_answered(&self, outgoing: &Outgoing) {
         if let Some(shard_id) = &outgoing.shard_id {
             prefetch(shard_id.as_ptr(), shard_id.len());
@@ -1063,11 +1059,12 @@ impl Sender {
                     self.prefetch_answered(ahead);
                 }
                 for result in output.records() {
+                    // As many records as results (the guard above): never short.
                     let Some(mut outgoing) = batch.next() else {
                         break;
                     };
                     // The memory of a record a few places on is asked for while this one is
-                    // handled: with thousands of shards each of them is a cache miss.
+                    // handled.
                     if let Some(ahead) = batch.as_slice().get(ANSWER_PREFETCH_AHEAD - 1) {
                         self.prefetch_answered(ahead);
                     }
@@ -1406,7 +1403,9 @@ impl Drop for Sender {
         for (outgoing, ..) in self.parked.drain(..) {
             self.shared.fail(outgoing, error.clone());
         }
-        while let Ok(message) = self.inbound.try_recv() {
+        let unhandled: Vec<Inbound> = self.inbox.drain(..).collect();
+        let queued = std::iter::from_fn(|| self.inbound.try_recv().ok());
+        for message in unhandled.into_iter().chain(queued) {
             if let Some(outgoing) = message.into_record(&self.shared) {
                 self.shared.fail(outgoing, error.clone());
             }
