@@ -635,9 +635,24 @@ pub(crate) fn flush_expired(shared: &Shared, due: &[AggregateId]) -> usize {
         prefetch_slot_of(&routing, ahead);
     }
     for (i, aggregate) in due.iter().enumerate() {
-        // The slots of the next deadlines are read from memory while this one is flushed.
+        // The slots of the next deadlines are read from memory while this one is flushed, and
+        // the buffers of the next one, whose slot has arrived by now (when no put holds it).
         if let Some(ahead) = due.get(i + PREFETCH_AHEAD) {
             prefetch_slot_of(&routing, ahead);
+        }
+        if let Some(next) = due
+            .get(i + 1)
+            .filter(|n| n.generation == routing.generation)
+        {
+            if let Ok(slot) = routing.slots[next.slot].try_lock() {
+                if slot.cycle == next.cycle {
+                    slot.builder.prefetch_finish();
+                    prefetch(
+                        slot.metas.as_ptr(),
+                        std::mem::size_of_val(slot.metas.as_slice()),
+                    );
+                }
+            }
         }
         // A map installed meanwhile retires the slots of this one: as before the batch, an
         // aggregate of an older map is left to the re-route.
