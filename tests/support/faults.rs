@@ -91,8 +91,9 @@ pub struct Counts {
     pub by_fault: Mutex<Vec<(Fault, u64)>>,
     /// Connections that sent a request during an outage (each request in flight has its own).
     pub held: AtomicU64,
-    /// Requests forwarded that no fault touched but whose answer came late (see `LATE_ANSWER`):
-    /// their records count as ambiguous too.
+    /// Requests forwarded that no fault touched, or whose entries the layer failed, but whose
+    /// answer came late (see `LATE_ANSWER`): their records count as ambiguous too (those of
+    /// failed entries once).
     pub late_answers: AtomicU64,
 }
 
@@ -408,15 +409,35 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
             shared
                 .counts
                 .ambiguous_records
-                .fetch_add(user_records_in(&request.body, None), Ordering::Relaxed);
+                .fetch_add(user_records_in(&request.body), Ordering::Relaxed);
         }
         let answer = match fault {
-            Some(Fault::FailEntries(code)) => fail_entries(&shared, &request.body, answer, code),
+            Some(Fault::FailEntries(code)) => {
+                let (answer, failed) = fail_entries(&shared, &request.body, answer, code);
+                // The layer's own work on a large body (parsing it, decoding each failed entry;
+                // slow in a debug build) can hold the answer past the producer's timeout on a
+                // loaded machine, which then sends every entry again: the entries not failed
+                // are ambiguous too.
+                if forwarded.elapsed() > LATE_ANSWER {
+                    shared.counts.late_answers.fetch_add(1, Ordering::Relaxed);
+                    let not_failed: u64 = user_records_per_entry(&request.body)
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| !failed.contains(i))
+                        .map(|(_, n)| n)
+                        .sum();
+                    shared
+                        .counts
+                        .ambiguous_records
+                        .fetch_add(not_failed, Ordering::Relaxed);
+                }
+                answer
+            }
             Some(Fault::ResetAfter) => {
                 shared
                     .counts
                     .ambiguous_records
-                    .fetch_add(user_records_in(&request.body, None), Ordering::Relaxed);
+                    .fetch_add(user_records_in(&request.body), Ordering::Relaxed);
                 reset(client);
                 return;
             }
@@ -424,7 +445,7 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
                 shared
                     .counts
                     .ambiguous_records
-                    .fetch_add(user_records_in(&request.body, None), Ordering::Relaxed);
+                    .fetch_add(user_records_in(&request.body), Ordering::Relaxed);
                 tokio::time::sleep(delay).await;
                 answer
             }
@@ -463,12 +484,17 @@ async fn wait_for(flag: &AtomicBool, value: bool) {
 
 /// Turns about half of the successful entries of a PutRecords answer into `code` failures,
 /// counting the user records they carry as ambiguous (they were written).
-fn fail_entries(shared: &Shared, request: &[u8], answer: Message, code: &str) -> Message {
+fn fail_entries(
+    shared: &Shared,
+    request: &[u8],
+    answer: Message,
+    code: &str,
+) -> (Message, Vec<usize>) {
     let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&answer.body) else {
-        return answer;
+        return (answer, Vec::new());
     };
     let Some(records) = json.get_mut("Records").and_then(|r| r.as_array_mut()) else {
-        return answer;
+        return (answer, Vec::new());
     };
     let mut failed = Vec::new();
     {
@@ -486,13 +512,19 @@ fn fail_entries(shared: &Shared, request: &[u8], answer: Message, code: &str) ->
         .filter(|e| e.get("ErrorCode").is_some())
         .count();
     json["FailedRecordCount"] = failed_count.into();
-    for index in failed {
-        shared
-            .counts
-            .ambiguous_records
-            .fetch_add(user_records_in(request, Some(index)), Ordering::Relaxed);
-    }
-    answer.with_body(serde_json::to_vec(&json).expect("JSON"))
+    let per_entry = user_records_per_entry(request);
+    let ambiguous: u64 = failed
+        .iter()
+        .map(|&i| per_entry.get(i).copied().unwrap_or(0))
+        .sum();
+    shared
+        .counts
+        .ambiguous_records
+        .fetch_add(ambiguous, Ordering::Relaxed);
+    (
+        answer.with_body(serde_json::to_vec(&json).expect("JSON")),
+        failed,
+    )
 }
 
 /// The shard a misrouted answer names.
@@ -514,19 +546,22 @@ fn misroute(answer: Message) -> Message {
     answer.with_body(serde_json::to_vec(&json).expect("JSON"))
 }
 
-/// User records in a PutRecords request body (in one entry, or in all).
-fn user_records_in(request: &[u8], only: Option<usize>) -> u64 {
+/// User records in a PutRecords request body.
+fn user_records_in(request: &[u8]) -> u64 {
+    user_records_per_entry(request).iter().sum()
+}
+
+/// User records in each entry of a PutRecords request body, in order.
+fn user_records_per_entry(request: &[u8]) -> Vec<u64> {
     let Ok(json) = serde_json::from_slice::<serde_json::Value>(request) else {
-        return 0;
+        return Vec::new();
     };
     let Some(entries) = json.get("Records").and_then(|r| r.as_array()) else {
-        return 0;
+        return Vec::new();
     };
     entries
         .iter()
-        .enumerate()
-        .filter(|(i, _)| only.is_none_or(|o| o == *i))
-        .map(|(_, entry)| {
+        .map(|entry| {
             let data = entry["Data"].as_str().unwrap_or_default();
             let key = entry["PartitionKey"].as_str().unwrap_or_default();
             let bytes = base64::engine::general_purpose::STANDARD
@@ -534,5 +569,5 @@ fn user_records_in(request: &[u8], only: Option<usize>) -> u64 {
                 .unwrap_or_default();
             deaggregate(bytes::Bytes::from(bytes), key).map_or(1, |records| records.len() as u64)
         })
-        .sum()
+        .collect()
 }
