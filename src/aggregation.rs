@@ -481,13 +481,13 @@ impl AggregateBuilder {
     /// keys' hashes, which a small table scans.
     #[cfg(feature = "producer")]
     pub(crate) fn prefetch(&self) {
-        use crate::prefetch::{prefetch, prefetch_spare};
+        use crate::prefetch::{prefetch_slice, prefetch_spare};
         let sections = &self.sections;
         prefetch_spare(sections.more_records.last().unwrap_or(&sections.records));
         prefetch_spare(&sections.partition_key_table);
         let keys = &self.partition_keys;
         if keys.hashes.len() <= SCAN_MAX {
-            prefetch(keys.hashes.as_ptr(), size_of_val(keys.hashes.as_slice()));
+            prefetch_slice(&keys.hashes);
         }
         prefetch_spare(&keys.entries);
     }

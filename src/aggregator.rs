@@ -19,7 +19,7 @@ use crate::aggregation::{
     records_of_aggregate, AggregateBuilder, AggregateLimits, Entry, EntryData, Unsealed, MAGIC,
 };
 use crate::metrics::ShardRef;
-use crate::prefetch::{prefetch, prefetch_spare};
+use crate::prefetch::{prefetch, prefetch_slice, prefetch_spare};
 use crate::producer::{Inbound, Shared};
 use crate::receipt::ReceiptTx;
 use crate::record::UserRecord;
@@ -268,6 +268,15 @@ struct Slot {
     /// Buffer room the empty builder kept from its last aggregate, counted in
     /// [`Shared::idle_room`] until the next record uses it.
     idle_room: usize,
+}
+
+impl Slot {
+    /// Asks for what closing the slot's aggregate reads: the builder's buffers and the
+    /// records' metadata.
+    fn prefetch_contents(&self) {
+        self.builder.prefetch_finish();
+        prefetch_slice(&self.metas);
+    }
 }
 
 impl Routing {
@@ -646,11 +655,7 @@ pub(crate) fn flush_expired(shared: &Shared, due: &[AggregateId]) -> usize {
         {
             if let Ok(slot) = routing.slots[next.slot].try_lock() {
                 if slot.cycle == next.cycle {
-                    slot.builder.prefetch_finish();
-                    prefetch(
-                        slot.metas.as_ptr(),
-                        std::mem::size_of_val(slot.metas.as_slice()),
-                    );
+                    slot.prefetch_contents();
                 }
             }
         }
@@ -664,11 +669,7 @@ pub(crate) fn flush_expired(shared: &Shared, due: &[AggregateId]) -> usize {
         }
         let mut slot = lock(&routing.slots[aggregate.slot]);
         if slot.cycle == aggregate.cycle && !slot.retired {
-            slot.builder.prefetch_finish();
-            prefetch(
-                slot.metas.as_ptr(),
-                std::mem::size_of_val(slot.metas.as_slice()),
-            );
+            slot.prefetch_contents();
             flushed += usize::from(emit_slot(shared, &routing, aggregate.slot, &mut slot));
         }
     }

@@ -34,6 +34,12 @@ pub(crate) fn prefetch<T>(start: *const T, bytes: usize) {
 
 const MAX_BYTES: usize = 4 << 10;
 
+/// Asks for the lines holding `items` (the first `MAX_BYTES` of them).
+#[inline(always)]
+pub(crate) fn prefetch_slice<T>(items: &[T]) {
+    prefetch(items.as_ptr(), size_of_val(items));
+}
+
 /// Asks for the line where the next element pushed to `items` goes, when it has room for one
 /// (an empty vector's pointer is a placeholder, and a full one's end lies past its buffer).
 #[inline(always)]
@@ -58,6 +64,8 @@ mod tests {
         prefetch(data.as_ptr(), usize::MAX);
         prefetch_spare(&data);
         prefetch_spare(&Vec::<u64>::new());
+        prefetch_slice(&data);
+        prefetch_slice::<u64>(&[]);
         data.reserve(1);
         prefetch_spare(&data);
         assert_eq!(data, vec![7u8; 1000]);

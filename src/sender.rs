@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::error::{DeliveryError, FailureKind};
 use crate::limiter::Limiter;
 use crate::metrics::{MetricName, Recorder, ShardRef, Statistics};
-use crate::prefetch::prefetch;
+use crate::prefetch::{prefetch, prefetch_slice};
 use crate::producer::{Inbound, Returns, Shared};
 use crate::request_body;
 use crate::retry::{classify_sdk_error, entry_error_is_transient, AttemptError};
@@ -238,7 +238,7 @@ const THROTTLED: &str = "ProvisionedThroughputExceededException";
 /// memory.
 const ANSWER_PREFETCH_AHEAD: usize = 2;
 
-/// How many messages ahead `handle_all` asks for a record's lane's queue (and for the lane
+/// How many messages ahead `handle_inbox` asks for a record's lane's queue (and for the lane
 /// itself, twice as far); and how many lanes ahead `take_batch` asks for a lane's first
 /// record (and for the lane, twice as far).
 const LANE_PREFETCH_AHEAD: usize = 2;
@@ -604,10 +604,7 @@ impl Sender {
         if let Some(Some(lane)) = self.lanes.get(outgoing.ordinal as usize) {
             prefetch(&**lane as *const Lane, std::mem::size_of::<Lane>());
         }
-        prefetch(
-            outgoing.metas.as_ptr(),
-            std::mem::size_of_val(outgoing.metas.as_slice()),
-        );
+        prefetch_slice(&outgoing.metas);
         outgoing.entry.prefetch_data();
     }
 
@@ -1586,12 +1583,7 @@ async fn put_records(shared: &Shared, body: Bytes) -> Result<PutRecordsOutput, A
 /// record, and how many records each Kinesis record and the request carry.
 fn record_sent(metrics: &mut Recorder, batch: &[Outgoing], now: Instant) {
     let mut user_records = 0;
-    let prefetch_metas = |outgoing: &Outgoing| {
-        prefetch(
-            outgoing.metas.as_ptr(),
-            std::mem::size_of_val(outgoing.metas.as_slice()),
-        )
-    };
+    let prefetch_metas = |outgoing: &Outgoing| prefetch_slice(&outgoing.metas);
     batch
         .iter()
         .take(ANSWER_PREFETCH_AHEAD)
