@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use crate::aggregation::{Entry, EntryData};
-use crate::prefetch::prefetch;
+use crate::prefetch::prefetch_slice;
 use crate::shard_map::StreamId;
 use crate::sync::lock;
 
@@ -122,7 +122,7 @@ pub(crate) fn put_records<'a>(
     let mut keys_ahead = entries.clone().skip(PREFETCH_AHEAD);
     for entry in entries.clone() {
         if let Some(ahead) = keys_ahead.next() {
-            prefetch(ahead.partition_key.as_ptr(), ahead.partition_key.len());
+            prefetch_slice(ahead.partition_key.as_bytes());
         }
         count += 1;
         len += ENTRY_OPEN.len()
@@ -141,7 +141,7 @@ pub(crate) fn put_records<'a>(
     let mut data_ahead = entries.clone().skip(PREFETCH_AHEAD);
     for (i, entry) in entries.enumerate() {
         if let Some(EntryData::Whole(data)) = data_ahead.next().map(|ahead| &ahead.data) {
-            prefetch(data.as_ptr(), data.len());
+            prefetch_slice(data);
         }
         if i > 0 {
             out.push(b',');

@@ -387,9 +387,14 @@ impl Sender {
     /// The lane of the record a message carries, if it has one yet.
     fn lane_of(&self, message: Option<&Inbound>) -> Option<&Lane> {
         match message? {
-            Inbound::Record(outgoing) => self.lanes.get(outgoing.ordinal as usize)?.as_deref(),
+            Inbound::Record(outgoing) => self.lane_ref(outgoing.ordinal),
             _ => None,
         }
+    }
+
+    /// The lane at `ordinal`, if it exists, to read.
+    fn lane_ref(&self, ordinal: ShardOrdinal) -> Option<&Lane> {
+        self.lanes.get(ordinal as usize)?.as_deref()
     }
 
     fn handle(&mut self, message: Inbound) {
@@ -599,10 +604,10 @@ impl Sender {
     /// data and key begin (see [`Entry::prefetch_data`](crate::aggregation::Entry)).
     fn prefetch_answered(&self, outgoing: &Outgoing) {
         if let Some(shard_id) = &outgoing.shard_id {
-            prefetch(shard_id.as_ptr(), shard_id.len());
+            prefetch_slice(shard_id.as_bytes());
         }
-        if let Some(Some(lane)) = self.lanes.get(outgoing.ordinal as usize) {
-            prefetch(&**lane as *const Lane, std::mem::size_of::<Lane>());
+        if let Some(lane) = self.lane_ref(outgoing.ordinal) {
+            prefetch(lane as *const Lane, std::mem::size_of::<Lane>());
         }
         prefetch_slice(&outgoing.metas);
         outgoing.entry.prefetch_data();
@@ -834,10 +839,7 @@ impl Sender {
             };
             // The lanes a few turns on, and the first record of a nearer one, are asked for
             // while this lane gives its records.
-            let lane_ahead = |at: usize| {
-                let key = *self.ready.get(at)?;
-                self.lanes.get(key as usize)?.as_deref()
-            };
+            let lane_ahead = |at: usize| self.lane_ref(*self.ready.get(at)?);
             if let Some(lane) = lane_ahead(2 * LANE_PREFETCH_AHEAD - 1) {
                 prefetch(lane as *const Lane, std::mem::size_of::<Lane>());
             }

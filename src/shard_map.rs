@@ -62,9 +62,11 @@ impl ShardMap {
             0 => Vec::new(),
             bits => {
                 let stretches = 1usize << bits;
-                let below = |bucket: usize| match bucket {
-                    _ if bucket == stretches => starts.len(),
-                    _ => starts.partition_point(|&start| start < (bucket as u128) << (128 - bits)),
+                let below = |bucket: usize| {
+                    if bucket == stretches {
+                        return starts.len();
+                    }
+                    starts.partition_point(|&start| start < (bucket as u128) << (128 - bits))
                 };
                 // Four billion shards would take hundreds of gigabytes first.
                 (0..=stretches)

@@ -413,14 +413,15 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
         }
         let answer = match fault {
             Some(Fault::FailEntries(code)) => {
-                let (answer, failed) = fail_entries(&shared, &request.body, answer, code);
+                let per_entry = user_records_per_entry(&request.body);
+                let (answer, failed) = fail_entries(&shared, &per_entry, answer, code);
                 // The layer's own work on a large body (parsing it, decoding each failed entry;
                 // slow in a debug build) can hold the answer past the producer's timeout on a
                 // loaded machine, which then sends every entry again: the entries not failed
                 // are ambiguous too.
                 if forwarded.elapsed() > LATE_ANSWER {
                     shared.counts.late_answers.fetch_add(1, Ordering::Relaxed);
-                    let not_failed: u64 = user_records_per_entry(&request.body)
+                    let not_failed: u64 = per_entry
                         .iter()
                         .enumerate()
                         .filter(|(i, _)| !failed.contains(i))
@@ -483,10 +484,11 @@ async fn wait_for(flag: &AtomicBool, value: bool) {
 }
 
 /// Turns about half of the successful entries of a PutRecords answer into `code` failures,
-/// counting the user records they carry as ambiguous (they were written).
+/// counting the user records they carry (`per_entry`, from the request) as ambiguous (they
+/// were written). Gives back the answer and the failed entries' positions.
 fn fail_entries(
     shared: &Shared,
-    request: &[u8],
+    per_entry: &[u64],
     answer: Message,
     code: &str,
 ) -> (Message, Vec<usize>) {
@@ -512,7 +514,6 @@ fn fail_entries(
         .filter(|e| e.get("ErrorCode").is_some())
         .count();
     json["FailedRecordCount"] = failed_count.into();
-    let per_entry = user_records_per_entry(request);
     let ambiguous: u64 = failed
         .iter()
         .map(|&i| per_entry.get(i).copied().unwrap_or(0))
