@@ -73,6 +73,8 @@ mod backlog;
 #[cfg(feature = "producer")]
 mod config;
 #[cfg(feature = "producer")]
+mod deadlines;
+#[cfg(feature = "producer")]
 mod error;
 #[cfg(feature = "producer")]
 mod limiter;

@@ -27,6 +27,7 @@ use tracing::Instrument;
 
 use crate::aggregator::{self, AggregateId, Landed, Outgoing, ShardOrdinal, NO_SHARD};
 use crate::config::Config;
+use crate::deadlines::MostlySorted;
 use crate::error::{DeliveryError, FailureKind};
 use crate::limiter::Limiter;
 use crate::metrics::{MetricName, Recorder, ShardRef, Statistics};
@@ -98,7 +99,7 @@ impl Sender {
             lane_fronts: BTreeMap::new(),
             parked: Vec::new(),
             isolating: VecDeque::new(),
-            deadlines: BinaryHeap::new(),
+            deadlines: MostlySorted::new(),
             due: Vec::new(),
             retries: BinaryHeap::new(),
             retry_seq: 0,
@@ -156,8 +157,8 @@ struct Sender {
     /// Halves of requests refused as a whole for invalid input, sent on their own to find the
     /// entry at fault.
     isolating: VecDeque<Vec<Outgoing>>,
-    /// Aggregator deadlines, earliest first.
-    deadlines: BinaryHeap<Reverse<(Instant, AggregateId)>>,
+    /// Aggregator deadlines, earliest first (they arrive almost in order).
+    deadlines: MostlySorted<(Instant, AggregateId)>,
     /// The deadlines that are due, taken from `deadlines` to be flushed together (kept for
     /// its room).
     due: Vec<AggregateId>,
@@ -401,7 +402,7 @@ impl Sender {
         match message {
             Inbound::Record(outgoing) => self.enqueue(outgoing, false),
             Inbound::Closed(closed) => self.enqueue(closed.seal(&self.shared), false),
-            Inbound::Deadline { at, aggregate } => self.deadlines.push(Reverse((at, aggregate))),
+            Inbound::Deadline { at, aggregate } => self.deadlines.push((at, aggregate)),
             Inbound::Flush => {
                 self.flush_requested = true;
                 self.arrivals_disturbed = true;
@@ -619,7 +620,7 @@ impl Sender {
     }
 
     fn fire_deadlines(&mut self, now: Instant) {
-        while let Some(&Reverse((at, aggregate))) = self.deadlines.peek() {
+        while let Some((at, aggregate)) = self.deadlines.peek() {
             if at > now {
                 break;
             }
@@ -641,7 +642,7 @@ impl Sender {
     /// records the producer keeps only to gather them with others), the open aggregates among
     /// the oldest quarter of the pending deadlines close now: once puts wait for room no new
     /// record can join them, and holding them longer would only keep the caller waiting. (The
-    /// heap also holds the deadlines of aggregates that already closed, full or flushed, until
+    /// queue also holds the deadlines of aggregates that already closed, full or flushed, until
     /// they fire; when a quarter closes nothing, the next quarter goes, so a relief closes from
     /// one aggregate to about a quarter of them.) When the sender holds most of it (lanes,
     /// requests in flight, retries waiting out a backoff, records held by a limiter or by order
@@ -677,7 +678,7 @@ impl Sender {
             if in_aggregators * 2 >= held {
                 while closed == 0 && !self.deadlines.is_empty() {
                     for _ in 0..self.deadlines.len().div_ceil(RELIEF_SHARE) {
-                        if let Some(Reverse((_, aggregate))) = self.deadlines.pop() {
+                        if let Some((_, aggregate)) = self.deadlines.pop() {
                             self.due.push(aggregate);
                         }
                     }
@@ -740,8 +741,8 @@ impl Sender {
     fn next_wake(&self, now: Instant) -> Instant {
         let mut wake = now + Duration::from_secs(3600);
         wake = wake.min(self.next_refresh);
-        if let Some(Reverse((at, ..))) = self.deadlines.peek() {
-            wake = wake.min(*at);
+        if let Some((at, ..)) = self.deadlines.peek() {
+            wake = wake.min(at);
         }
         if let Some(Reverse(retry)) = self.retries.peek() {
             wake = wake.min(retry.at);
