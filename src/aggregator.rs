@@ -472,19 +472,14 @@ fn add_to_slot<'a>(
         // for nearly the whole buffered time, gathering more records; at a low rate it closes
         // at half the time.
         let lead = shared.close_lead(put_at);
-        let deadline = Inbound::Deadline {
-            at: put_at + shared.config.record_max_buffered_time.saturating_sub(lead),
-            aggregate: AggregateId {
+        shared.leave_deadline(
+            put_at + shared.config.record_max_buffered_time.saturating_sub(lead),
+            AggregateId {
                 generation: routing.generation,
                 slot: index,
                 cycle: slot.cycle,
             },
-        };
-        match emission.as_mut() {
-            // Sent right after the full aggregate: one wake-up of the sender for both.
-            Some(emission) => emission.then = Some(deadline),
-            None => shared.send(deadline),
-        }
+        );
     }
     emission
 }
@@ -539,7 +534,6 @@ fn take_emission<'a>(
             shard: routing.shard(index),
             generation: routing.generation,
         },
-        then: None,
         _turn: lock(&routing.emitting[index]),
     })
 }
@@ -547,8 +541,6 @@ fn take_emission<'a>(
 /// An aggregate taken out of its slot and not yet handed to the sender.
 struct Emission<'a> {
     closed: Closed,
-    /// A message for the sender to follow it (the deadline of the aggregate it made room for).
-    then: Option<Inbound>,
     /// Its shard's turn to send: the next aggregate of the shard waits for this one.
     _turn: MutexGuard<'a, ()>,
 }
@@ -562,11 +554,7 @@ impl Emission<'_> {
     /// when the sender falls behind, this thread computes it. Deadlines and flushes run on the
     /// sender or for `flush`: they compute it here.
     fn send(self, shared: &Shared, hand_over: bool) {
-        let Emission {
-            closed,
-            then,
-            _turn,
-        } = self;
+        let Emission { closed, _turn } = self;
         if hand_over
             && closed.unsealed.checksums_when_sealed()
             && shared.unsealed_at_sender.load(Ordering::Relaxed) < SENDER_CHECKSUMS_MAX
@@ -576,9 +564,6 @@ impl Emission<'_> {
         } else {
             let outgoing = closed.seal_here();
             shared.send(Inbound::Record(outgoing));
-        }
-        if let Some(then) = then {
-            shared.send(then);
         }
     }
 }

@@ -19,6 +19,7 @@ use crate::aggregator::{
 };
 use crate::backlog::{Backlog, NoRoom};
 use crate::config::{Config, ProducerBuilder};
+use crate::deadlines::Handover;
 use crate::error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
 use crate::metrics::{MetricName, MetricsSnapshot, Recorder, Statistics};
 use crate::receipt::{Delivered, Receipt};
@@ -37,13 +38,11 @@ pub(crate) enum Inbound {
     Record(Outgoing),
     /// A closed small aggregate for the sender to checksum (it had time to spare).
     Closed(aggregator::Closed),
-    /// An aggregator received its first record; flush it at `at` if it is still that aggregate.
-    Deadline {
-        at: Instant,
-        aggregate: aggregator::AggregateId,
-    },
     /// Send everything buffered now (`flush`).
     Flush,
+    /// A put left a deadline due before the sender's next wake-up (see
+    /// [`Handover`](crate::deadlines::Handover)): nothing else to do.
+    Wake,
     /// A put found the backlog full: send early what waits only for its buffering time.
     Pressure,
     /// Sent by the sender behind the aggregates a relief closed (`early`: it closed some):
@@ -146,6 +145,8 @@ pub(crate) struct Shared {
     /// A put found the backlog full and the sender has not yet answered with a relief (see
     /// [`backlog_full`](Self::backlog_full)).
     pub pressure: AtomicBool,
+    /// Deadlines of new aggregates, left for the sender to collect when it next wakes.
+    pub deadlines: Handover<aggregator::AggregateId>,
     inbound: mpsc::UnboundedSender<Inbound>,
     failures: Mutex<Option<mpsc::UnboundedSender<FailedRecord>>>,
     /// A reload task is running.
@@ -241,6 +242,13 @@ impl Shared {
                     DeliveryError::stopped("the producer's sender task is no longer running"),
                 );
             }
+        }
+    }
+
+    /// Hands an aggregate's deadline to the sender, waking it only when it sleeps past `at`.
+    pub fn leave_deadline(&self, at: Instant, aggregate: aggregator::AggregateId) {
+        if self.deadlines.leave(at, aggregate) {
+            self.send(Inbound::Wake);
         }
     }
 
@@ -590,6 +598,7 @@ impl ProducerBuilder {
             ),
             close_lead_set_nanos: AtomicU64::new(0),
             pressure: AtomicBool::new(false),
+            deadlines: Handover::new(),
             inbound,
             failures: Mutex::new(None),
             refreshing: AtomicBool::new(false),

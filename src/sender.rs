@@ -100,6 +100,7 @@ impl Sender {
             parked: Vec::new(),
             isolating: VecDeque::new(),
             deadlines: MostlySorted::new(),
+            collected: Vec::new(),
             due: Vec::new(),
             retries: BinaryHeap::new(),
             retry_seq: 0,
@@ -159,6 +160,8 @@ struct Sender {
     isolating: VecDeque<Vec<Outgoing>>,
     /// Aggregator deadlines, earliest first (they arrive almost in order).
     deadlines: MostlySorted<(Instant, AggregateId)>,
+    /// Deadlines just collected from the put threads (kept for its room).
+    collected: Vec<(Instant, AggregateId)>,
     /// The deadlines that are due, taken from `deadlines` to be flushed together (kept for
     /// its room).
     due: Vec<AggregateId>,
@@ -309,6 +312,7 @@ enum Blocked {
 impl Sender {
     async fn run(&mut self) {
         loop {
+            self.collect_deadlines();
             let now = Instant::now();
             self.fire_deadlines(now);
             self.release_retries(now);
@@ -347,6 +351,10 @@ impl Sender {
                 }
             }
             let wake = self.next_wake(now);
+            if !self.shared.deadlines.sleep_until(wake) {
+                // Deadlines were left since the top of the loop: they may come before `wake`.
+                continue;
+            }
             tokio::select! {
                 Some(completed) = self.results_rx.recv() => self.complete(completed),
                 Some(message) = self.inbound.recv() => {
@@ -402,7 +410,7 @@ impl Sender {
         match message {
             Inbound::Record(outgoing) => self.enqueue(outgoing, false),
             Inbound::Closed(closed) => self.enqueue(closed.seal(&self.shared), false),
-            Inbound::Deadline { at, aggregate } => self.deadlines.push((at, aggregate)),
+            Inbound::Wake => {}
             Inbound::Flush => {
                 self.flush_requested = true;
                 self.arrivals_disturbed = true;
@@ -617,6 +625,14 @@ impl Sender {
     /// The lane of `outgoing`.
     fn lane_mut(&mut self, outgoing: &Outgoing) -> Option<&mut Lane> {
         self.lane(outgoing.ordinal)
+    }
+
+    /// Moves the deadlines put threads left ([`Shared::leave_deadline`]) into `deadlines`.
+    fn collect_deadlines(&mut self) {
+        self.shared.deadlines.collect(&mut self.collected);
+        for deadline in self.collected.drain(..) {
+            self.deadlines.push(deadline);
+        }
     }
 
     fn fire_deadlines(&mut self, now: Instant) {
