@@ -1,17 +1,17 @@
-//! The sender's aggregate deadlines: how put threads hand them over, and how the sender keeps
-//! them.
+//! The sender's aggregate deadlines: how put threads leave them for it, and how it keeps them.
 //!
-//! Every aggregate that receives its first record has a deadline, one message per Kinesis
-//! record: on a stream of thousands of shards most deadlines lie a whole buffered time ahead,
-//! long after the sender's next wake-up. [`Handover`] lets a put thread leave such a deadline
-//! for the sender to collect when it next wakes, and wakes it only when the deadline comes
-//! before that. (Sent as channel messages, they woke the sender's task, and often its thread,
-//! once per Kinesis record.)
+//! Every aggregate that receives its first record gets a deadline, so a stream of thousands of
+//! shards makes one per Kinesis record, and most of them lie a whole buffered time ahead, long
+//! after the sender's next wake-up. [`LeftDeadlines`] lets a put thread leave such a deadline
+//! for the sender to collect when it next wakes, and has it wake the sender only when the
+//! deadline comes before that. (Until round 14 each was a channel message, which woke the
+//! sender's task, and often its thread, once per Kinesis record.)
 //!
-//! [`MostlySorted`] keeps them: each deadline is a record's put time plus a buffered time that
-//! changes slowly, so nearly every one is later than the one before it. Keys that arrive in
-//! order wait in a `VecDeque`, where pushing and popping touch only its ends; the few that
-//! arrive earlier than the latest key wait in a binary heap beside it. A binary heap alone paid
+//! [`MostlySorted`] keeps them. Each deadline is a record's put time plus a buffered time less
+//! a lead that changes slowly, so most arrive later than the one before. Keys that arrive in
+//! order wait in a `VecDeque`, where pushing and popping touch only its ends; those that
+//! arrive earlier than the latest key (after a put waited for backlog room, or while the lead
+//! grows) wait in a binary heap beside it, no worse off than in a binary heap alone, which paid
 //! a chain of cache misses for every pop once it held thousands of deadlines.
 
 use std::cmp::Reverse;
@@ -21,30 +21,34 @@ use std::time::Instant;
 
 use crate::sync::lock;
 
-/// Deadlines handed from put threads to the sender, and whether the sender sleeps past them.
+/// Deadlines put threads left for the sender, and whether the sender sleeps past them.
 ///
-/// Both sit behind one lock, so that a deadline is either collected by the sender before it
-/// sleeps or seen by its put thread as due before the sender's wake-up: the sender records the
-/// time it will wake only when nothing waits here ([`sleep_until`](Self::sleep_until)), and a
-/// put thread reads that time under the same lock as it leaves its deadline.
+/// Both sit behind one lock, so that a deadline is either collected in time by the sender or
+/// seen by its put thread as due before the sender wakes: the sender records when it will wake
+/// only if no deadline left for it comes sooner ([`try_sleep_until`](Self::try_sleep_until)),
+/// and a put thread reads that time under the same lock as it leaves its deadline
+/// ([`leave`](Self::leave)).
 #[derive(Debug)]
-pub(crate) struct Handover<K> {
-    inner: Mutex<Waiting<K>>,
+pub(crate) struct LeftDeadlines<K> {
+    inner: Mutex<Left<K>>,
 }
 
 #[derive(Debug)]
-struct Waiting<K> {
+struct Left<K> {
     deadlines: Vec<(Instant, K)>,
-    /// When the sleeping sender wakes by itself; `None` while it is awake (it collects the
-    /// deadlines before it sleeps again) or once a put thread has chosen to wake it.
+    /// The earliest of `deadlines`.
+    earliest: Option<Instant>,
+    /// When the sleeping sender wakes by itself; `None` while it is awake (it collects before
+    /// it sleeps again) and once a put thread has been told to wake it.
     sleeps_until: Option<Instant>,
 }
 
-impl<K> Handover<K> {
+impl<K> LeftDeadlines<K> {
     pub fn new() -> Self {
-        Handover {
-            inner: Mutex::new(Waiting {
+        LeftDeadlines {
+            inner: Mutex::new(Left {
                 deadlines: Vec::new(),
+                earliest: None,
                 sleeps_until: None,
             }),
         }
@@ -54,34 +58,47 @@ impl<K> Handover<K> {
     /// it sleeps past `at`. Only the first such caller is told to; later ones find the sender
     /// being woken.
     pub fn leave(&self, at: Instant, key: K) -> bool {
-        let mut waiting = lock(&self.inner);
-        waiting.deadlines.push((at, key));
-        match waiting.sleeps_until {
+        let mut left = lock(&self.inner);
+        left.deadlines.push((at, key));
+        left.earliest = Some(left.earliest.map_or(at, |earliest| earliest.min(at)));
+        match left.sleeps_until {
             Some(wake) if at < wake => {
-                waiting.sleeps_until = None;
+                left.sleeps_until = None;
                 true
             }
             _ => false,
         }
     }
 
-    /// The sender, awake: moves the deadlines left so far into `into` (`into` should be
-    /// empty: its buffer is kept for the next time).
+    /// The sender, awake: moves the deadlines left so far into `into`, which must be empty
+    /// (its buffer is kept for the next time).
     pub fn collect(&self, into: &mut Vec<(Instant, K)>) {
-        let mut waiting = lock(&self.inner);
-        waiting.sleeps_until = None;
-        std::mem::swap(&mut waiting.deadlines, into);
+        debug_assert!(into.is_empty());
+        let mut left = lock(&self.inner);
+        left.sleeps_until = None;
+        left.earliest = None;
+        std::mem::swap(&mut left.deadlines, into);
     }
 
-    /// The sender, about to sleep until `wake` at the latest: returns `false`, and records
-    /// nothing, when deadlines wait to be collected first.
-    pub fn sleep_until(&self, wake: Instant) -> bool {
-        let mut waiting = lock(&self.inner);
-        if !waiting.deadlines.is_empty() {
+    /// The sender, about to sleep until `wake` at the latest: returns `false`, recording
+    /// nothing, when a deadline left since it last collected comes before `wake` (it must
+    /// collect first). Later ones stay until it wakes.
+    pub fn try_sleep_until(&self, wake: Instant) -> bool {
+        let mut left = lock(&self.inner);
+        if left.earliest.is_some_and(|earliest| earliest < wake) {
             return false;
         }
-        waiting.sleeps_until = Some(wake);
+        left.sleeps_until = Some(wake);
         true
+    }
+
+    /// The sender woke: until it sleeps again, nothing left for it needs to wake it.
+    pub fn awake(&self) {
+        lock(&self.inner).sleeps_until = None;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        lock(&self.inner).deadlines.is_empty()
     }
 }
 
@@ -146,27 +163,36 @@ mod tests {
 
     #[test]
     fn a_put_thread_wakes_the_sender_only_for_a_deadline_before_its_wake_up() {
-        let handover = Handover::new();
+        let left = LeftDeadlines::new();
         let now = Instant::now();
         let ms = Duration::from_millis;
         let mut collected = Vec::new();
-        // Awake: nothing wakes it; it collects before sleeping.
-        assert!(!handover.leave(now + ms(5), 1));
-        assert!(!handover.sleep_until(now + ms(50)));
-        handover.collect(&mut collected);
+        // Awake: nothing wakes it. A deadline before its wake-up must be collected first; a
+        // later one may wait for it.
+        assert!(!left.leave(now + ms(5), 1));
+        assert!(!left.try_sleep_until(now + ms(50)));
+        assert!(left.try_sleep_until(now + ms(5)));
+        left.collect(&mut collected);
         assert_eq!(collected, vec![(now + ms(5), 1)]);
         collected.clear();
+        assert!(left.is_empty());
         // Asleep until 50 ms: a later deadline waits for it, an earlier one wakes it, once.
-        assert!(handover.sleep_until(now + ms(50)));
-        assert!(!handover.leave(now + ms(80), 2));
-        assert!(!handover.leave(now + ms(50), 3));
-        assert!(handover.leave(now + ms(10), 4));
-        assert!(!handover.leave(now + ms(1), 5));
-        handover.collect(&mut collected);
+        assert!(left.try_sleep_until(now + ms(50)));
+        assert!(!left.leave(now + ms(80), 2));
+        assert!(!left.leave(now + ms(50), 3));
+        assert!(left.leave(now + ms(10), 4));
+        assert!(!left.leave(now + ms(1), 5));
+        left.collect(&mut collected);
         let keys: Vec<u32> = collected.iter().map(|(_, k)| *k).collect();
         assert_eq!(keys, vec![2, 3, 4, 5]);
+        collected.clear();
         // Awake again after collecting: nothing wakes it until it sleeps.
-        assert!(!handover.leave(now, 6));
+        assert!(!left.leave(now, 6));
+        // Woken by something else while asleep: `awake` stops put threads waking it again.
+        left.collect(&mut collected);
+        assert!(left.try_sleep_until(now + ms(50)));
+        left.awake();
+        assert!(!left.leave(now + ms(1), 7));
     }
 
     #[test]
@@ -177,17 +203,17 @@ mod tests {
         // the sender would sleep through each pause.
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{mpsc, Arc};
-        let handover = Arc::new(Handover::<u32>::new());
+        let left = Arc::new(LeftDeadlines::<u32>::new());
         let done = Arc::new(AtomicBool::new(false));
         let (wake_tx, wake_rx) = mpsc::channel::<()>();
         let sender = {
-            let (handover, done) = (Arc::clone(&handover), Arc::clone(&done));
+            let (left, done) = (Arc::clone(&left), Arc::clone(&done));
             std::thread::spawn(move || {
                 let (mut fired, mut latest) = (0u32, Duration::ZERO);
                 let mut collected = Vec::new();
                 let mut pending = MostlySorted::new();
                 loop {
-                    handover.collect(&mut collected);
+                    left.collect(&mut collected);
                     for (at, key) in collected.drain(..) {
                         pending.push((at, key));
                     }
@@ -203,7 +229,7 @@ mod tests {
                     let wake = pending
                         .peek()
                         .map_or(now + Duration::from_secs(60), |(at, _)| at);
-                    if handover.sleep_until(wake) {
+                    if left.try_sleep_until(wake) {
                         let _ = wake_rx.recv_timeout(wake.saturating_duration_since(now));
                     }
                 }
@@ -211,12 +237,12 @@ mod tests {
         };
         let puts: Vec<_> = (0..2u64)
             .map(|thread| {
-                let (handover, wake_tx) = (Arc::clone(&handover), wake_tx.clone());
+                let (left, wake_tx) = (Arc::clone(&left), wake_tx.clone());
                 std::thread::spawn(move || {
                     for round in 0..4u32 {
                         for ahead in [1 + thread, 3, 40] {
                             let at = Instant::now() + Duration::from_millis(ahead);
-                            if handover.leave(at, round) {
+                            if left.leave(at, round) {
                                 let _ = wake_tx.send(());
                             }
                         }

@@ -19,7 +19,7 @@ use crate::aggregator::{
 };
 use crate::backlog::{Backlog, NoRoom};
 use crate::config::{Config, ProducerBuilder};
-use crate::deadlines::Handover;
+use crate::deadlines::LeftDeadlines;
 use crate::error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
 use crate::metrics::{MetricName, MetricsSnapshot, Recorder, Statistics};
 use crate::receipt::{Delivered, Receipt};
@@ -41,7 +41,7 @@ pub(crate) enum Inbound {
     /// Send everything buffered now (`flush`).
     Flush,
     /// A put left a deadline due before the sender's next wake-up (see
-    /// [`Handover`](crate::deadlines::Handover)): nothing else to do.
+    /// [`LeftDeadlines`]): nothing else to do.
     Wake,
     /// A put found the backlog full: send early what waits only for its buffering time.
     Pressure,
@@ -146,7 +146,7 @@ pub(crate) struct Shared {
     /// [`backlog_full`](Self::backlog_full)).
     pub pressure: AtomicBool,
     /// Deadlines of new aggregates, left for the sender to collect when it next wakes.
-    pub deadlines: Handover<aggregator::AggregateId>,
+    pub left_deadlines: LeftDeadlines<aggregator::AggregateId>,
     inbound: mpsc::UnboundedSender<Inbound>,
     failures: Mutex<Option<mpsc::UnboundedSender<FailedRecord>>>,
     /// A reload task is running.
@@ -247,7 +247,7 @@ impl Shared {
 
     /// Hands an aggregate's deadline to the sender, waking it only when it sleeps past `at`.
     pub fn leave_deadline(&self, at: Instant, aggregate: aggregator::AggregateId) {
-        if self.deadlines.leave(at, aggregate) {
+        if self.left_deadlines.leave(at, aggregate) {
             self.send(Inbound::Wake);
         }
     }
@@ -598,7 +598,7 @@ impl ProducerBuilder {
             ),
             close_lead_set_nanos: AtomicU64::new(0),
             pressure: AtomicBool::new(false),
-            deadlines: Handover::new(),
+            left_deadlines: LeftDeadlines::new(),
             inbound,
             failures: Mutex::new(None),
             refreshing: AtomicBool::new(false),

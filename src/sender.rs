@@ -347,12 +347,15 @@ impl Sender {
                         self.handle(message);
                         continue;
                     }
+                    // A deadline left since the top of the loop is for a record that reached
+                    // an aggregator since (a re-route): flush again.
+                    Err(_) if !self.shared.left_deadlines.is_empty() => continue,
                     Err(_) => break,
                 }
             }
             let wake = self.next_wake(now);
-            if !self.shared.deadlines.sleep_until(wake) {
-                // Deadlines were left since the top of the loop: they may come before `wake`.
+            if !self.shared.left_deadlines.try_sleep_until(wake) {
+                // A deadline left since the top of the loop comes before `wake`.
                 continue;
             }
             tokio::select! {
@@ -360,7 +363,7 @@ impl Sender {
                 Some(message) = self.inbound.recv() => {
                     // What else has arrived is handled in the same pass: one round of timers
                     // and dispatch per batch of messages, not per message (with thousands of
-                    // shards, each aggregate's deadline and close is a message).
+                    // shards, each aggregate's close is a message).
                     self.inbox.push_back(message);
                     while self.inbox.len() < INBOUND_BATCH {
                         match self.inbound.try_recv() {
@@ -372,6 +375,7 @@ impl Sender {
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
+            self.shared.left_deadlines.awake();
         }
     }
 
@@ -627,9 +631,10 @@ impl Sender {
         self.lane(outgoing.ordinal)
     }
 
-    /// Moves the deadlines put threads left ([`Shared::leave_deadline`]) into `deadlines`.
+    /// Moves the deadlines put threads left ([`Shared::leave_deadline`]) into `deadlines`, and
+    /// marks the sender awake.
     fn collect_deadlines(&mut self) {
-        self.shared.deadlines.collect(&mut self.collected);
+        self.shared.left_deadlines.collect(&mut self.collected);
         for deadline in self.collected.drain(..) {
             self.deadlines.push(deadline);
         }
@@ -677,6 +682,8 @@ impl Sender {
     /// A `Relieved` message follows the closed aggregates through the inbound channel; it lets
     /// the lanes send them, and lets the next put that finds the backlog full ask again.
     fn relieve(&mut self) {
+        // Deadlines left while the sender slept (those after its wake-up did not wake it).
+        self.collect_deadlines();
         let held = self.shared.backlog.bytes_held();
         let now = Instant::now();
         let mut closed = 0;
