@@ -281,13 +281,7 @@ mod tests {
     fn keys_come_out_in_order_however_they_arrive() {
         // In order, in reverse, with repeats, and a drift with jumps back (as when the
         // buffered time's lead grows): compared against a plain sort of the same keys.
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::test_rng::xorshift64(0x2545_F491_4F6C_DD1D);
         let drift: Vec<u64> = (0..5_000u64)
             .map(|i| 10_000 + i * 10 + next() % 40 - if i % 700 == 0 { 900 } else { 0 })
             .collect();

@@ -98,6 +98,8 @@ mod sender;
 mod stats;
 #[cfg(any(feature = "producer", feature = "batch"))]
 mod sync;
+#[cfg(test)]
+mod test_rng;
 
 pub use deaggregation::{
     deaggregate, DeaggregatedRecord, DeaggregationError, Deaggregator, OutOfRange,

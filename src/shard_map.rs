@@ -321,13 +321,7 @@ mod tests {
         // Maps cut at pseudo-random points, some with shards left out (gaps, a missing top or
         // bottom): the binary search, which skips the end check on gapless maps, must pick
         // what a scan of every range picks, at every boundary and around it.
-        let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::test_rng::xorshift64(0x9E37_79B9_7F4A_7C15);
         for round in 0..240 {
             // Few shards, many, and many crowded into one small stretch of the key space.
             let count = match round % 4 {
