@@ -119,6 +119,7 @@ impl Unsealed {
     /// Whether [`seal`](Self::seal) computes a checksum (an aggregate in one buffer); an
     /// aggregate in pieces gets its checksum when its request body is written, and a lone
     /// record needs none.
+    #[cfg_attr(not(feature = "producer"), allow(dead_code))]
     pub(crate) fn checksums_when_sealed(&self) -> bool {
         matches!(
             self,
