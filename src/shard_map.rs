@@ -350,7 +350,7 @@ mod tests {
                     let end = starts.get(i + 1).map_or(u128::MAX, |next| next - 1);
                     range(&format!("s{i}"), start, end)
                 })
-                .filter(|_| round % 3 != 0 || next() % 4 != 0)
+                .filter(|_| round % 3 != 0 || !next().is_multiple_of(4))
                 .collect();
             let map = ShardMap::new(shards.clone());
             let mut probes = vec![0, 1, u128::MAX, u128::MAX - 1];
