@@ -4,8 +4,8 @@
 //! shards makes one per Kinesis record, and most of them lie a whole buffered time ahead, long
 //! after the sender's next wake-up. [`LeftDeadlines`] lets a put thread leave such a deadline
 //! for the sender to collect when it next wakes, and has it wake the sender only when the
-//! deadline comes before that. (Until round 14 each was a channel message, which woke the
-//! sender's task, and often its thread, once per Kinesis record.)
+//! deadline comes before that. (A channel message per deadline would wake the sender's task,
+//! and often its thread, once per Kinesis record.)
 //!
 //! [`MostlySorted`] keeps them. Each deadline is a record's put time plus a buffered time less
 //! a lead that changes slowly, so most arrive later than the one before. Keys that arrive in
