@@ -23,7 +23,7 @@ use crate::prefetch::{prefetch, prefetch_slice, prefetch_spare};
 use crate::producer::{Inbound, Shared};
 use crate::receipt::ReceiptTx;
 use crate::record::UserRecord;
-use crate::shard_map::ShardMap;
+use crate::shard_map::{ShardMap, ShardRange};
 use crate::sync::lock;
 
 /// What the producer knows about a user record besides the record itself.
@@ -109,6 +109,10 @@ pub(crate) const NO_SHARD: ShardOrdinal = 0;
 #[derive(Default)]
 pub(crate) struct ShardOrdinals {
     by_name: HashMap<Arc<str>, ShardOrdinal, foldhash::fast::RandomState>,
+    /// The hash key range of each shard a map named, by ordinal (from 1): order mode holds a
+    /// shard's lane while a closed shard whose range overlaps it still has records to settle,
+    /// and a closed shard's range is in no current map.
+    ranges: Vec<Option<(u128, u128)>>,
 }
 
 impl ShardOrdinals {
@@ -120,6 +124,22 @@ impl ShardOrdinals {
         let ordinal = ShardOrdinal::try_from(self.by_name.len() + 1).unwrap_or(ShardOrdinal::MAX);
         self.by_name.insert(Arc::clone(shard_id), ordinal);
         ordinal
+    }
+
+    /// [`of`](Self::of) for a shard of a map, whose range is remembered.
+    fn of_shard(&mut self, shard: &ShardRange) -> ShardOrdinal {
+        let ordinal = self.of(&shard.shard_id);
+        let at = ordinal as usize;
+        if self.ranges.len() <= at {
+            self.ranges.resize(at + 1, None);
+        }
+        self.ranges[at] = Some((shard.start, shard.end));
+        ordinal
+    }
+
+    /// The hash key range of the shard at `ordinal`, if a map named it.
+    pub fn range(&self, ordinal: ShardOrdinal) -> Option<(u128, u128)> {
+        self.ranges.get(ordinal as usize).copied().flatten()
     }
 }
 
@@ -253,7 +273,7 @@ pub(crate) struct Routing {
 }
 
 /// A shard's name and ordinal, or `None` and [`NO_SHARD`].
-type RoutedTo = (Option<Arc<str>>, ShardOrdinal);
+pub(crate) type RoutedTo = (Option<Arc<str>>, ShardOrdinal);
 
 struct Slot {
     builder: AggregateBuilder,
@@ -289,7 +309,7 @@ impl Routing {
         // Taken before the slots are built, so the lock is held only for the lookups.
         let ordinals: Vec<ShardOrdinal> = {
             let mut known = lock(ordinals);
-            map.shards().iter().map(|s| known.of(&s.shard_id)).collect()
+            map.shards().iter().map(|s| known.of_shard(s)).collect()
         };
         let slots = (0..=map.len())
             .map(|_| {
@@ -334,7 +354,7 @@ impl Routing {
     }
 
     /// The shard of `slot`: `None` for the last slot.
-    fn shard(&self, slot: usize) -> RoutedTo {
+    pub fn shard(&self, slot: usize) -> RoutedTo {
         match self.map.shards().get(slot) {
             Some(shard) => (Some(shard.shard_id.clone()), self.ordinals[slot]),
             None => (None, NO_SHARD),
@@ -421,12 +441,7 @@ fn add_to_slot<'a>(
         // Too big to share an aggregate (or aggregation is off): it goes out alone. Whatever
         // the slot holds goes first, so the shard's records leave in `put` order.
         emit_slot(shared, routing, index, slot);
-        let entry = match shared.config.aggregation && record.data().starts_with(&MAGIC) {
-            // Readers would take its data for an aggregate: an aggregate of one instead, as
-            // for a lone record (`admit` checked that it fits a record with its key).
-            true => alone_in_an_aggregate(record),
-            false => Entry::plain(&record),
-        };
+        let entry = entry_alone(shared, record);
         shared.send(Inbound::Record(Outgoing::new(
             entry,
             vec![meta],
@@ -482,6 +497,16 @@ fn add_to_slot<'a>(
         );
     }
     emission
+}
+
+/// `record` in a Kinesis record of its own: plain, or, when aggregation is on and its data
+/// starts with the aggregate's magic (readers would take it for an aggregate), as an aggregate
+/// of one, as for a lone record (`admit` checked that it fits a record with its key).
+fn entry_alone(shared: &Shared, record: UserRecord) -> Entry {
+    match shared.config.aggregation && record.data().starts_with(&MAGIC) {
+        true => alone_in_an_aggregate(record),
+        false => Entry::plain(&record),
+    }
 }
 
 /// `record` as an aggregate of one, whatever its size.
@@ -756,6 +781,61 @@ pub(crate) fn reroute(shared: &Shared, records: Vec<UserRecord>, metas: Vec<Reco
             )));
         }
     }
+}
+
+/// Packs user records into Kinesis records for `shard`, in the order given, by the rules of a
+/// shard's aggregator: aggregates up to the configured limits; alone, a record too big to share
+/// one (or every record, when aggregation is off or no open shard covers them). Order mode uses
+/// it to put the records of a closed shard back at the front of the shards that took over its
+/// keys, ahead of newer records, rather than behind them in the aggregators.
+pub(crate) fn pack(
+    shared: &Shared,
+    records: Vec<(UserRecord, RecordMeta)>,
+    shard: RoutedTo,
+    generation: u64,
+) -> Vec<Outgoing> {
+    let aggregates = shared.config.aggregation && shard.0.is_some();
+    let mut packed = Vec::new();
+    let mut builder = AggregateBuilder::new(shared.aggregate_limits());
+    let mut metas = Vec::new();
+    let finish = |builder: &mut AggregateBuilder,
+                  metas: &mut Vec<RecordMeta>,
+                  packed: &mut Vec<Outgoing>| {
+        if let Some(entry) = builder.finish_entry(false) {
+            let metas = std::mem::take(metas);
+            packed.push(Outgoing::new(entry, metas, shard.clone(), generation));
+        }
+    };
+    for (record, meta) in records {
+        let alone = if !aggregates
+            || AggregateBuilder::solo_len(&record) > shared.config.aggregation_max_size
+        {
+            entry_alone(shared, record)
+        } else {
+            match builder.try_push(record) {
+                Ok(()) => {
+                    metas.push(meta);
+                    continue;
+                }
+                Err(record) => {
+                    finish(&mut builder, &mut metas, &mut packed);
+                    match builder.try_push(record) {
+                        Ok(()) => {
+                            metas.push(meta);
+                            continue;
+                        }
+                        // Unreachable by the size check above; if it were not, it goes alone.
+                        Err(record) => Entry::plain(&record),
+                    }
+                }
+            }
+        };
+        // A record going alone leaves after what was gathered before it.
+        finish(&mut builder, &mut metas, &mut packed);
+        packed.push(Outgoing::new(alone, vec![meta], shard.clone(), generation));
+    }
+    finish(&mut builder, &mut metas, &mut packed);
+    packed
 }
 
 #[cfg(test)]

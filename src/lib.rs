@@ -87,6 +87,8 @@ mod prefetch;
 #[cfg(feature = "producer")]
 mod producer;
 #[cfg(feature = "producer")]
+mod ranges;
+#[cfg(feature = "producer")]
 mod receipt;
 #[cfg(feature = "producer")]
 mod request_body;

@@ -51,8 +51,9 @@ pub(crate) enum Inbound {
     /// Send everything, then end; at `deadline`, report what is left as failed.
     Stop { deadline: Instant },
     /// A shard map reload finished: `loaded` says whether ListShards answered (the map may or
-    /// may not have changed).
-    MapRefreshed { loaded: bool },
+    /// may not have changed). `generation` is the routing's then: every aggregate routed by an
+    /// older one is ahead of this message (the map's installation waited for them).
+    MapRefreshed { loaded: bool, generation: u64 },
 }
 
 impl Inbound {
@@ -437,7 +438,8 @@ impl Shared {
                             false
                         }
                     };
-                    shared.send(Inbound::MapRefreshed { loaded });
+                    let generation = shared.routing_generation.load(Ordering::Acquire);
+                    shared.send(Inbound::MapRefreshed { loaded, generation });
                     let pause =
                         Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30));
                     tokio::time::sleep(pause).await;

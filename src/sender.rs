@@ -10,7 +10,10 @@
 //!
 //! With `preserve_order`, a lane sends one Kinesis record per request and nothing more while
 //! that record is outstanding (in flight, or waiting to be retried): Kinesis does not order the
-//! records of one PutRecords request, so this is the only way to keep a shard's order.
+//! records of one PutRecords request, so this is the only way to keep a shard's order. Across a
+//! reshard, the lane of a shard that closed keeps its records until none is outstanding, while
+//! the lanes of the shards that took over its keys send nothing; its records then go to the
+//! front of those lanes, ahead of every newer record (`drain_closed_lanes`).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
@@ -25,7 +28,9 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::aggregator::{self, AggregateId, Landed, Outgoing, ShardOrdinal, NO_SHARD};
+use crate::aggregator::{
+    self, AggregateId, Landed, Outgoing, RecordMeta, RoutedTo, Routing, ShardOrdinal, NO_SHARD,
+};
 use crate::config::Config;
 use crate::deadlines::MostlySorted;
 use crate::error::{DeliveryError, FailureKind};
@@ -33,6 +38,8 @@ use crate::limiter::Limiter;
 use crate::metrics::{MetricName, Recorder, ShardRef, Statistics};
 use crate::prefetch::{prefetch, prefetch_slice};
 use crate::producer::{Inbound, Returns, Shared};
+use crate::ranges::RangeIndex;
+use crate::record::UserRecord;
 use crate::request_body;
 use crate::retry::{classify_sdk_error, entry_error_is_transient, AttemptError};
 use crate::shard_map::StreamId;
@@ -84,7 +91,9 @@ impl Sender {
     fn new(shared: Arc<Shared>, inbound: mpsc::UnboundedReceiver<Inbound>) -> Sender {
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         let next_refresh = Instant::now() + shared.config.shard_map_refresh_interval;
-        Sender {
+        let order_routing = shared.config.preserve_order.then(|| shared.routing());
+        let channel_generation = order_routing.as_ref().map_or(0, |r| r.generation);
+        let mut sender = Sender {
             ending: Some(Arc::new(Ending(Arc::clone(&shared)))),
             shared,
             inbound,
@@ -121,7 +130,15 @@ impl Sender {
             arrived_bytes: 0,
             arrivals_since: Instant::now(),
             arrivals_disturbed: false,
-        }
+            channel_generation,
+            closed_lanes: Vec::new(),
+            drain_wanted: false,
+            order_routing: None,
+            closed_index: None,
+            uncovered_waiting: false,
+        };
+        sender.order_routing = order_routing;
+        sender
     }
 }
 
@@ -203,6 +220,27 @@ struct Sender {
     /// A flush or the stop sent every aggregate at once in this period: its rate says nothing
     /// of the traffic, and it is not used.
     arrivals_disturbed: bool,
+    /// Order mode (`None` without it): the routing whose map the lanes were last checked
+    /// against for shards that closed.
+    order_routing: Option<Arc<Routing>>,
+    /// Order mode: the routing generation of the latest `MapRefreshed` message. Every aggregate
+    /// routed by an older routing is ahead of that message in the channel (it is sent once the
+    /// map's installation has retired the old aggregators and waited for what they handed
+    /// over), so once it reaches the generation that closed a shard, no more records for that
+    /// shard will come. (A record's own generation does not say as much: the installation hands
+    /// over aggregates of the new map while old aggregators are still open.)
+    channel_generation: u64,
+    /// Order mode: the lanes of closed shards not drained yet.
+    closed_lanes: Vec<ShardOrdinal>,
+    /// Order mode: a closed lane may have become ready to drain.
+    drain_wanted: bool,
+    /// Order mode: the lane of records no open shard covered (a map with a gap) holds records,
+    /// and no other lane sends meanwhile: those records could have any key, and Kinesis routes
+    /// them where it will.
+    uncovered_waiting: bool,
+    /// Order mode: the closed lanes' ranges, built when first searched after `closed_lanes`
+    /// changed.
+    closed_index: Option<RangeIndex<ShardOrdinal>>,
 }
 
 /// How often the sender measures the rate Kinesis records reach it: every 100 ms, or every
@@ -233,6 +271,45 @@ struct Lane {
     limited_since: Option<Instant>,
     /// What the lane has in `lane_fronts`.
     front_key: Option<Instant>,
+    /// Order mode's state for reshards (`None` without order mode).
+    order: Option<Box<LaneOrder>>,
+}
+
+/// What order mode keeps of a lane to hold each key's order across a reshard.
+#[derive(Default)]
+struct LaneOrder {
+    /// Its shard's hash key range (`None` for the lane of records no open shard covered).
+    range: Option<(u128, u128)>,
+    /// Its shard has closed (in the map of this routing generation): the lane sends nothing
+    /// more, and once none of its records is outstanding, its records go to the lanes that took
+    /// over their keys.
+    closed_under: Option<u64>,
+    /// Closed lanes overlapping this one that still hold records: it sends nothing until they
+    /// have gone, as their records are older than any of its own.
+    held: u32,
+    /// On a closed lane: the lanes it holds.
+    holds: Vec<ShardOrdinal>,
+}
+
+impl LaneOrder {
+    fn blocks(&self) -> bool {
+        self.held > 0 || self.closed_under.is_some()
+    }
+}
+
+impl Lane {
+    /// Whether order mode keeps the lane from sending (see [`LaneOrder`]).
+    fn order_blocks(&self) -> bool {
+        self.order.as_ref().is_some_and(|order| order.blocks())
+    }
+
+    fn range(&self) -> Option<(u128, u128)> {
+        self.order.as_ref().and_then(|order| order.range)
+    }
+
+    fn closed_under(&self) -> Option<u64> {
+        self.order.as_ref().and_then(|order| order.closed_under)
+    }
 }
 
 /// The error code of an entry or request over its shard's throughput.
@@ -430,7 +507,8 @@ impl Sender {
                 self.arrivals_disturbed = true;
                 self.stop_deadline = Some(self.stop_deadline.map_or(deadline, |d| d.min(deadline)));
             }
-            Inbound::MapRefreshed { loaded } => {
+            Inbound::MapRefreshed { loaded, generation } => {
+                self.saw_generation(generation);
                 // A parked aggregate waits for a map that knows the shard it landed on; a reload
                 // that raced the reshard may not yet, so it gets a few more before the records
                 // are re-sent. Failed reloads count too (they retry on their own, further and
@@ -450,7 +528,7 @@ impl Sender {
                 if wait_more && loaded {
                     self.shared.request_refresh();
                 }
-                if loaded {
+                if loaded && self.order_routing.is_none() {
                     self.resplit_closed_lanes();
                 }
             }
@@ -464,9 +542,14 @@ impl Sender {
 
     /// Queues a Kinesis record in its shard's lane (a retry at the front). A record for a shard
     /// the current map no longer has is re-split under the new map instead: it was never
-    /// written, so this loses and duplicates nothing.
+    /// written, so this loses and duplicates nothing. (In order mode it joins its closed
+    /// shard's lane, which re-splits it in turn: `drain_closed_lanes`.)
     fn enqueue(&mut self, outgoing: Outgoing, front: bool) {
-        if let Some(shard) = &outgoing.shard_id {
+        if let Some(order_routing) = &self.order_routing {
+            if self.shared.routing_generation.load(Ordering::Acquire) != order_routing.generation {
+                self.mark_closed_lanes();
+            }
+        } else if let Some(shard) = &outgoing.shard_id {
             // Routed by the current map: its shard is open. (A map installed after this check
             // re-splits the lanes it closed when its reload is announced.)
             let current = self.shared.routing_generation.load(Ordering::Acquire);
@@ -482,6 +565,7 @@ impl Sender {
         if self.lanes.len() <= at {
             self.lanes.resize_with(at + 1, || None);
         }
+        let (order_mode, created) = (self.order_routing.is_some(), self.lanes[at].is_none());
         let lane = self.lanes[at].get_or_insert_with(|| {
             Box::new(Lane {
                 shard_id: outgoing.shard_id.clone(),
@@ -494,6 +578,7 @@ impl Sender {
                 not_before: None,
                 limited_since: None,
                 front_key: None,
+                order: order_mode.then(Box::default),
             })
         });
         let size = outgoing.request_size();
@@ -513,11 +598,311 @@ impl Sender {
             // Listed again when its time comes (`wake_lanes`).
             self.blocked_count += 1;
             self.blocked_bytes += size;
-        } else if !lane.listed {
+        } else if !lane.listed && !lane.order_blocks() {
             lane.listed = true;
             self.ready.push_back(key);
         }
         refresh_front(lane, &mut self.lane_fronts);
+        if order_mode && created {
+            self.adopt_lane(key);
+        }
+    }
+
+    /// Order mode: a `MapRefreshed` message showed routing `generation`.
+    fn saw_generation(&mut self, generation: u64) {
+        if self.order_routing.is_none() || generation <= self.channel_generation {
+            return;
+        }
+        self.channel_generation = generation;
+        // Closed lanes waiting for the channel to catch up may drain now.
+        self.drain_wanted |= !self.closed_lanes.is_empty();
+        // A map reload is news even when no record follows it.
+        let current = self.shared.routing_generation.load(Ordering::Acquire);
+        if self
+            .order_routing
+            .as_ref()
+            .is_some_and(|r| r.generation != current)
+        {
+            self.mark_closed_lanes();
+        }
+    }
+
+    /// Order mode: a new lane learns its shard's range and is held by the closed lanes of
+    /// older shards it overlaps; a lane for a shard the map has closed is closed at once.
+    ///
+    /// A shard's ordinal says its age: a map names a parent before any of its children, so the
+    /// parent's ordinal is the smaller (see `ShardOrdinals`). Of two overlapping lanes, a closed
+    /// one holds the other when its shard is the older; an open lane's shard is in the current
+    /// map, so every closed lane overlapping it is an ancestor.
+    fn adopt_lane(&mut self, key: ShardOrdinal) {
+        let range = match key {
+            // Its records may have any key.
+            NO_SHARD => Some((0, u128::MAX)),
+            _ => lock(&self.shared.shard_ordinals).range(key),
+        };
+        let mut holders = self.closed_overlapping(range);
+        if key != NO_SHARD {
+            holders.retain(|&closed| closed < key);
+        }
+        for &closed in &holders {
+            if let Some(order) = self.lane(closed).and_then(|l| l.order.as_mut()) {
+                order.holds.push(key);
+            }
+        }
+        let routing = self.order_routing.clone();
+        let Some(lane) = lane_at(&mut self.lanes, key) else {
+            return;
+        };
+        if let Some(order) = &mut lane.order {
+            order.range = range;
+            order.held += holders.len() as u32;
+        }
+        let closed = lane.shard_id.as_ref().is_some_and(|id| {
+            routing
+                .as_ref()
+                .is_some_and(|routing| !routing.has_shard(id))
+        });
+        if closed {
+            self.close_lanes(vec![key]);
+        }
+    }
+
+    /// Order mode: the closed lanes whose ranges overlap `range`, oldest first.
+    fn closed_overlapping(&mut self, range: Option<(u128, u128)>) -> Vec<ShardOrdinal> {
+        let Some((start, end)) = range else {
+            return Vec::new();
+        };
+        if self.closed_lanes.is_empty() {
+            return Vec::new();
+        }
+        let lanes = &self.lanes;
+        let closed_range = |key: ShardOrdinal| lanes.get(key as usize)?.as_deref()?.range();
+        let closed_lanes = &self.closed_lanes;
+        let index = self.closed_index.get_or_insert_with(|| {
+            RangeIndex::new(
+                closed_lanes
+                    .iter()
+                    .filter_map(|&key| closed_range(key).map(|(s, e)| (s, e, key)))
+                    .collect(),
+            )
+        });
+        let mut found = Vec::new();
+        index.overlapping(start, end, |key| found.push(key));
+        found.sort_unstable();
+        found
+    }
+
+    /// Order mode: the map changed; the lanes of shards it no longer has are closed.
+    fn mark_closed_lanes(&mut self) {
+        let routing = self.shared.routing();
+        let closed: Vec<ShardOrdinal> = (0..self.lanes.len())
+            .filter_map(|at| {
+                let lane = self.lanes[at].as_deref()?;
+                let shard_id = lane.shard_id.as_ref()?;
+                let closes = lane.closed_under().is_none() && !routing.has_shard(shard_id);
+                closes.then_some(at as ShardOrdinal)
+            })
+            .collect();
+        self.order_routing = Some(routing);
+        self.close_lanes(closed);
+    }
+
+    /// Order mode: closes the lanes at `keys`. Each stops sending and holds the lanes of
+    /// younger shards its range overlaps (the open shards of the map that took over its keys,
+    /// and any of their line already closed) until its records have gone to them; and the lane
+    /// of records no shard covered, as their keys may be its.
+    fn close_lanes(&mut self, keys: Vec<ShardOrdinal>) {
+        let Some(routing) = self.order_routing.clone() else {
+            return;
+        };
+        if keys.is_empty() {
+            return;
+        }
+        for &key in &keys {
+            if let Some(order) = self.lane(key).and_then(|l| l.order.as_mut()) {
+                order.closed_under = Some(routing.generation);
+            }
+            self.closed_lanes.push(key);
+        }
+        self.closed_index = None;
+        for key in keys {
+            let mut holds = Vec::new();
+            if let Some((start, end)) = self.lane_ref(key).and_then(Lane::range) {
+                // The map's shards are sorted and do not overlap.
+                let shards = routing.map.shards();
+                let first = shards.partition_point(|shard| shard.end < start);
+                let overlapping = shards[first..]
+                    .iter()
+                    .take_while(|s| s.start <= end)
+                    .count();
+                holds.extend((first..first + overlapping).map(|index| routing.shard(index).1));
+                let younger = self.closed_overlapping(Some((start, end)));
+                holds.extend(younger.into_iter().filter(|&closed| closed > key));
+                holds.push(NO_SHARD);
+            }
+            holds.retain(|&at| at != key && self.lane_ref(at).is_some());
+            for &held in &holds {
+                if let Some(order) = self.lane(held).and_then(|l| l.order.as_mut()) {
+                    order.held += 1;
+                }
+            }
+            if let Some(order) = self.lane(key).and_then(|l| l.order.as_mut()) {
+                order.holds = holds;
+            }
+            tracing::debug!(lane = key, "order mode: a lane's shard closed");
+        }
+        self.drain_wanted = true;
+    }
+
+    /// Order mode: notes whether the lane of records no shard covered holds any; when it has
+    /// just emptied, the lanes it held back may send.
+    fn watch_uncovered(&mut self) {
+        let waiting = self
+            .lane_ref(NO_SHARD)
+            .is_some_and(|lane| lane.outstanding > 0 || !lane.queue.is_empty());
+        if self.uncovered_waiting && !waiting {
+            for at in 1..self.lanes.len() {
+                let Some(lane) = self.lanes[at].as_deref_mut() else {
+                    continue;
+                };
+                let may_send = lane.outstanding == 0 && !lane.queue.is_empty();
+                if may_send && !lane.listed && !lane.waiting && !lane.order_blocks() {
+                    lane.listed = true;
+                    self.ready.push_back(at as ShardOrdinal);
+                }
+            }
+        }
+        self.uncovered_waiting = waiting;
+    }
+
+    /// Order mode: re-splits each closed lane whose records may go now — none outstanding,
+    /// no older closed lane holding it, and no more records for it to come through the channel
+    /// — into the lanes that took over their keys, at their front, and lets those lanes send.
+    /// Lanes ready together never overlap (of two that do, the older holds the younger), so
+    /// each pass drains all that are ready; a pass that frees others is followed by another.
+    fn drain_closed_lanes(&mut self) {
+        self.drain_wanted = false;
+        loop {
+            let (lanes, channel) = (&self.lanes, self.channel_generation);
+            let mut ready = Vec::new();
+            self.closed_lanes.retain(|&key| {
+                let lane = lanes.get(key as usize).and_then(|l| l.as_deref());
+                let drains = lane.is_none_or(|lane| {
+                    let order = lane.order.as_deref();
+                    lane.outstanding == 0
+                        && order.is_some_and(|o| o.held == 0 && o.closed_under <= Some(channel))
+                });
+                if drains {
+                    ready.push(key);
+                }
+                !drains
+            });
+            if ready.is_empty() {
+                return;
+            }
+            self.closed_index = None;
+            for key in ready {
+                self.drain_lane(key);
+            }
+        }
+    }
+
+    /// Order mode: takes a closed lane out and re-splits its records (`drain_closed_lanes`).
+    fn drain_lane(&mut self, key: ShardOrdinal) {
+        let Some(lane) = self.lanes.get_mut(key as usize).and_then(Option::take) else {
+            return;
+        };
+        if lane.waiting {
+            self.blocked_count -= lane.queue.len();
+            self.blocked_bytes -= lane.bytes;
+        }
+        if let Some(front) = lane.front_key {
+            multiset_remove(&mut self.lane_fronts, front);
+        }
+        for &held in lane.order.iter().flat_map(|order| &order.holds) {
+            let Some(lane) = lane_at(&mut self.lanes, held) else {
+                continue;
+            };
+            if let Some(order) = &mut lane.order {
+                order.held = order.held.saturating_sub(1);
+            }
+            let may_send = lane.outstanding == 0 && !lane.queue.is_empty();
+            if may_send && !lane.listed && !lane.waiting && !lane.order_blocks() {
+                lane.listed = true;
+                self.ready.push_back(held);
+            }
+        }
+        for outgoing in &lane.queue {
+            unqueue(&mut self.pending_count, &mut self.pending_bytes, outgoing);
+        }
+        let (range, not_before) = (lane.range(), lane.not_before);
+        let not_before = not_before.filter(|at| *at > Instant::now());
+        self.resplit_in_order(lane.queue, range, not_before);
+    }
+
+    /// Order mode: the records of a drained closed lane (whose range was `range`), in order, to
+    /// the front of the lanes that now own their keys: the oldest closed lane that covers a key
+    /// (a younger shard of the same line, itself still waiting), or else the open shard the map
+    /// gives it. A retry's backoff (`not_before`) carries over to them.
+    fn resplit_in_order(
+        &mut self,
+        queue: VecDeque<Outgoing>,
+        range: Option<(u128, u128)>,
+        not_before: Option<Instant>,
+    ) {
+        let routing = match &self.order_routing {
+            Some(routing) => Arc::clone(routing),
+            None => self.shared.routing(),
+        };
+        // The closed lanes that may take some of these records, oldest first: few (a younger
+        // shard of the same line), looked up once rather than for every record.
+        let later: Vec<(ShardOrdinal, (u128, u128))> = self
+            .closed_overlapping(range)
+            .into_iter()
+            .filter_map(|closed| Some((closed, self.lane_ref(closed)?.range()?)))
+            .collect();
+        // Few: the shards that took over one shard's keys.
+        let mut targets: Vec<(RoutedTo, Vec<(UserRecord, RecordMeta)>)> = Vec::new();
+        for mut outgoing in queue {
+            // Its records keep the attempts that carried them so far.
+            for meta in &mut outgoing.metas {
+                meta.earlier_attempts = meta.attempts(outgoing.attempts);
+            }
+            let records = outgoing.take_user_records();
+            for (record, meta) in records.into_iter().zip(outgoing.metas) {
+                let closed = later
+                    .iter()
+                    .find(|(_, (start, end))| (*start..=*end).contains(&meta.hash_key))
+                    .map(|(closed, _)| *closed);
+                let shard = match closed {
+                    Some(closed) => (
+                        self.lane_ref(closed).and_then(|l| l.shard_id.clone()),
+                        closed,
+                    ),
+                    None => match routing.map.shard_index(meta.hash_key) {
+                        Some(index) => routing.shard(index),
+                        None => (None, NO_SHARD),
+                    },
+                };
+                match targets
+                    .iter_mut()
+                    .find(|((_, ordinal), _)| *ordinal == shard.1)
+                {
+                    Some((_, records)) => records.push((record, meta)),
+                    None => targets.push((shard, vec![(record, meta)])),
+                }
+            }
+        }
+        for (shard, records) in targets {
+            let key = shard.1;
+            let packed = aggregator::pack(&self.shared, records, shard, routing.generation);
+            for outgoing in packed.into_iter().rev() {
+                self.enqueue(outgoing, true);
+            }
+            if let (Some(at), Some(lane)) = (not_before, self.lane(key)) {
+                lane.not_before = Some(lane.not_before.map_or(at, |t| t.max(at)));
+            }
+        }
     }
 
     /// Sets how long before its records' buffering deadline an aggregate closes
@@ -594,21 +979,31 @@ impl Sender {
     /// A record taken from its lane has ended or gone back to it: in order mode, the lane may
     /// send again.
     fn release(&mut self, outgoing: &Outgoing) {
-        self.release_with_limiter(outgoing, |_| {});
+        self.release_at(outgoing.ordinal, |_| {});
     }
 
     /// `release`, and `f` applied to the lane's limiter (one lookup of the lane for both).
     fn release_with_limiter(&mut self, outgoing: &Outgoing, f: impl FnOnce(&mut Limiter)) {
-        let Some(lane) = self.lane_mut(outgoing) else {
+        self.release_at(outgoing.ordinal, f);
+    }
+
+    fn release_at(&mut self, ordinal: ShardOrdinal, f: impl FnOnce(&mut Limiter)) {
+        let Some(lane) = self.lane(ordinal) else {
             return;
         };
         if let Some(limiter) = &mut lane.limiter {
             f(limiter);
         }
         lane.outstanding = lane.outstanding.saturating_sub(1);
-        if lane.outstanding == 0 && !lane.queue.is_empty() && !lane.listed && !lane.waiting {
+        if lane.outstanding > 0 {
+            return;
+        }
+        if lane.closed_under().is_some() {
+            // Order mode: nothing of the closed lane is out any more; it may drain.
+            self.drain_wanted = true;
+        } else if !lane.queue.is_empty() && !lane.listed && !lane.waiting && !lane.order_blocks() {
             lane.listed = true;
-            self.ready.push_back(outgoing.ordinal);
+            self.ready.push_back(ordinal);
         }
     }
 
@@ -817,6 +1212,12 @@ impl Sender {
     }
 
     fn dispatch(&mut self, now: Instant) {
+        if self.drain_wanted {
+            self.drain_closed_lanes();
+        }
+        if self.order_routing.is_some() {
+            self.watch_uncovered();
+        }
         while self.may_send_more() {
             let Some(batch) = self.isolating.pop_front() else {
                 break;
@@ -908,6 +1309,14 @@ impl Sender {
         bytes: &mut usize,
     ) -> Blocked {
         let config = &self.shared.config;
+        if config.preserve_order && key != NO_SHARD {
+            let uncovered = self.lanes.first().and_then(|lane| lane.as_deref());
+            if uncovered.is_some_and(|lane| lane.outstanding > 0 || !lane.queue.is_empty()) {
+                // Records no shard covered go first (`uncovered_waiting`).
+                self.uncovered_waiting = true;
+                return Blocked::No;
+            }
+        }
         let Some(lane) = lane_at(&mut self.lanes, key) else {
             return Blocked::No;
         };
@@ -915,7 +1324,7 @@ impl Sender {
         let mut expired = Vec::new();
         let mut limiter_wait = None;
         let blocked = loop {
-            if config.preserve_order && (lane.outstanding > 0 || taken > 0) {
+            if config.preserve_order && (lane.outstanding > 0 || taken > 0 || lane.order_blocks()) {
                 break Blocked::No;
             }
             if let Some(at) = lane.not_before.filter(|at| *at > now) {
@@ -1247,8 +1656,16 @@ impl Sender {
                     );
                 }
                 tracing::debug!(shard = %actual, records = outgoing.len(), "re-sending an aggregate written to a shard that does not own all its records");
-                self.release(&outgoing);
-                self.resplit(outgoing);
+                if self.order_routing.is_some() {
+                    // Back to the front of its lane, whose shard has closed (or will be found
+                    // closed): the lane re-splits it with the rest, ahead of anything newer.
+                    let ordinal = outgoing.ordinal;
+                    self.enqueue(outgoing, true);
+                    self.release_at(ordinal, |_| {});
+                } else {
+                    self.release(&outgoing);
+                    self.resplit(outgoing);
+                }
             }
         }
     }
@@ -1317,17 +1734,13 @@ impl Sender {
         add(&self.shared.stats.entry_retries, 1);
         if self.shared.config.preserve_order {
             // Back to the front of its lane, which sends nothing newer until it has gone (a
-            // record for a shard that has closed is re-split instead, in `enqueue`).
+            // closed shard's lane re-splits it with the rest, ahead of anything newer: see
+            // `drain_closed_lanes`).
             let key = outgoing.ordinal;
-            let still_open = match &outgoing.shard_id {
-                Some(shard_id) => self.shared.routing().has_shard(shard_id),
-                None => true,
-            };
             self.enqueue(outgoing, true);
-            if still_open {
-                if let Some(lane) = self.lane(key) {
-                    lane.not_before = Some(at);
-                }
+            if let Some(lane) = self.lane(key) {
+                // On a closed lane it carries over to the lanes its records go to.
+                lane.not_before = Some(at);
             }
             return;
         }
