@@ -425,6 +425,16 @@ impl Shared {
             loop {
                 while shared.refresh_wanted.swap(false, Ordering::SeqCst) {
                     let loaded = match load_shard_map(&shared.client, &shared.stream).await {
+                        // A listing taken while the stream is resharded can leave a key with
+                        // no shard or with two. Order mode holds a closed shard's successors by
+                        // their ranges, which needs each key in exactly one: it keeps the map it
+                        // has and asks again.
+                        Ok(map) if shared.config.preserve_order && !map.covers_every_key_once() => {
+                            failures += 1;
+                            shared.refresh_wanted.store(true, Ordering::SeqCst);
+                            tracing::warn!(shards = map.len(), failures, "shard map reload gave shards that do not cover every hash key exactly once; kept the current map");
+                            false
+                        }
                         Ok(map) => {
                             failures = 0;
                             add(&shared.stats.shard_map_refreshes, 1);

@@ -755,12 +755,13 @@ impl Sender {
     }
 
     /// Order mode: notes whether the lane of records no shard covered holds any; when it has
-    /// just emptied, the lanes it held back may send.
-    fn watch_uncovered(&mut self) {
+    /// just emptied, the lanes it held back may send (and it says so).
+    fn watch_uncovered(&mut self) -> bool {
         let waiting = self
             .lane_ref(NO_SHARD)
             .is_some_and(|lane| lane.outstanding > 0 || !lane.queue.is_empty());
-        if self.uncovered_waiting && !waiting {
+        let emptied = self.uncovered_waiting && !waiting;
+        if emptied {
             for at in 1..self.lanes.len() {
                 let Some(lane) = self.lanes[at].as_deref_mut() else {
                     continue;
@@ -773,6 +774,7 @@ impl Sender {
             }
         }
         self.uncovered_waiting = waiting;
+        emptied
     }
 
     /// Order mode: re-splits each closed lane whose records may go now — none outstanding,
@@ -1218,6 +1220,23 @@ impl Sender {
         if self.order_routing.is_some() {
             self.watch_uncovered();
         }
+        self.send_what_may_go(now);
+        // Order mode: the lane of records no shard covered may have emptied on the way (its
+        // records expired); the lanes it held back must not wait for the next wake-up.
+        if self.order_routing.is_some() && self.watch_uncovered() {
+            self.send_what_may_go(now);
+        }
+        // The flush is served once nothing left can go now: what waits for a limiter, a retry's
+        // backoff or (in order mode) an outstanding record goes when it may, and the flush's
+        // wait covers it. Left set, it would send every record arriving later at once, alone.
+        if self.pending_count == 0 || (self.ready.is_empty() && self.may_send_more()) {
+            self.flush_requested = false;
+            self.relief_requested = false;
+        }
+    }
+
+    /// Sends the halves being isolated, then requests while there is something due.
+    fn send_what_may_go(&mut self, now: Instant) {
         while self.may_send_more() {
             let Some(batch) = self.isolating.pop_front() else {
                 break;
@@ -1241,13 +1260,6 @@ impl Sender {
                 break;
             }
             self.spawn_request(batch, !full);
-        }
-        // The flush is served once nothing left can go now: what waits for a limiter, a retry's
-        // backoff or (in order mode) an outstanding record goes when it may, and the flush's
-        // wait covers it. Left set, it would send every record arriving later at once, alone.
-        if self.pending_count == 0 || (self.ready.is_empty() && self.may_send_more()) {
-            self.flush_requested = false;
-            self.relief_requested = false;
         }
     }
 
@@ -1739,8 +1751,9 @@ impl Sender {
             let key = outgoing.ordinal;
             self.enqueue(outgoing, true);
             if let Some(lane) = self.lane(key) {
-                // On a closed lane it carries over to the lanes its records go to.
-                lane.not_before = Some(at);
+                // On a closed lane it carries over to the lanes its records go to. (A lane's
+                // front may hold a drained lane's records, whose backoff is kept if later.)
+                lane.not_before = Some(lane.not_before.map_or(at, |t| t.max(at)));
             }
             return;
         }

@@ -120,6 +120,12 @@ impl ShardMap {
         self.shards.is_empty()
     }
 
+    /// Whether every hash key has exactly one shard: the shards neither overlap nor leave a
+    /// gap, from 0 to the top of the key space.
+    pub fn covers_every_key_once(&self) -> bool {
+        self.gapless && self.shards.first().is_some_and(|s| s.start == 0)
+    }
+
     /// Position (in [`shards`](Self::shards)) of the shard owning `hash_key`, or `None` when no
     /// open shard covers it (a gap while the stream is resharding).
     pub fn shard_index(&self, hash_key: u128) -> Option<usize> {
@@ -180,6 +186,9 @@ impl std::fmt::Display for StreamId {
 #[cfg(feature = "producer")]
 pub async fn load_shard_map(client: &Client, stream: &StreamId) -> Result<ShardMap, BuildError> {
     let mut shards = Vec::new();
+    // Shards the listed ones name as their parents: a listing that pages while the stream is
+    // resharded can show a parent open on an early page and its children on a later one.
+    let mut parents = std::collections::HashSet::new();
     let mut next_token: Option<String> = None;
     loop {
         let mut request = client.list_shards();
@@ -206,6 +215,8 @@ pub async fn load_shard_map(client: &Client, stream: &StreamId) -> Result<ShardM
             ))
         })?;
         for shard in page.shards() {
+            parents.extend(shard.parent_shard_id().map(str::to_owned));
+            parents.extend(shard.adjacent_parent_shard_id().map(str::to_owned));
             // Some servers ignore the AT_LATEST filter: a closed shard has an ending sequence
             // number, and only open shards take writes.
             if shard
@@ -237,6 +248,7 @@ pub async fn load_shard_map(client: &Client, stream: &StreamId) -> Result<ShardM
             _ => break,
         }
     }
+    shards.retain(|shard| !parents.contains(&*shard.shard_id));
     if shards.is_empty() {
         return Err(BuildError::ShardMap(format!("{stream} has no open shards")));
     }
@@ -253,6 +265,28 @@ mod tests {
             start,
             end,
         }
+    }
+
+    #[test]
+    fn a_map_covers_every_key_once_only_without_gaps_or_overlaps() {
+        let half = u128::MAX / 2;
+        assert!(ShardMap::uniform(1).covers_every_key_once());
+        assert!(ShardMap::uniform(7).covers_every_key_once());
+        let map = |shards: Vec<ShardRange>| ShardMap::new(shards).covers_every_key_once();
+        let two = |a: (u128, u128), b: (u128, u128)| {
+            map(vec![range("a", a.0, a.1), range("b", b.0, b.1)])
+        };
+        assert!(two((0, half), (half + 1, u128::MAX)));
+        // A gap in the middle, at the bottom, at the top.
+        assert!(!two((0, half - 1), (half + 1, u128::MAX)));
+        assert!(!two((1, half), (half + 1, u128::MAX)));
+        assert!(!two((0, half), (half + 1, u128::MAX - 1)));
+        // A parent listed with its children.
+        assert!(!map(vec![
+            range("parent", 0, u128::MAX),
+            range("child-1", 0, half),
+            range("child-2", half + 1, u128::MAX),
+        ]));
     }
 
     #[test]
