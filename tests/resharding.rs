@@ -43,6 +43,22 @@ async fn reshard(kinesis: &LocalKinesis, stream: &str, shards: i32) {
     kinesis.wait_active(stream).await;
 }
 
+/// Splits the stream's first open shard (by starting hash key) in half, and waits for it.
+async fn split_first_shard(kinesis: &LocalKinesis, stream: &str) {
+    let open = kinesis.open_shards(stream).await;
+    let (first, start, end) = open[0].clone();
+    kinesis
+        .client
+        .split_shard()
+        .stream_name(stream)
+        .shard_to_split(&first)
+        .new_starting_hash_key((start + (end - start) / 2).to_string())
+        .send()
+        .await
+        .expect("SplitShard");
+    kinesis.wait_active(stream).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resharding_under_load_loses_nothing_and_a_kcl_reader_sees_every_record() {
     const RECORDS: u32 = 500_000;
@@ -74,18 +90,7 @@ async fn resharding_under_load_loses_nothing_and_a_kcl_reader_sees_every_record(
     wait_until(|| stats() >= 180_000).await;
     reshard(&kinesis, "reshard", 3).await;
     wait_until(|| stats() >= 300_000).await;
-    let open = kinesis.open_shards("reshard").await;
-    let (first, start, end) = open[0].clone();
-    kinesis
-        .client
-        .split_shard()
-        .stream_name("reshard")
-        .shard_to_split(&first)
-        .new_starting_hash_key((start + (end - start) / 2).to_string())
-        .send()
-        .await
-        .unwrap();
-    kinesis.wait_active("reshard").await;
+    split_first_shard(&kinesis, "reshard").await;
     wait_until(|| stats() >= 400_000).await;
     let open = kinesis.open_shards("reshard").await;
     kinesis
@@ -441,18 +446,7 @@ async fn order_holds_across_map_changes_on_the_shards_they_did_not_touch() {
     let others = putter(PROBES..2_000);
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(1_200)).await;
-        let open = kinesis.open_shards("reload-order").await;
-        let (first, start, end) = open[0].clone();
-        kinesis
-            .client
-            .split_shard()
-            .stream_name("reload-order")
-            .shard_to_split(&first)
-            .new_starting_hash_key((start + (end - start) / 2).to_string())
-            .send()
-            .await
-            .expect("SplitShard");
-        kinesis.wait_active("reload-order").await;
+        split_first_shard(&kinesis, "reload-order").await;
     }
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     done.store(true, Ordering::SeqCst);
@@ -549,18 +543,7 @@ async fn order_holds_across_reshards_for_the_keys_they_move() {
     pause().await;
     reshard(&kinesis, "moved-order", 4).await;
     pause().await;
-    let open = kinesis.open_shards("moved-order").await;
-    let (first, start, end) = open[0].clone();
-    kinesis
-        .client
-        .split_shard()
-        .stream_name("moved-order")
-        .shard_to_split(&first)
-        .new_starting_hash_key((start + (end - start) / 2).to_string())
-        .send()
-        .await
-        .expect("SplitShard");
-    kinesis.wait_active("moved-order").await;
+    split_first_shard(&kinesis, "moved-order").await;
     pause().await;
     let open = kinesis.open_shards("moved-order").await;
     kinesis
