@@ -105,7 +105,9 @@ pub(crate) const NO_SHARD: ShardOrdinal = 0;
 
 /// Gives out shard ordinals, one per shard name, from 1. A stream that is resharded often adds
 /// names over time; each costs its entry here and a pointer's room in the vectors indexed by
-/// ordinal.
+/// ordinal. A shard is named by the first map that lists it (or an answer that it took a
+/// record), and a map lists a shard only while it is open, before its children exist: so a
+/// parent's ordinal is smaller than its children's, which order mode uses as their age.
 #[derive(Default)]
 pub(crate) struct ShardOrdinals {
     by_name: HashMap<Arc<str>, ShardOrdinal, foldhash::fast::RandomState>,

@@ -93,7 +93,7 @@ impl Sender {
         let next_refresh = Instant::now() + shared.config.shard_map_refresh_interval;
         let order_routing = shared.config.preserve_order.then(|| shared.routing());
         let channel_generation = order_routing.as_ref().map_or(0, |r| r.generation);
-        let mut sender = Sender {
+        Sender {
             ending: Some(Arc::new(Ending(Arc::clone(&shared)))),
             shared,
             inbound,
@@ -133,12 +133,10 @@ impl Sender {
             channel_generation,
             closed_lanes: Vec::new(),
             drain_wanted: false,
-            order_routing: None,
+            order_routing,
             closed_index: None,
             uncovered_waiting: false,
-        };
-        sender.order_routing = order_routing;
-        sender
+        }
     }
 }
 
@@ -278,14 +276,15 @@ struct Lane {
 /// What order mode keeps of a lane to hold each key's order across a reshard.
 #[derive(Default)]
 struct LaneOrder {
-    /// Its shard's hash key range (`None` for the lane of records no open shard covered).
+    /// Its shard's hash key range (the whole key space for the lane of records no open shard
+    /// covered, whose keys could be any).
     range: Option<(u128, u128)>,
     /// Its shard has closed (in the map of this routing generation): the lane sends nothing
     /// more, and once none of its records is outstanding, its records go to the lanes that took
     /// over their keys.
     closed_under: Option<u64>,
-    /// Closed lanes overlapping this one that still hold records: it sends nothing until they
-    /// have gone, as their records are older than any of its own.
+    /// Closed lanes of older shards overlapping this one, not drained yet: it sends nothing
+    /// until they have gone, as their records are older than any of its own.
     held: u32,
     /// On a closed lane: the lanes it holds.
     holds: Vec<ShardOrdinal>,
