@@ -756,24 +756,23 @@ impl Sender {
     /// Order mode: notes whether the lane of records no shard covered holds any; when it has
     /// just emptied, the lanes it held back may send (and it says so).
     fn watch_uncovered(&mut self) -> bool {
-        let waiting = self
-            .lane_ref(NO_SHARD)
-            .is_some_and(|lane| lane.outstanding > 0 || !lane.queue.is_empty());
+        let waiting = self.uncovered_has_records();
         let emptied = self.uncovered_waiting && !waiting;
         if emptied {
             for at in 1..self.lanes.len() {
-                let Some(lane) = self.lanes[at].as_deref_mut() else {
-                    continue;
-                };
-                let may_send = lane.outstanding == 0 && !lane.queue.is_empty();
-                if may_send && !lane.listed && !lane.waiting && !lane.order_blocks() {
-                    lane.listed = true;
-                    self.ready.push_back(at as ShardOrdinal);
+                if let Some(lane) = self.lanes[at].as_deref_mut() {
+                    list_if_free(lane, at as ShardOrdinal, &mut self.ready);
                 }
             }
         }
         self.uncovered_waiting = waiting;
         emptied
+    }
+
+    /// Whether the lane of records no open shard covered has any queued or out.
+    fn uncovered_has_records(&self) -> bool {
+        self.lane_ref(NO_SHARD)
+            .is_some_and(|lane| lane.outstanding > 0 || !lane.queue.is_empty())
     }
 
     /// Order mode: re-splits each closed lane whose records may go now — none outstanding,
@@ -810,16 +809,9 @@ impl Sender {
 
     /// Order mode: takes a closed lane out and re-splits its records (`drain_closed_lanes`).
     fn drain_lane(&mut self, key: ShardOrdinal) {
-        let Some(lane) = self.lanes.get_mut(key as usize).and_then(Option::take) else {
+        let Some(lane) = self.take_lane_out(key) else {
             return;
         };
-        if lane.waiting {
-            self.blocked_count -= lane.queue.len();
-            self.blocked_bytes -= lane.bytes;
-        }
-        if let Some(front) = lane.front_key {
-            multiset_remove(&mut self.lane_fronts, front);
-        }
         for &held in lane.order.iter().flat_map(|order| &order.holds) {
             let Some(lane) = lane_at(&mut self.lanes, held) else {
                 continue;
@@ -827,14 +819,7 @@ impl Sender {
             if let Some(order) = &mut lane.order {
                 order.held = order.held.saturating_sub(1);
             }
-            let may_send = lane.outstanding == 0 && !lane.queue.is_empty();
-            if may_send && !lane.listed && !lane.waiting && !lane.order_blocks() {
-                lane.listed = true;
-                self.ready.push_back(held);
-            }
-        }
-        for outgoing in &lane.queue {
-            unqueue(&mut self.pending_count, &mut self.pending_bytes, outgoing);
+            list_if_free(lane, held, &mut self.ready);
         }
         let (range, not_before) = (lane.range(), lane.not_before);
         let not_before = not_before.filter(|at| *at > Instant::now());
@@ -961,20 +946,33 @@ impl Sender {
                 .as_ref()
                 .and_then(|lane| lane.shard_id.as_ref())
                 .is_some_and(|id| !routing.has_shard(id));
-            if let Some(lane) = self.lanes[at].take_if(|_| closed) {
-                if lane.waiting {
-                    self.blocked_count -= lane.queue.len();
-                    self.blocked_bytes -= lane.bytes;
-                }
-                if let Some(front) = lane.front_key {
-                    multiset_remove(&mut self.lane_fronts, front);
-                }
-                for outgoing in lane.queue {
-                    unqueue(&mut self.pending_count, &mut self.pending_bytes, &outgoing);
-                    self.resplit(outgoing);
-                }
+            if !closed {
+                continue;
+            }
+            let Some(lane) = self.take_lane_out(at as ShardOrdinal) else {
+                continue;
+            };
+            for outgoing in lane.queue {
+                self.resplit(outgoing);
             }
         }
+    }
+
+    /// Removes the lane at `key`, its records off the totals (pending, blocked, fronts), and
+    /// hands it back with them.
+    fn take_lane_out(&mut self, key: ShardOrdinal) -> Option<Box<Lane>> {
+        let lane = self.lanes.get_mut(key as usize).and_then(Option::take)?;
+        if lane.waiting {
+            self.blocked_count -= lane.queue.len();
+            self.blocked_bytes -= lane.bytes;
+        }
+        if let Some(front) = lane.front_key {
+            multiset_remove(&mut self.lane_fronts, front);
+        }
+        for outgoing in &lane.queue {
+            unqueue(&mut self.pending_count, &mut self.pending_bytes, outgoing);
+        }
+        Some(lane)
     }
 
     /// A record taken from its lane has ended or gone back to it: in order mode, the lane may
@@ -989,7 +987,7 @@ impl Sender {
     }
 
     fn release_at(&mut self, ordinal: ShardOrdinal, f: impl FnOnce(&mut Limiter)) {
-        let Some(lane) = self.lane(ordinal) else {
+        let Some(lane) = lane_at(&mut self.lanes, ordinal) else {
             return;
         };
         if let Some(limiter) = &mut lane.limiter {
@@ -1002,9 +1000,8 @@ impl Sender {
         if lane.closed_under().is_some() {
             // Order mode: nothing of the closed lane is out any more; it may drain.
             self.drain_wanted = true;
-        } else if !lane.queue.is_empty() && !lane.listed && !lane.waiting && !lane.order_blocks() {
-            lane.listed = true;
-            self.ready.push_back(ordinal);
+        } else {
+            list_if_free(lane, ordinal, &mut self.ready);
         }
     }
 
@@ -1320,13 +1317,10 @@ impl Sender {
         bytes: &mut usize,
     ) -> Blocked {
         let config = &self.shared.config;
-        if config.preserve_order && key != NO_SHARD {
-            let uncovered = self.lanes.first().and_then(|lane| lane.as_deref());
-            if uncovered.is_some_and(|lane| lane.outstanding > 0 || !lane.queue.is_empty()) {
-                // Records no shard covered go first (`uncovered_waiting`).
-                self.uncovered_waiting = true;
-                return Blocked::No;
-            }
+        if config.preserve_order && key != NO_SHARD && self.uncovered_has_records() {
+            // Records no shard covered go first (`uncovered_waiting`).
+            self.uncovered_waiting = true;
+            return Blocked::No;
         }
         let Some(lane) = lane_at(&mut self.lanes, key) else {
             return Blocked::No;
@@ -1876,6 +1870,16 @@ impl Drop for Sender {
 /// fields while they hold it).
 fn lane_at(lanes: &mut [Option<Box<Lane>>], ordinal: ShardOrdinal) -> Option<&mut Lane> {
     lanes.get_mut(ordinal as usize)?.as_deref_mut()
+}
+
+/// Puts a lane in the turn if it has records and nothing holds it back: none outstanding, no
+/// wait until a time, no order-mode hold.
+fn list_if_free(lane: &mut Lane, key: ShardOrdinal, ready: &mut VecDeque<ShardOrdinal>) {
+    let free = lane.outstanding == 0 && !lane.waiting && !lane.order_blocks();
+    if free && !lane.listed && !lane.queue.is_empty() {
+        lane.listed = true;
+        ready.push_back(key);
+    }
 }
 
 /// Takes a Kinesis record leaving a lane off the totals.
