@@ -1545,7 +1545,11 @@ impl Sender {
                                     result.sequence_number().unwrap_or_default(),
                                 ),
                             });
-                            stale_map |= misplaced;
+                            // A record no shard of the map covered went out alone and landed
+                            // where its own key belongs, on a shard the map lacks: the map is
+                            // stale too (a listing taken while the stream resharded).
+                            stale_map |=
+                                misplaced || (outgoing.shard_id.is_none() && !actual.is_empty());
                             if misplaced && outgoing.entry.aggregated {
                                 self.with_limiter(&outgoing, |limiter| limiter.acknowledged(ended));
                                 self.settle_misplaced(outgoing, Arc::from(actual), true);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kinesis_producer::deaggregate;
 use kinesis_producer::record::partition_key_hash;
-use support::local_kinesis::{count_by_index, LocalKinesis, RawRecord};
+use support::local_kinesis::{count_by_index, LocalKinesis, RawRecord, ReadRecord};
 use support::{drain, producer_for};
 
 /// Reads user records whose data start with `key:seq:` from Kinesis records in shard and
@@ -28,6 +28,39 @@ fn count_in_order(raw: &[RawRecord]) -> usize {
         }
     }
     count
+}
+
+/// Asserts that the numbers of each key's records (data `key:seq:…`), in the order a KCL
+/// consumer reads them, strictly increase.
+fn assert_each_key_increases(delivered: &[ReadRecord]) {
+    let mut last: HashMap<usize, i64> = HashMap::new();
+    for read in delivered {
+        let text = String::from_utf8_lossy(&read.record.data).into_owned();
+        let mut parts = text.split(':');
+        let key: usize = parts.next().unwrap().parse().unwrap();
+        let seq: i64 = parts.next().unwrap().parse().unwrap();
+        let previous = last.insert(key, seq).unwrap_or(-1);
+        assert!(
+            seq > previous,
+            "key {key}: {seq} after {previous} (read from {})",
+            read.shard_id
+        );
+    }
+}
+
+/// Puts `rounds` rounds of one 100-byte record (`key:seq:…`, partition key `k{key}`) for each
+/// of `keys` keys, pausing 20 ms between rounds; gives the number put.
+async fn put_rounds(producer: &kinesis_producer::Producer, keys: usize, rounds: usize) -> usize {
+    for seq in 0..rounds {
+        for key in 0..keys {
+            let mut data = format!("{key}:{seq}:").into_bytes();
+            data.resize(100, b'.');
+            let record = kinesis_producer::UserRecord::new(data, format!("k{key}"));
+            producer.put_record(record).await.expect("accepted");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    keys * rounds
 }
 
 async fn reshard(kinesis: &LocalKinesis, stream: &str, shards: i32) {
@@ -574,19 +607,7 @@ async fn order_holds_across_reshards_for_the_keys_they_move() {
     // A KCL consumer reads a shard's parent before the shard; here a child's id is always
     // greater than its parent's, and `read_as_kcl` gives shards in id order.
     let (delivered, discarded) = kinesis.read_as_kcl("moved-order").await;
-    let mut last: HashMap<usize, i64> = HashMap::new();
-    for read in &delivered {
-        let text = String::from_utf8_lossy(&read.record.data).into_owned();
-        let mut parts = text.split(':');
-        let key: usize = parts.next().unwrap().parse().unwrap();
-        let seq: i64 = parts.next().unwrap().parse().unwrap();
-        let previous = last.insert(key, seq).unwrap_or(-1);
-        assert!(
-            seq > previous,
-            "key {key}: {seq} after {previous} (read from {})",
-            read.shard_id
-        );
-    }
+    assert_each_key_increases(&delivered);
     assert_eq!(delivered.len(), put, "every record once");
     println!(
         "order across reshards: {put} records, {} map reloads, {} aggregates thrown away by the KCL rule, {} records re-sent, {} retries; {}",
@@ -595,6 +616,184 @@ async fn order_holds_across_reshards_for_the_keys_they_move() {
         stats.records_resent_after_reshard,
         stats.entry_retries,
         proxy.summary()
+    );
+}
+
+/// A listing taken while a stream reshards can show a parent open beside its children (its
+/// pages are read one by one). The producer leaves out a shard that a listed shard names as
+/// its parent: no record is predicted for the parent, so no answer contradicts the map, and
+/// nothing is reloaded or sent again. With the parent in the map (listed after its first
+/// child, it wins their tie of starting keys), every answer for that child's keys named a shard
+/// other than the one predicted and made the producer reload the map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_that_shows_a_parent_beside_its_children_routes_by_the_children() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use support::faults::{FaultProxy, Schedule};
+    let kinesis = LocalKinesis::start(false).await;
+    for (stream, preserve_order) in [("stale-parent", false), ("stale-parent-order", true)] {
+        kinesis.create_stream(stream, 2).await;
+        let (parent, start, end) = kinesis.open_shards(stream).await[0].clone();
+        split_first_shard(&kinesis, stream).await;
+        let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(1, 0.0, Vec::new())).await;
+        let stale = serde_json::json!({
+            "ShardId": parent,
+            "HashKeyRange": {
+                "StartingHashKey": start.to_string(),
+                "EndingHashKey": end.to_string(),
+            },
+            "SequenceNumberRange": {"StartingSequenceNumber": "0"},
+        });
+        let edited = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&edited);
+        proxy.edit_listings(Some(Box::new(move |shards| {
+            shards.push(stale.clone());
+            counter.fetch_add(1, Ordering::SeqCst);
+        })));
+        let producer = producer_for(&proxy.endpoint, stream, |b| {
+            b.preserve_order(preserve_order)
+                .shard_map_refresh_interval(Duration::from_secs(3600))
+        })
+        .await;
+        let failures = producer.notify_failures();
+        let put = put_rounds(&producer, 64, 50).await;
+        producer.stop().await;
+        assert!(drain(failures).await.is_empty(), "nothing failed");
+        assert!(
+            edited.load(Ordering::SeqCst) >= 1,
+            "the listing showed the parent"
+        );
+        let stats = producer.stats();
+        assert_eq!(stats.shard_map_refreshes, 0, "no reload: {stats:?}");
+        assert_eq!(stats.records_resent_after_reshard, 0, "{stats:?}");
+        let (delivered, discarded) = kinesis.read_as_kcl(stream).await;
+        assert_eq!(discarded, 0, "no aggregate outside its shard");
+        assert_eq!(delivered.len(), put, "every record once");
+        if preserve_order {
+            assert_each_key_increases(&delivered);
+        }
+    }
+}
+
+/// A first listing can also leave keys without a shard (a shard on a page not read yet, or
+/// one that opened between pages). Records of those keys go out alone, for Kinesis to route by
+/// their own keys, and the first answer naming the shard the map lacks brings a reload that
+/// lists it. In order mode they wait in a lane of their own, which holds every other lane while
+/// it has records. Every record lands once; in order mode each key in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_map_with_a_gap_is_reloaded_and_loses_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use support::faults::{FaultProxy, Schedule};
+    let kinesis = LocalKinesis::start(false).await;
+    for (stream, preserve_order) in [("gap", false), ("gap-order", true)] {
+        kinesis.create_stream(stream, 3).await;
+        let hidden = kinesis.open_shards(stream).await[1].0.clone();
+        let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(1, 0.0, Vec::new())).await;
+        let first = Arc::new(AtomicBool::new(true));
+        let first_listing = Arc::clone(&first);
+        proxy.edit_listings(Some(Box::new(move |shards| {
+            if first_listing.swap(false, Ordering::SeqCst) {
+                shards.retain(|shard| shard["ShardId"] != hidden.as_str());
+            }
+        })));
+        let producer = producer_for(&proxy.endpoint, stream, |b| {
+            b.preserve_order(preserve_order)
+                .shard_map_refresh_interval(Duration::from_secs(3600))
+        })
+        .await;
+        assert!(
+            !first.load(Ordering::SeqCst),
+            "the first listing left a shard out"
+        );
+        let failures = producer.notify_failures();
+        let put = put_rounds(&producer, 64, 100).await;
+        producer.stop().await;
+        assert!(drain(failures).await.is_empty(), "nothing failed");
+        let stats = producer.stats();
+        assert!(
+            stats.shard_map_refreshes >= 1,
+            "the map was reloaded: {stats:?}"
+        );
+        let (delivered, discarded) = kinesis.read_as_kcl(stream).await;
+        if preserve_order {
+            assert_each_key_increases(&delivered);
+        }
+        assert_eq!(discarded, 0, "no aggregate outside its shard");
+        assert_eq!(delivered.len(), put, "every record once");
+        println!(
+            "{stream}: {put} records, {} map reloads, {} Kinesis records in {} requests",
+            stats.shard_map_refreshes, stats.kinesis_records_put, stats.requests
+        );
+    }
+}
+
+/// Listings can lag behind a reshard: a split's children take writes before ListShards shows
+/// them. Answers then name shards the map lacks; their records wait for a reload that names
+/// them (up to three reloads), and in order mode hold their lanes meanwhile. Here listings show
+/// the stream as it was before the split for a second and a half: every record lands once, and
+/// each key's numbers strictly increase as the KCL reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_holds_while_listings_lag_behind_a_split() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use support::faults::{FaultProxy, Schedule};
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("lagging", 2).await;
+    let before = kinesis.open_shards("lagging").await;
+    let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(1, 0.0, Vec::new())).await;
+    let producer = producer_for(&proxy.endpoint, "lagging", |b| {
+        b.preserve_order(true)
+            .aggregation_max_count(40)
+            .shard_map_refresh_interval(Duration::from_secs(3600))
+    })
+    .await;
+    let failures = producer.notify_failures();
+    let putting = {
+        let producer = producer.clone();
+        tokio::spawn(async move { put_rounds(&producer, 64, 150).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The old shards, open, in place of whatever the server lists.
+    let old: Vec<serde_json::Value> = before
+        .iter()
+        .map(|(id, start, end)| {
+            serde_json::json!({
+                "ShardId": id,
+                "HashKeyRange": {
+                    "StartingHashKey": start.to_string(),
+                    "EndingHashKey": end.to_string(),
+                },
+                "SequenceNumberRange": {"StartingSequenceNumber": "0"},
+            })
+        })
+        .collect();
+    let lagged = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&lagged);
+    proxy.edit_listings(Some(Box::new(move |shards| {
+        *shards = old.clone();
+        counter.fetch_add(1, Ordering::SeqCst);
+    })));
+    split_first_shard(&kinesis, "lagging").await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    proxy.edit_listings(None);
+    let put = putting.await.expect("putter");
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty(), "nothing failed");
+    let stats = producer.stats();
+    assert!(
+        lagged.load(Ordering::SeqCst) >= 1,
+        "a listing lagged: {stats:?}"
+    );
+    assert!(stats.shard_map_refreshes >= 2, "{stats:?}");
+    let (delivered, discarded) = kinesis.read_as_kcl("lagging").await;
+    assert_each_key_increases(&delivered);
+    assert_eq!(delivered.len(), put, "every record once");
+    println!(
+        "lagging listings: {put} records, {} listings lagged, {} map reloads, {discarded} aggregates thrown away by the KCL rule, {} records re-sent",
+        lagged.load(Ordering::SeqCst),
+        stats.shard_map_refreshes,
+        stats.records_resent_after_reshard
     );
 }
 

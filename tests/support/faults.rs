@@ -3,7 +3,8 @@
 //!
 //! It speaks just enough HTTP/1.1 (keep-alive, Content-Length bodies) to sit in the middle:
 //! each PutRecords request either passes, or suffers one fault drawn from the schedule. Other
-//! operations (ListShards, DescribeStreamSummary) pass untouched. It counts the user records
+//! operations (ListShards, DescribeStreamSummary) pass untouched unless a test asks otherwise
+//! (`refuse_list_shards`, `edit_listings`, `expire_next_get_records`). It counts the user records
 //! whose outcome it made ambiguous (written by the server, but not acknowledged to the client),
 //! the only records that may legitimately appear twice in the stream.
 #![allow(dead_code)]
@@ -133,7 +134,13 @@ struct Shared {
     misroute_next: AtomicBool,
     /// The next GetRecords is answered ExpiredIteratorException, not forwarded.
     expire_next_get_records: AtomicBool,
+    /// Edits the `Shards` of each ListShards answer (see `edit_listings`).
+    listing_edit: Mutex<Option<ListingEdit>>,
 }
+
+/// Changes the shards a ListShards answer lists, as a listing taken while the stream changes
+/// can: `edit_listings`.
+pub type ListingEdit = Box<dyn Fn(&mut Vec<serde_json::Value>) + Send + Sync>;
 
 impl FaultProxy {
     pub async fn start(upstream: &str, schedule: Schedule) -> Self {
@@ -149,6 +156,7 @@ impl FaultProxy {
             refuse_list_shards: AtomicBool::new(false),
             misroute_next: AtomicBool::new(false),
             expire_next_get_records: AtomicBool::new(false),
+            listing_edit: Mutex::new(None),
         });
         let serving = Arc::clone(&shared);
         let accept = tokio::spawn(async move {
@@ -198,6 +206,12 @@ impl FaultProxy {
     /// GetRecords to answer (false once it was served).
     pub fn expiry_pending(&self) -> bool {
         self.shared.expire_next_get_records.load(Ordering::SeqCst)
+    }
+
+    /// Every ListShards answer from now on has its `Shards` (the JSON objects of one page)
+    /// changed by `edit`; `None` passes them untouched again.
+    pub fn edit_listings(&self, edit: Option<ListingEdit>) {
+        *self.shared.listing_edit.lock().unwrap() = edit;
     }
 
     /// Stops injecting faults: requests pass from now on.
@@ -454,6 +468,8 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
         };
         let answer = if put_records && shared.misroute_next.swap(false, Ordering::SeqCst) {
             misroute(answer)
+        } else if target.ends_with(".ListShards") {
+            edit_listing(&shared, answer)
         } else {
             answer
         };
@@ -544,6 +560,22 @@ fn misroute(answer: Message) -> Message {
             entry["ShardId"] = MISROUTED_SHARD.into();
         }
     }
+    answer.with_body(serde_json::to_vec(&json).expect("JSON"))
+}
+
+/// A ListShards answer with its shards changed by the edit `edit_listings` set, if any.
+fn edit_listing(shared: &Shared, answer: Message) -> Message {
+    let edit = shared.listing_edit.lock().unwrap();
+    let Some(edit) = edit.as_ref() else {
+        return answer;
+    };
+    let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&answer.body) else {
+        return answer;
+    };
+    let Some(shards) = json.get_mut("Shards").and_then(|s| s.as_array_mut()) else {
+        return answer;
+    };
+    edit(shards);
     answer.with_body(serde_json::to_vec(&json).expect("JSON"))
 }
 
