@@ -5,16 +5,20 @@
 //!
 //! `cargo bench --bench pipeline` (release). The sink shares the process and its 2 cores, so
 //! figures compare cases with each other; they are not a ceiling.
+//!
+//! The "reshard" cases put at a steady pace and, halfway, the sink splits one shard: the
+//! producer learns of it from the answers, reloads its map and moves what it buffers. They
+//! print the longest any `put` call took, with and without the split.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use kinesis_producer::record::{parse_explicit_hash_key, partition_key_hash};
-use kinesis_producer::{MetricsLevel, Producer, ProducerBuilder, ShardMap, UserRecord};
+use kinesis_producer::{MetricsLevel, Producer, ProducerBuilder, ShardMap, ShardRange, UserRecord};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -37,11 +41,11 @@ struct ListShardsBody {
     next_token: Option<String>,
 }
 
-async fn sink(
-    State(map): State<Arc<ShardMap>>,
-    headers: HeaderMap,
-    body: String,
-) -> impl IntoResponse {
+/// The sink's stream: its shards now (a reshard replaces them).
+type Stream = Arc<RwLock<Arc<ShardMap>>>;
+
+async fn sink(State(stream): State<Stream>, headers: HeaderMap, body: String) -> impl IntoResponse {
+    let map = Arc::clone(&stream.read().unwrap());
     let target = headers
         .get("x-amz-target")
         .and_then(|v| v.to_str().ok())
@@ -95,15 +99,36 @@ async fn sink(
     )
 }
 
-async fn start_sink(shards: usize) -> String {
+async fn start_sink(shards: usize) -> (String, Stream) {
+    let stream: Stream = Arc::new(RwLock::new(Arc::new(ShardMap::uniform(shards))));
     let app = axum::Router::new()
         .fallback(sink)
-        .with_state(Arc::new(ShardMap::uniform(shards)))
+        .with_state(Arc::clone(&stream))
         .layer(DefaultBodyLimit::max(16 << 20));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    endpoint
+    (endpoint, stream)
+}
+
+/// Splits the stream's first shard in two new shards, as SplitShard does.
+fn split_first_shard(stream: &Stream) {
+    let mut map = stream.write().unwrap();
+    let mut shards = map.shards().to_vec();
+    let first = shards.remove(0);
+    let middle = first.start + (first.end - first.start) / 2;
+    let next = shards.len() + 1;
+    for (n, start, end) in [
+        (next, first.start, middle),
+        (next + 1, middle + 1, first.end),
+    ] {
+        shards.push(ShardRange {
+            shard_id: Arc::from(format!("shardId-{n:012}")),
+            start,
+            end,
+        });
+    }
+    *map = Arc::new(ShardMap::new(shards));
 }
 
 struct Case {
@@ -113,6 +138,10 @@ struct Case {
     label: &'static str,
     tune: fn(ProducerBuilder) -> ProducerBuilder,
     put: Put,
+    /// Puts paced to this many records per second, and the longest `put` call printed.
+    paced: Option<u32>,
+    /// The sink splits a shard once this many records are put.
+    split_at: Option<usize>,
 }
 
 /// How the case puts its records.
@@ -127,7 +156,7 @@ enum Put {
 }
 
 async fn run(case: &Case) -> f64 {
-    let endpoint = start_sink(case.shards).await;
+    let (endpoint, stream) = start_sink(case.shards).await;
     let config = aws_sdk_kinesis::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
@@ -146,13 +175,25 @@ async fn run(case: &Case) -> f64 {
     let data = vec![b'x'; case.size];
     let cpu_before = process_cpu_seconds();
     let started = Instant::now();
+    // Paced: a pause each millisecond's worth of records, to where the pace says.
+    let per_ms = case.paced.map_or(0, |rate| (rate / 1000).max(1) as usize);
+    let mut longest_put = Duration::ZERO;
     for i in 0..case.records {
+        if case.split_at == Some(i) {
+            split_first_shard(&stream);
+        }
+        if per_ms > 0 && i % per_ms == 0 {
+            let due = started + Duration::from_millis((i / per_ms) as u64);
+            tokio::time::sleep_until(due.into()).await;
+        }
         let keyed = || UserRecord::new(data.clone(), format!("{:032x}", i * 7919));
+        let put_started = Instant::now();
         match case.put {
             Put::Data => producer.put_data(data.clone()).await.unwrap(),
             Put::Record => producer.put_record(keyed()).await.unwrap(),
             Put::Receipt => drop(producer.put_with_receipt(keyed()).await.unwrap()),
         }
+        longest_put = longest_put.max(put_started.elapsed());
     }
     producer.stop().await;
     let secs = started.elapsed().as_secs_f64();
@@ -160,6 +201,18 @@ async fn run(case: &Case) -> f64 {
     let stats = producer.stats();
     assert_eq!(stats.user_records_put, case.records as u64, "{stats:?}");
     let rate = case.records as f64 / secs;
+    if case.paced.is_some() {
+        println!(
+            "{:<28} shards={:<6} records={:<8} map_reloads={} longest_put_us={} backlog_full={}",
+            case.label,
+            case.shards,
+            case.records,
+            stats.shard_map_refreshes,
+            longest_put.as_micros(),
+            stats.puts_found_backlog_full,
+        );
+        return rate;
+    }
     println!(
         "{:<28} shards={:<6} size={:<5} records={:<8} seconds={:<6.2} records_per_s={:<8.0} cpu_us_per_record={:<5.2} per_kinesis_record={:<6.1} per_request={:.0}",
         case.label,
@@ -227,6 +280,8 @@ fn main() {
                     label,
                     tune,
                     put: Put::Data,
+                    paced: None,
+                    split_at: None,
                 });
             }
         }
@@ -241,7 +296,28 @@ fn main() {
                 .record_max_buffered_time(std::time::Duration::from_secs(1))
         },
         put: Put::Data,
+        paced: None,
+        split_at: None,
     });
+    // 200,000 records/s for 3 s, below what 10,000 shards take (so that no put waits for
+    // backlog room), split halfway or not at all; the producer's defaults otherwise.
+    for shards in [1_024, 10_000] {
+        for (label, split_at) in [
+            ("reshard: none", None),
+            ("reshard: split one shard", Some(300_000 / scale)),
+        ] {
+            cases.push(Case {
+                shards,
+                size: 100,
+                records: 600_000 / scale,
+                label,
+                tune: off,
+                put: Put::Data,
+                paced: Some(200_000),
+                split_at,
+            });
+        }
+    }
     // A/B at 64 shards, each case three times, interleaved: wall figures vary by ±15% from
     // run to run on this machine, CPU per record much less.
     // The baseline ("limiter off") keeps the default metrics (detailed, per shard).
@@ -275,6 +351,8 @@ fn main() {
                 label,
                 tune,
                 put,
+                paced: None,
+                split_at: None,
             });
         }
     }

@@ -482,23 +482,35 @@ fn add_to_slot<'a>(
     // A deadline for the first record, and again for a re-routed record older than those held.
     if slot.earliest_put.is_none_or(|earliest| put_at < earliest) {
         slot.earliest_put = Some(put_at);
-        // The sender sends a request when its oldest record has waited the whole buffered time,
-        // so an aggregate closes a little before that (`close_lead_nanos`): long enough for
-        // aggregates closing around it to fill a request with it, instead of each leaving alone
-        // in a tiny one. At a high rate that takes milliseconds, and the aggregate stays open
-        // for nearly the whole buffered time, gathering more records; at a low rate it closes
-        // at half the time.
-        let lead = shared.close_lead(put_at);
-        shared.leave_deadline(
-            put_at + shared.config.record_max_buffered_time.saturating_sub(lead),
-            AggregateId {
-                generation: routing.generation,
-                slot: index,
-                cycle: slot.cycle,
-            },
-        );
+        leave_slot_deadline(shared, routing, index, slot, put_at);
     }
     emission
+}
+
+/// Tells the sender when the aggregate in `slot` (at `index` of `routing`), whose oldest record
+/// was put at `put_at`, closes.
+///
+/// The sender sends a request when its oldest record has waited the whole buffered time, so an
+/// aggregate closes a little before that (`close_lead_nanos`): long enough for aggregates
+/// closing around it to fill a request with it, instead of each leaving alone in a tiny one. At
+/// a high rate that takes milliseconds, and the aggregate stays open for nearly the whole
+/// buffered time, gathering more records; at a low rate it closes at half the time.
+fn leave_slot_deadline(
+    shared: &Shared,
+    routing: &Routing,
+    index: usize,
+    slot: &Slot,
+    put_at: Instant,
+) {
+    let lead = shared.close_lead(put_at);
+    shared.leave_deadline(
+        put_at + shared.config.record_max_buffered_time.saturating_sub(lead),
+        AggregateId {
+            generation: routing.generation,
+            slot: index,
+            cycle: slot.cycle,
+        },
+    );
 }
 
 /// `record` in a Kinesis record of its own: plain, or, when aggregation is on and its data
@@ -716,18 +728,23 @@ pub(crate) fn flush_all(shared: &Shared) {
     }
 }
 
-/// Installs a new shard map and re-routes every record the old aggregators still hold.
+/// What a map change takes from an old aggregator: the whole aggregate, moved to the slot at
+/// this index of the new routing, or its records, to be routed again.
+enum Carried {
+    Whole(usize),
+    Records(Vec<UserRecord>, Vec<RecordMeta>),
+}
+
+/// Installs a new shard map. The aggregators of shards it still has carry on in its routing as
+/// they are; the records held for shards it no longer has (and for keys no shard covered) are
+/// routed again.
 pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
     let _exclusive = lock(&shared.routing_change);
     let old = shared.routing();
     if old.map == map {
         return;
     }
-    tracing::info!(
-        shards_before = old.map.len(),
-        shards_after = map.len(),
-        "shard map changed; re-routing buffered records"
-    );
+    let started = Instant::now();
     let new = Arc::new(Routing::new(
         old.generation + 1,
         map,
@@ -744,18 +761,63 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
     shared
         .routing_generation
         .store(old.generation + 1, Ordering::Release);
-    for (index, slot) in old.slots.iter().enumerate() {
-        let (records, metas) = {
-            let mut slot = lock(slot);
+    // A shard's range never changes: when the new map still has a shard, its aggregate moves
+    // over whole, and its records are neither read back nor encoded again, so a change that
+    // touches a few shards of thousands costs the few (puts wait for this pass). Those moves
+    // come first, into slots nothing was routed to yet; then the records of the other slots are
+    // routed again (into a kept aggregator too, had the old map overlapped it).
+    let stays: Vec<Option<usize>> = (0..old.slots.len())
+        .map(|index| {
+            let shard = old.map.shards().get(index)?;
+            let at = new.map.shard_index(shard.start)?;
+            (new.map.shards()[at].shard_id == shard.shard_id).then_some(at)
+        })
+        .collect();
+    let kept_first = (0..old.slots.len())
+        .filter(|&index| stays[index].is_some())
+        .chain((0..old.slots.len()).filter(|&index| stays[index].is_none()));
+    let (mut kept, mut rerouted) = (0usize, 0usize);
+    for index in kept_first {
+        let carried = {
+            let mut slot = lock(&old.slots[index]);
             slot.retired = true;
-            slot.earliest_put = None;
-            // `take_records` lets go of the builder's buffers, kept room included.
-            set_idle_room(shared, &mut slot, 0);
-            (slot.builder.take_records(), std::mem::take(&mut slot.metas))
+            match stays[index] {
+                // Empty unless the old map named a shard twice: then the second one's records
+                // are routed again.
+                Some(at) if new_slots[at].metas.is_empty() => {
+                    let target = &mut new_slots[at];
+                    std::mem::swap(&mut target.builder, &mut slot.builder);
+                    std::mem::swap(&mut target.metas, &mut slot.metas);
+                    std::mem::swap(&mut target.idle_room, &mut slot.idle_room);
+                    target.earliest_put = slot.earliest_put.take();
+                    // What the old slot got back is an empty builder, let go with the routing.
+                    set_idle_room(shared, &mut slot, 0);
+                    Carried::Whole(at)
+                }
+                _ => {
+                    slot.earliest_put = None;
+                    // `take_records` lets go of the builder's buffers, kept room included.
+                    set_idle_room(shared, &mut slot, 0);
+                    Carried::Records(slot.builder.take_records(), std::mem::take(&mut slot.metas))
+                }
+            }
         };
         // An aggregate a `put` took out of this slot before it was retired reaches the sender
         // before anything of the new slots does.
         drop(lock(&old.emitting[index]));
+        let (records, metas) = match carried {
+            Carried::Whole(at) => {
+                let target = &new_slots[at];
+                kept += target.metas.len();
+                // The old slot's deadline names the old routing, which the timer skips.
+                if let Some(put_at) = target.earliest_put {
+                    leave_slot_deadline(shared, &new, at, target, put_at);
+                }
+                continue;
+            }
+            Carried::Records(records, metas) => (records, metas),
+        };
+        rerouted += metas.len();
         for (record, meta) in records.into_iter().zip(metas) {
             let target = new.map.shard_index(meta.hash_key).unwrap_or(new.map.len());
             if let Some(emission) =
@@ -765,6 +827,15 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
             }
         }
     }
+    drop(new_slots);
+    tracing::info!(
+        shards_before = old.map.len(),
+        shards_after = new.map.len(),
+        records_kept = kept,
+        records_rerouted = rerouted,
+        micros = started.elapsed().as_micros() as u64,
+        "shard map changed; the buffered records of shards it closed were routed again"
+    );
 }
 
 /// Routes records the producer already holds again, under the current map (after a reshard).

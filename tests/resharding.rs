@@ -797,6 +797,52 @@ async fn order_holds_while_listings_lag_behind_a_split() {
     );
 }
 
+/// A map change moves the aggregator of each shard it keeps as it is, with nothing read back
+/// or encoded again. What that aggregator holds still goes out at its own deadline, with no
+/// `put` after the change to start a new one, and not before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_kept_across_a_map_change_goes_out_at_its_deadline() {
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("kept", 2).await;
+    let open = kinesis.open_shards("kept").await;
+    let producer = producer_for(&kinesis.endpoint, "kept", |b| {
+        b.shard_map_refresh_interval(Duration::from_secs(1))
+            .record_max_buffered_time(Duration::from_secs(6))
+    })
+    .await;
+    split_first_shard(&kinesis, "kept").await;
+    let reloads = producer.stats().shard_map_refreshes;
+    let put_at = Instant::now();
+    let mut receipts = Vec::new();
+    for key in keys_off_shard(&open, &open[0].0, 20) {
+        let record = kinesis_producer::UserRecord::new(b"kept".to_vec(), key);
+        receipts.push(producer.put_with_receipt(record).await.expect("accepted"));
+    }
+    // The timer reloads the map about a second later, while the records wait in their
+    // aggregator (a lone aggregate closes at half the buffered time, 3 s).
+    wait_until(|| producer.stats().shard_map_refreshes > reloads).await;
+    let stats = producer.stats();
+    assert_eq!(
+        stats.user_records_put, 0,
+        "still buffered at the reload: {stats:?}"
+    );
+    assert_eq!(producer.shard_map().len(), 3);
+    for receipt in receipts {
+        let delivered = tokio::time::timeout(Duration::from_secs(15), receipt)
+            .await
+            .expect("sent by its deadline, with no put after the map change")
+            .expect("delivered");
+        assert_eq!(&*delivered.shard_id, open[1].0);
+        assert!(delivered.aggregated);
+    }
+    let waited = put_at.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2),
+        "not sent early: {waited:?}"
+    );
+    producer.stop().await;
+}
+
 /// Unaggregated small records on one key, against a server that enforces the shard limits:
 /// throttled entries are retried and every record lands. Prints what the limiter's settings
 /// cost (README, Rate limiting).
