@@ -1546,10 +1546,13 @@ impl Sender {
                                 ),
                             });
                             // A record no shard of the map covered went out alone and landed
-                            // where its own key belongs, on a shard the map lacks: the map is
-                            // stale too (a listing taken while the stream resharded).
-                            stale_map |=
-                                misplaced || (outgoing.shard_id.is_none() && !actual.is_empty());
+                            // where its own key belongs: on a shard the map lacks, unless a
+                            // reload has found it since (a listing taken while the stream
+                            // resharded). Rare: looked up only for such records.
+                            let uncovered = outgoing.shard_id.is_none()
+                                && !actual.is_empty()
+                                && !self.shared.routing().has_shard(actual);
+                            stale_map |= misplaced || uncovered;
                             if misplaced && outgoing.entry.aggregated {
                                 self.with_limiter(&outgoing, |limiter| limiter.acknowledged(ended));
                                 self.settle_misplaced(outgoing, Arc::from(actual), true);

@@ -730,9 +730,9 @@ async fn a_first_map_with_a_gap_is_reloaded_and_loses_nothing() {
 
 /// Listings can lag behind a reshard: a split's children take writes before ListShards shows
 /// them. Answers then name shards the map lacks; their records wait for a reload that names
-/// them (up to three reloads), and in order mode hold their lanes meanwhile. Here listings show
-/// the stream as it was before the split for a second and a half: every record lands once, and
-/// each key's numbers strictly increase as the KCL reads them.
+/// them (up to three reloads), and in order mode hold their lanes meanwhile. Here the two
+/// listings after the split show the stream as it was before it (reloads are a second apart):
+/// every record lands once, and each key's numbers strictly increase as the KCL reads them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_holds_while_listings_lag_behind_a_split() {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -768,30 +768,31 @@ async fn order_holds_while_listings_lag_behind_a_split() {
             })
         })
         .collect();
+    // Counted, not timed: with three lagging listings the waiting records would be settled
+    // without the shard they landed on (sent again, ahead of newer records of their keys).
+    const LAGGING: usize = 2;
     let lagged = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&lagged);
     proxy.edit_listings(Some(Box::new(move |shards| {
-        *shards = old.clone();
-        counter.fetch_add(1, Ordering::SeqCst);
+        if counter.fetch_add(1, Ordering::SeqCst) < LAGGING {
+            *shards = old.clone();
+        }
     })));
     split_first_shard(&kinesis, "lagging").await;
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    proxy.edit_listings(None);
     let put = putting.await.expect("putter");
     producer.stop().await;
     assert!(drain(failures).await.is_empty(), "nothing failed");
     let stats = producer.stats();
     assert!(
-        lagged.load(Ordering::SeqCst) >= 1,
-        "a listing lagged: {stats:?}"
+        lagged.load(Ordering::SeqCst) > LAGGING,
+        "listings lagged, then one showed the split: {stats:?}"
     );
-    assert!(stats.shard_map_refreshes >= 2, "{stats:?}");
+    assert!(stats.shard_map_refreshes > LAGGING as u64, "{stats:?}");
     let (delivered, discarded) = kinesis.read_as_kcl("lagging").await;
     assert_each_key_increases(&delivered);
     assert_eq!(delivered.len(), put, "every record once");
     println!(
-        "lagging listings: {put} records, {} listings lagged, {} map reloads, {discarded} aggregates thrown away by the KCL rule, {} records re-sent",
-        lagged.load(Ordering::SeqCst),
+        "lagging listings: {put} records, {LAGGING} listings lagged, {} map reloads, {discarded} aggregates thrown away by the KCL rule, {} records re-sent",
         stats.shard_map_refreshes,
         stats.records_resent_after_reshard
     );
@@ -802,31 +803,48 @@ async fn order_holds_while_listings_lag_behind_a_split() {
 /// `put` after the change to start a new one, and not before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aggregate_kept_across_a_map_change_goes_out_at_its_deadline() {
+    use support::faults::{FaultProxy, Schedule};
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("kept", 2).await;
     let open = kinesis.open_shards("kept").await;
-    let producer = producer_for(&kinesis.endpoint, "kept", |b| {
+    let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(1, 0.0, Vec::new())).await;
+    let producer = producer_for(&proxy.endpoint, "kept", |b| {
         b.shard_map_refresh_interval(Duration::from_secs(1))
             .record_max_buffered_time(Duration::from_secs(6))
     })
     .await;
+    // Until the records are in their aggregator, listings show the stream before the split.
+    let before: Vec<serde_json::Value> = open
+        .iter()
+        .map(|(id, start, end)| {
+            serde_json::json!({
+                "ShardId": id,
+                "HashKeyRange": {
+                    "StartingHashKey": start.to_string(),
+                    "EndingHashKey": end.to_string(),
+                },
+                "SequenceNumberRange": {"StartingSequenceNumber": "0"},
+            })
+        })
+        .collect();
+    proxy.edit_listings(Some(Box::new(move |shards| *shards = before.clone())));
     split_first_shard(&kinesis, "kept").await;
-    let reloads = producer.stats().shard_map_refreshes;
     let put_at = Instant::now();
     let mut receipts = Vec::new();
     for key in keys_off_shard(&open, &open[0].0, 20) {
         let record = kinesis_producer::UserRecord::new(b"kept".to_vec(), key);
         receipts.push(producer.put_with_receipt(record).await.expect("accepted"));
     }
-    // The timer reloads the map about a second later, while the records wait in their
-    // aggregator (a lone aggregate closes at half the buffered time, 3 s).
-    wait_until(|| producer.stats().shard_map_refreshes > reloads).await;
+    assert_eq!(producer.shard_map().len(), 2, "the map before the split");
+    // The timer's next reload, within a second, finds the split while the records wait in
+    // their aggregator (a lone aggregate closes at half the buffered time, 3 s).
+    proxy.edit_listings(None);
+    wait_until(|| producer.shard_map().len() == 3).await;
     let stats = producer.stats();
     assert_eq!(
         stats.user_records_put, 0,
         "still buffered at the reload: {stats:?}"
     );
-    assert_eq!(producer.shard_map().len(), 3);
     for receipt in receipts {
         let delivered = tokio::time::timeout(Duration::from_secs(15), receipt)
             .await
