@@ -8,7 +8,8 @@
 //!
 //! The "reshard" cases put at a steady pace and, halfway, the sink splits one shard: the
 //! producer learns of it from the answers, reloads its map and moves what it buffers. They
-//! print the longest any `put` call took, with and without the split.
+//! print the longest any `put` call took, with and without the split (`BENCH_LOG=1` also
+//! prints the producer's log line of each map change, with the pass's duration).
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -111,6 +112,26 @@ async fn start_sink(shards: usize) -> (String, Stream) {
     (endpoint, stream)
 }
 
+/// Splits every shard of the stream in two new ones, as UpdateShardCount to twice the count
+/// does (new shards get new ids).
+fn split_every_shard(stream: &Stream) {
+    let mut map = stream.write().unwrap();
+    let old = map.shards().to_vec();
+    let mut shards = Vec::with_capacity(old.len() * 2);
+    for shard in &old {
+        let middle = shard.start + (shard.end - shard.start) / 2;
+        for (start, end) in [(shard.start, middle), (middle + 1, shard.end)] {
+            let n = old.len() + shards.len();
+            shards.push(ShardRange {
+                shard_id: Arc::from(format!("shardId-{n:012}")),
+                start,
+                end,
+            });
+        }
+    }
+    *map = Arc::new(ShardMap::new(shards));
+}
+
 /// Splits the stream's first shard in two new shards, as SplitShard does.
 fn split_first_shard(stream: &Stream) {
     let mut map = stream.write().unwrap();
@@ -140,8 +161,10 @@ struct Case {
     put: Put,
     /// Puts paced to this many records per second, and the longest `put` call printed.
     paced: Option<u32>,
-    /// The sink splits a shard once this many records are put.
+    /// The sink splits a shard (or, with `split_all`, every shard) once this many records are
+    /// put.
     split_at: Option<usize>,
+    split_all: bool,
 }
 
 /// How the case puts its records.
@@ -175,25 +198,19 @@ async fn run(case: &Case) -> f64 {
     let data = vec![b'x'; case.size];
     let cpu_before = process_cpu_seconds();
     let started = Instant::now();
-    // Paced: a pause each millisecond's worth of records, to where the pace says.
-    let per_ms = case.paced.map_or(0, |rate| (rate / 1000).max(1) as usize);
-    let mut longest_put = Duration::ZERO;
-    for i in 0..case.records {
-        if case.split_at == Some(i) {
-            split_first_shard(&stream);
+    let (mut longest_put, mut latest) = (Duration::ZERO, Duration::ZERO);
+    match case.paced {
+        Some(rate) => (longest_put, latest) = paced_puts(case, &producer, &stream, rate).await,
+        None => {
+            for i in 0..case.records {
+                let keyed = || UserRecord::new(data.clone(), format!("{:032x}", i * 7919));
+                match case.put {
+                    Put::Data => producer.put_data(data.clone()).await.unwrap(),
+                    Put::Record => producer.put_record(keyed()).await.unwrap(),
+                    Put::Receipt => drop(producer.put_with_receipt(keyed()).await.unwrap()),
+                }
+            }
         }
-        if per_ms > 0 && i % per_ms == 0 {
-            let due = started + Duration::from_millis((i / per_ms) as u64);
-            tokio::time::sleep_until(due.into()).await;
-        }
-        let keyed = || UserRecord::new(data.clone(), format!("{:032x}", i * 7919));
-        let put_started = Instant::now();
-        match case.put {
-            Put::Data => producer.put_data(data.clone()).await.unwrap(),
-            Put::Record => producer.put_record(keyed()).await.unwrap(),
-            Put::Receipt => drop(producer.put_with_receipt(keyed()).await.unwrap()),
-        }
-        longest_put = longest_put.max(put_started.elapsed());
     }
     producer.stop().await;
     let secs = started.elapsed().as_secs_f64();
@@ -203,12 +220,13 @@ async fn run(case: &Case) -> f64 {
     let rate = case.records as f64 / secs;
     if case.paced.is_some() {
         println!(
-            "{:<28} shards={:<6} records={:<8} map_reloads={} longest_put_us={} backlog_full={}",
+            "{:<28} shards={:<6} records={:<8} map_reloads={} longest_put_us={} most_behind_schedule_us={} backlog_full={}",
             case.label,
             case.shards,
             case.records,
             stats.shard_map_refreshes,
             longest_put.as_micros(),
+            latest.as_micros(),
             stats.puts_found_backlog_full,
         );
         return rate;
@@ -228,6 +246,50 @@ async fn run(case: &Case) -> f64 {
     rate
 }
 
+/// Puts the case's records at `rate` a second from a thread of its own with `put_blocking`,
+/// paced by the wall clock (the runtime's timers fire late while its threads are busy, which
+/// would hide a stall), splitting the sink's shards when the case says. Gives the longest `put`
+/// call, and how far behind its schedule a put ever returned.
+async fn paced_puts(
+    case: &Case,
+    producer: &Producer,
+    stream: &Stream,
+    rate: u32,
+) -> (Duration, Duration) {
+    let (producer, stream) = (producer.clone(), Arc::clone(stream));
+    let (records, size) = (case.records, case.size);
+    let (split_at, split_all) = (case.split_at, case.split_all);
+    let putter = std::thread::spawn(move || {
+        let data = vec![b'x'; size];
+        let started = Instant::now();
+        let per_ms = (rate / 1000).max(1) as usize;
+        let (mut longest, mut latest) = (Duration::ZERO, Duration::ZERO);
+        for i in 0..records {
+            if split_at == Some(i) {
+                match split_all {
+                    true => split_every_shard(&stream),
+                    false => split_first_shard(&stream),
+                }
+            }
+            if i % per_ms == 0 {
+                let due = started + Duration::from_millis((i / per_ms) as u64);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+            let record = UserRecord::new(data.clone(), format!("{:032x}", i * 7919));
+            let put_started = Instant::now();
+            producer.put_blocking(record).unwrap();
+            let returned = Instant::now();
+            longest = longest.max(returned - put_started);
+            let scheduled = started + Duration::from_secs_f64(i as f64 / f64::from(rate));
+            latest = latest.max(returned.saturating_duration_since(scheduled));
+        }
+        (longest, latest)
+    });
+    tokio::task::spawn_blocking(move || putter.join().unwrap())
+        .await
+        .unwrap()
+}
+
 /// User + system CPU seconds of this process (producer, SDK and sink together), from
 /// /proc/self/stat (clock ticks of 1/100 s).
 fn process_cpu_seconds() -> f64 {
@@ -245,6 +307,13 @@ fn process_cpu_seconds() -> f64 {
 }
 
 fn main() {
+    // BENCH_LOG=1 prints the producer's `info` lines (a map change's pass and its duration).
+    if std::env::var_os("BENCH_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     // `cargo test --benches` runs bench binaries with `--bench` absent: keep that quick.
     let quick = !std::env::args().any(|a| a == "--bench");
     let scale = if quick { 50 } else { 1 };
@@ -282,6 +351,7 @@ fn main() {
                     put: Put::Data,
                     paced: None,
                     split_at: None,
+                    split_all: false,
                 });
             }
         }
@@ -298,13 +368,15 @@ fn main() {
         put: Put::Data,
         paced: None,
         split_at: None,
+        split_all: false,
     });
     // 200,000 records/s for 3 s, below what 10,000 shards take (so that no put waits for
     // backlog room), split halfway or not at all; the producer's defaults otherwise.
     for shards in [1_024, 10_000] {
-        for (label, split_at) in [
-            ("reshard: none", None),
-            ("reshard: split one shard", Some(300_000 / scale)),
+        for (label, split_at, split_all) in [
+            ("reshard: none", None, false),
+            ("reshard: split one shard", Some(300_000 / scale), false),
+            ("reshard: split every shard", Some(300_000 / scale), true),
         ] {
             cases.push(Case {
                 shards,
@@ -315,6 +387,7 @@ fn main() {
                 put: Put::Data,
                 paced: Some(200_000),
                 split_at,
+                split_all,
             });
         }
     }
@@ -353,6 +426,7 @@ fn main() {
                 put,
                 paced: None,
                 split_at: None,
+                split_all: false,
             });
         }
     }

@@ -761,6 +761,8 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
     shared
         .routing_generation
         .store(old.generation + 1, Ordering::Release);
+    // Until here puts went on with the old map; from here one that finds the new map waits.
+    let built = started.elapsed();
     // A shard's range never changes: when the new map still has a shard, its aggregate moves
     // over whole, and its records are neither read back nor encoded again, so a change that
     // touches a few shards of thousands costs the few (puts wait for this pass). Those moves
@@ -770,7 +772,9 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
         .map(|index| {
             let shard = old.map.shards().get(index)?;
             let at = new.map.shard_index(shard.start)?;
-            (new.map.shards()[at].shard_id == shard.shard_id).then_some(at)
+            // The range too: a stream deleted and created again under its name numbers its
+            // shards from zero again.
+            (new.map.shards()[at] == *shard).then_some(at)
         })
         .collect();
     let kept_first = (0..old.slots.len())
@@ -834,6 +838,7 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
         records_kept = kept,
         records_rerouted = rerouted,
         micros = started.elapsed().as_micros() as u64,
+        micros_building = built.as_micros() as u64,
         "shard map changed; the buffered records of shards it closed were routed again"
     );
 }
