@@ -48,6 +48,18 @@ fn assert_each_key_increases(delivered: &[ReadRecord]) {
     }
 }
 
+/// A shard as a ListShards answer lists an open one (no ending sequence number).
+fn listed_open((id, start, end): &(String, u128, u128)) -> serde_json::Value {
+    serde_json::json!({
+        "ShardId": id,
+        "HashKeyRange": {
+            "StartingHashKey": start.to_string(),
+            "EndingHashKey": end.to_string(),
+        },
+        "SequenceNumberRange": {"StartingSequenceNumber": "0"},
+    })
+}
+
 /// Puts `rounds` rounds of one 100-byte record (`key:seq:…`, partition key `k{key}`) for each
 /// of `keys` keys, pausing 20 ms between rounds; gives the number put.
 async fn put_rounds(producer: &kinesis_producer::Producer, keys: usize, rounds: usize) -> usize {
@@ -633,17 +645,10 @@ async fn a_listing_that_shows_a_parent_beside_its_children_routes_by_the_childre
     let kinesis = LocalKinesis::start(false).await;
     for (stream, preserve_order) in [("stale-parent", false), ("stale-parent-order", true)] {
         kinesis.create_stream(stream, 2).await;
-        let (parent, start, end) = kinesis.open_shards(stream).await[0].clone();
+        let parent = kinesis.open_shards(stream).await[0].clone();
         split_first_shard(&kinesis, stream).await;
         let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(1, 0.0, Vec::new())).await;
-        let stale = serde_json::json!({
-            "ShardId": parent,
-            "HashKeyRange": {
-                "StartingHashKey": start.to_string(),
-                "EndingHashKey": end.to_string(),
-            },
-            "SequenceNumberRange": {"StartingSequenceNumber": "0"},
-        });
+        let stale = listed_open(&parent);
         let edited = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&edited);
         proxy.edit_listings(Some(Box::new(move |shards| {
@@ -755,19 +760,7 @@ async fn order_holds_while_listings_lag_behind_a_split() {
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The old shards, open, in place of whatever the server lists.
-    let old: Vec<serde_json::Value> = before
-        .iter()
-        .map(|(id, start, end)| {
-            serde_json::json!({
-                "ShardId": id,
-                "HashKeyRange": {
-                    "StartingHashKey": start.to_string(),
-                    "EndingHashKey": end.to_string(),
-                },
-                "SequenceNumberRange": {"StartingSequenceNumber": "0"},
-            })
-        })
-        .collect();
+    let old: Vec<serde_json::Value> = before.iter().map(listed_open).collect();
     // Counted, not timed: with three lagging listings the waiting records would be settled
     // without the shard they landed on (sent again, ahead of newer records of their keys).
     const LAGGING: usize = 2;
@@ -814,19 +807,7 @@ async fn an_aggregate_kept_across_a_map_change_goes_out_at_its_deadline() {
     })
     .await;
     // Until the records are in their aggregator, listings show the stream before the split.
-    let before: Vec<serde_json::Value> = open
-        .iter()
-        .map(|(id, start, end)| {
-            serde_json::json!({
-                "ShardId": id,
-                "HashKeyRange": {
-                    "StartingHashKey": start.to_string(),
-                    "EndingHashKey": end.to_string(),
-                },
-                "SequenceNumberRange": {"StartingSequenceNumber": "0"},
-            })
-        })
-        .collect();
+    let before: Vec<serde_json::Value> = open.iter().map(listed_open).collect();
     proxy.edit_listings(Some(Box::new(move |shards| *shards = before.clone())));
     split_first_shard(&kinesis, "kept").await;
     let put_at = Instant::now();
