@@ -6,10 +6,11 @@
 //! `cargo bench --bench pipeline` (release). The sink shares the process and its 2 cores, so
 //! figures compare cases with each other; they are not a ceiling.
 //!
-//! The "reshard" cases put at a steady pace and, halfway, the sink splits one shard: the
-//! producer learns of it from the answers, reloads its map and moves what it buffers. They
-//! print the longest any `put` call took, with and without the split (`BENCH_LOG=1` also
-//! prints the producer's log line of each map change, with the pass's duration).
+//! The "reshard" cases put at a steady pace and, halfway, the sink splits one shard (or every
+//! shard): the producer learns of it from the answers, reloads its map and moves what it
+//! buffers. They print the longest any `put` call took and how far behind its schedule a put
+//! returned, with and without the split (`BENCH_LOG=1` also prints the producer's log line of
+//! each map change, with the pass's duration).
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -159,7 +160,7 @@ struct Case {
     label: &'static str,
     tune: fn(ProducerBuilder) -> ProducerBuilder,
     put: Put,
-    /// Puts paced to this many records per second, and the longest `put` call printed.
+    /// Puts paced to this many records per second from a thread of their own (`paced_puts`).
     paced: Option<u32>,
     /// The sink splits a shard (or, with `split_all`, every shard) once this many records are
     /// put.
@@ -371,7 +372,8 @@ fn main() {
         split_all: false,
     });
     // 200,000 records/s for 3 s, below what 10,000 shards take (so that no put waits for
-    // backlog room), split halfway or not at all; the producer's defaults otherwise.
+    // backlog room unless a reshard holds it), one shard or every shard split halfway, or
+    // none; the producer's defaults otherwise.
     for shards in [1_024, 10_000] {
         for (label, split_at, split_all) in [
             ("reshard: none", None, false),

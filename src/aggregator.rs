@@ -736,8 +736,8 @@ enum Carried {
 }
 
 /// Installs a new shard map. The aggregators of shards it still has carry on in its routing as
-/// they are; the records held for shards it no longer has (and for keys no shard covered) are
-/// routed again.
+/// they are; the records held for shards it no longer has are routed again. (The slot of keys
+/// no shard covered holds none: its records go out alone.)
 pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
     let _exclusive = lock(&shared.routing_change);
     let old = shared.routing();

@@ -547,36 +547,40 @@ fn fail_entries(
 /// The shard a misrouted answer names.
 pub const MISROUTED_SHARD: &str = "shardId-000000009999";
 
-/// The answer with every written entry's shard replaced by [`MISROUTED_SHARD`].
-fn misroute(answer: Message) -> Message {
+/// The answer with the JSON array `member` of its body changed by `edit` (unchanged if the
+/// body has no such array).
+fn edit_array(
+    answer: Message,
+    member: &str,
+    edit: impl FnOnce(&mut Vec<serde_json::Value>),
+) -> Message {
     let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&answer.body) else {
         return answer;
     };
-    let Some(records) = json.get_mut("Records").and_then(|r| r.as_array_mut()) else {
+    let Some(array) = json.get_mut(member).and_then(|a| a.as_array_mut()) else {
         return answer;
     };
-    for entry in records {
-        if entry.get("ShardId").is_some() {
-            entry["ShardId"] = MISROUTED_SHARD.into();
-        }
-    }
+    edit(array);
     answer.with_body(serde_json::to_vec(&json).expect("JSON"))
+}
+
+/// The answer with every written entry's shard replaced by [`MISROUTED_SHARD`].
+fn misroute(answer: Message) -> Message {
+    edit_array(answer, "Records", |records| {
+        for entry in records {
+            if entry.get("ShardId").is_some() {
+                entry["ShardId"] = MISROUTED_SHARD.into();
+            }
+        }
+    })
 }
 
 /// A ListShards answer with its shards changed by the edit `edit_listings` set, if any.
 fn edit_listing(shared: &Shared, answer: Message) -> Message {
-    let edit = shared.listing_edit.lock().unwrap();
-    let Some(edit) = edit.as_ref() else {
-        return answer;
-    };
-    let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&answer.body) else {
-        return answer;
-    };
-    let Some(shards) = json.get_mut("Shards").and_then(|s| s.as_array_mut()) else {
-        return answer;
-    };
-    edit(shards);
-    answer.with_body(serde_json::to_vec(&json).expect("JSON"))
+    match shared.listing_edit.lock().unwrap().as_ref() {
+        Some(edit) => edit_array(answer, "Shards", edit),
+        None => answer,
+    }
 }
 
 /// User records in a PutRecords request body.
