@@ -249,6 +249,9 @@ pub async fn load_shard_map(client: &Client, stream: &StreamId) -> Result<ShardM
         }
     }
     shards.retain(|shard| !parents.contains(&*shard.shard_id));
+    // A shard listed twice (on two pages of a listing the stream changed under) is one shard.
+    let mut seen: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
+    shards.retain(|shard| seen.insert(Arc::clone(&shard.shard_id)));
     if shards.is_empty() {
         return Err(BuildError::ShardMap(format!("{stream} has no open shards")));
     }

@@ -632,9 +632,10 @@ async fn order_holds_across_reshards_for_the_keys_they_move() {
 }
 
 /// A listing taken while a stream reshards can show a parent open beside its children (its
-/// pages are read one by one). The producer leaves out a shard that a listed shard names as
-/// its parent: no record is predicted for the parent, so no answer contradicts the map, and
-/// nothing is reloaded or sent again. With the parent in the map (listed after its first
+/// pages are read one by one), or a shard on two pages. The producer leaves out a shard that a
+/// listed shard names as its parent, and keeps one of a shard listed twice: no record is
+/// predicted for the parent, so no answer contradicts the map, and nothing is reloaded or sent
+/// again. With the parent in the map (listed after its first
 /// child, it wins their tie of starting keys), every answer for that child's keys named a shard
 /// other than the one predicted and made the producer reload the map.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -652,6 +653,12 @@ async fn a_listing_that_shows_a_parent_beside_its_children_routes_by_the_childre
         let edited = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&edited);
         proxy.edit_listings(Some(Box::new(move |shards| {
+            // An open shard on two pages too (some servers list closed shards as well).
+            let open = shards
+                .iter()
+                .find(|s| s["SequenceNumberRange"]["EndingSequenceNumber"].is_null());
+            let twice = open.expect("an open shard").clone();
+            shards.push(twice);
             shards.push(stale.clone());
             counter.fetch_add(1, Ordering::SeqCst);
         })));
@@ -660,6 +667,11 @@ async fn a_listing_that_shows_a_parent_beside_its_children_routes_by_the_childre
                 .shard_map_refresh_interval(Duration::from_secs(3600))
         })
         .await;
+        assert_eq!(
+            producer.shard_map().len(),
+            3,
+            "the children and the other shard, once"
+        );
         let failures = producer.notify_failures();
         let put = put_rounds(&producer, 64, 50).await;
         producer.stop().await;
