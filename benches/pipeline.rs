@@ -221,7 +221,7 @@ async fn run(case: &Case) -> f64 {
     let rate = case.records as f64 / secs;
     if case.paced.is_some() {
         println!(
-            "{:<28} shards={:<6} records={:<8} map_reloads={} longest_put_us={} most_behind_schedule_us={} backlog_full={}",
+            "{:<28} shards={:<6} records={:<8} map_reloads={} longest_put_us={} most_behind_schedule_us={} backlog_full={} resent_after_reshard={}",
             case.label,
             case.shards,
             case.records,
@@ -229,6 +229,7 @@ async fn run(case: &Case) -> f64 {
             longest_put.as_micros(),
             latest.as_micros(),
             stats.puts_found_backlog_full,
+            stats.records_resent_after_reshard,
         );
         return rate;
     }
