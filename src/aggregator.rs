@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -738,7 +738,9 @@ enum Carried {
 /// Installs a new shard map. The aggregators of shards it still has carry on in its routing as
 /// they are; the records held for shards it no longer has are routed again. (The slot of keys
 /// no shard covered holds none: its records go out alone.)
-pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
+///
+/// `listed_in` is how long ListShards took, for the log.
+pub(crate) fn install_map(shared: &Shared, map: ShardMap, listed_in: Duration) {
     let _exclusive = lock(&shared.routing_change);
     let old = shared.routing();
     if old.map == map {
@@ -839,6 +841,7 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap) {
         records_rerouted = rerouted,
         micros = started.elapsed().as_micros() as u64,
         micros_building = built.as_micros() as u64,
+        listing_millis = listed_in.as_millis() as u64,
         "shard map changed; the buffered records of shards it closed were routed again"
     );
 }

@@ -424,6 +424,7 @@ impl Shared {
             let mut failures = 0u32;
             loop {
                 while shared.refresh_wanted.swap(false, Ordering::SeqCst) {
+                    let listing = Instant::now();
                     let loaded = match load_shard_map(&shared.client, &shared.stream).await {
                         // A listing taken while the stream is resharded can leave a key with
                         // no shard or with two. Order mode holds a closed shard's successors by
@@ -438,7 +439,7 @@ impl Shared {
                         Ok(map) => {
                             failures = 0;
                             add(&shared.stats.shard_map_refreshes, 1);
-                            aggregator::install_map(&shared, map);
+                            aggregator::install_map(&shared, map, listing.elapsed());
                             true
                         }
                         Err(e) => {
