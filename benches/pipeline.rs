@@ -116,8 +116,8 @@ async fn start_sink(shards: usize) -> (String, Stream) {
 /// Splits every shard of the stream in two new ones, as UpdateShardCount to twice the count
 /// does (new shards get new ids).
 fn split_every_shard(stream: &Stream) {
-    let mut map = stream.write().unwrap();
-    let old = map.shards().to_vec();
+    // Built before the sink's answers are held up by the write lock.
+    let old = stream.read().unwrap().shards().to_vec();
     let mut shards = Vec::with_capacity(old.len() * 2);
     for shard in &old {
         let middle = shard.start + (shard.end - shard.start) / 2;
@@ -130,13 +130,13 @@ fn split_every_shard(stream: &Stream) {
             });
         }
     }
-    *map = Arc::new(ShardMap::new(shards));
+    let split = Arc::new(ShardMap::new(shards));
+    *stream.write().unwrap() = split;
 }
 
 /// Splits the stream's first shard in two new shards, as SplitShard does.
 fn split_first_shard(stream: &Stream) {
-    let mut map = stream.write().unwrap();
-    let mut shards = map.shards().to_vec();
+    let mut shards = stream.read().unwrap().shards().to_vec();
     let first = shards.remove(0);
     let middle = first.start + (first.end - first.start) / 2;
     let next = shards.len() + 1;
@@ -150,7 +150,8 @@ fn split_first_shard(stream: &Stream) {
             end,
         });
     }
-    *map = Arc::new(ShardMap::new(shards));
+    let split = Arc::new(ShardMap::new(shards));
+    *stream.write().unwrap() = split;
 }
 
 struct Case {

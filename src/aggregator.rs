@@ -788,8 +788,8 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap, listed_in: Duration) {
             let mut slot = lock(&old.slots[index]);
             slot.retired = true;
             match stays[index] {
-                // Empty unless the old map named a shard twice: then the second one's records
-                // are routed again.
+                // Always empty, as `load_shard_map` lists a shard once; were a map to name one
+                // twice, the second copy's records would be routed again, not lost.
                 Some(at) if new_slots[at].metas.is_empty() => {
                     let target = &mut new_slots[at];
                     std::mem::swap(&mut target.builder, &mut slot.builder);

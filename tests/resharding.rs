@@ -653,7 +653,7 @@ async fn a_listing_that_shows_a_parent_beside_its_children_routes_by_the_childre
         let edited = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&edited);
         proxy.edit_listings(Some(Box::new(move |shards| {
-            // An open shard on two pages too (some servers list closed shards as well).
+            // An open shard listed twice, as on two pages (this server lists closed shards too).
             let open = shards
                 .iter()
                 .find(|s| s["SequenceNumberRange"]["EndingSequenceNumber"].is_null());
