@@ -113,42 +113,24 @@ async fn start_sink(shards: usize) -> (String, Stream) {
     (endpoint, stream)
 }
 
-/// Splits every shard of the stream in two new ones, as UpdateShardCount to twice the count
-/// does (new shards get new ids).
-fn split_every_shard(stream: &Stream) {
+/// Splits the stream's first shard, or every shard, each in two new shards with new ids, as
+/// SplitShard (or UpdateShardCount to twice the count) does.
+fn split_shards(stream: &Stream, every: bool) {
     // Built before the sink's answers are held up by the write lock.
     let old = stream.read().unwrap().shards().to_vec();
-    let mut shards = Vec::with_capacity(old.len() * 2);
-    for shard in &old {
+    let splitting = if every { old.len() } else { 1 };
+    let mut shards = old[splitting..].to_vec();
+    let mut next_id = old.len();
+    for shard in &old[..splitting] {
         let middle = shard.start + (shard.end - shard.start) / 2;
         for (start, end) in [(shard.start, middle), (middle + 1, shard.end)] {
-            let n = old.len() + shards.len();
             shards.push(ShardRange {
-                shard_id: Arc::from(format!("shardId-{n:012}")),
+                shard_id: Arc::from(format!("shardId-{next_id:012}")),
                 start,
                 end,
             });
+            next_id += 1;
         }
-    }
-    let split = Arc::new(ShardMap::new(shards));
-    *stream.write().unwrap() = split;
-}
-
-/// Splits the stream's first shard in two new shards, as SplitShard does.
-fn split_first_shard(stream: &Stream) {
-    let mut shards = stream.read().unwrap().shards().to_vec();
-    let first = shards.remove(0);
-    let middle = first.start + (first.end - first.start) / 2;
-    let next = shards.len() + 1;
-    for (n, start, end) in [
-        (next, first.start, middle),
-        (next + 1, middle + 1, first.end),
-    ] {
-        shards.push(ShardRange {
-            shard_id: Arc::from(format!("shardId-{n:012}")),
-            start,
-            end,
-        });
     }
     let split = Arc::new(ShardMap::new(shards));
     *stream.write().unwrap() = split;
@@ -269,10 +251,7 @@ async fn paced_puts(
         let (mut longest, mut latest) = (Duration::ZERO, Duration::ZERO);
         for i in 0..records {
             if split_at == Some(i) {
-                match split_all {
-                    true => split_every_shard(&stream),
-                    false => split_first_shard(&stream),
-                }
+                split_shards(&stream, split_all);
             }
             if i % per_ms == 0 {
                 let due = started + Duration::from_millis((i / per_ms) as u64);

@@ -1551,7 +1551,7 @@ impl Sender {
                             // resharded). Rare: looked up only for such records.
                             let uncovered = outgoing.shard_id.is_none()
                                 && !actual.is_empty()
-                                && !self.shared.routing().has_shard(actual);
+                                && !self.shared.routing.load().has_shard(actual);
                             stale_map |= misplaced || uncovered;
                             if misplaced && outgoing.entry.aggregated {
                                 self.with_limiter(&outgoing, |limiter| limiter.acknowledged(ended));
