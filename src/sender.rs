@@ -120,6 +120,7 @@ impl Sender {
             results_rx,
             flush_requested: false,
             relief_requested: false,
+            freed_with_records: false,
             in_flight_backlog_bytes: 0,
             last_relief_walk: None,
             relief_wanted_at: None,
@@ -198,6 +199,11 @@ struct Sender {
     /// A relief closed aggregates early (see [`relieve`](Sender::relieve)): the lanes send
     /// what they may now, as while a put waits for room.
     relief_requested: bool,
+    /// Order mode: an answer freed a lane that has records queued. They waited a whole round
+    /// trip behind the record that ended, and the lane sends nothing else until their own
+    /// request ends: holding them longer for a fuller request would cost their shard
+    /// throughput, so a request is due at once (see `should_send`).
+    freed_with_records: bool,
     /// Backlog bytes (the backlog's own count) of the records in requests in flight.
     in_flight_backlog_bytes: usize,
     /// When a relief last walked what the sender holds, and how long the walk took.
@@ -1002,6 +1008,7 @@ impl Sender {
             self.drain_wanted = true;
         } else {
             list_if_free(lane, ordinal, &mut self.ready);
+            self.freed_with_records |= self.shared.config.preserve_order && lane.listed;
         }
     }
 
@@ -1205,6 +1212,10 @@ impl Sender {
             || self.shared.backlog.has_waiters()
             || self.relief_requested)
             && self.partial_in_flight < MAX_PARTIAL_IN_FLIGHT;
+        // Order mode: lanes an answer freed go at once, with whatever else may go (not capped
+        // by MAX_PARTIAL_IN_FLIGHT: each answer starts at most one such request, so they
+        // cannot pile up beyond the requests that were already out).
+        let due = due || self.freed_with_records;
         !self.ready.is_empty()
             && (full || due || self.flush_requested || self.stop_deadline.is_some())
     }
@@ -1256,6 +1267,10 @@ impl Sender {
                 break;
             }
             self.spawn_request(batch, !full);
+        }
+        // Kept while freed lanes still wait in the turn (for room in flight).
+        if self.ready.is_empty() {
+            self.freed_with_records = false;
         }
     }
 
@@ -1325,6 +1340,18 @@ impl Sender {
         let Some(lane) = lane_at(&mut self.lanes, key) else {
             return Blocked::No;
         };
+        if config.preserve_order && key != NO_SHARD && lane.outstanding == 0 && !lane.order_blocks()
+        {
+            let joined = join_front(&self.shared, lane);
+            if joined.taken > 0 {
+                self.pending_count = self.pending_count - joined.taken + joined.made;
+                self.pending_bytes = self.pending_bytes - joined.taken_bytes + joined.made_bytes;
+                add(
+                    &self.shared.stats.kinesis_records_joined,
+                    joined.taken as u64,
+                );
+            }
+        }
         let mut taken = 0;
         let mut expired = Vec::new();
         let mut limiter_wait = None;
@@ -1887,6 +1914,92 @@ fn list_if_free(lane: &mut Lane, key: ShardOrdinal, ready: &mut VecDeque<ShardOr
         lane.listed = true;
         ready.push_back(key);
     }
+}
+
+/// What [`join_front`] did to a lane's queue.
+#[derive(Default)]
+struct Joined {
+    /// Kinesis records taken from the front, and their request bytes ...
+    taken: usize,
+    taken_bytes: usize,
+    /// ... and the ones made of their user records, put back in their place.
+    made: usize,
+    made_bytes: usize,
+}
+
+/// Order mode: joins the Kinesis records at the front of a shard's queue into as few
+/// aggregates as the aggregate limits allow, before the front one leaves.
+///
+/// A shard sends one Kinesis record per round trip in order mode. Aggregates close at their
+/// deadline, full or not, and more can close while the one before is out: sent one by one, a
+/// shard then carries only what its aggregator gathered in one buffering period per round trip,
+/// less and less as round trips grow (with 100 ms round trips, under a third of a shard's
+/// 1 MiB/s). Joined, each round trip carries up to `aggregation_max_size`. The user records
+/// keep their order; only fresh Kinesis records are joined (a retry goes as it is), and no
+/// more of them than it takes to fill one aggregate.
+fn join_front(shared: &Shared, lane: &mut Lane) -> Joined {
+    let config = &shared.config;
+    let mut joined = Joined::default();
+    if !config.aggregation || lane.queue.len() < 2 {
+        return joined;
+    }
+    let joinable = |outgoing: &Outgoing| outgoing.attempts == 0 && outgoing.landed.is_none();
+    // A front already three quarters full goes as it is: an aggregate closed because it was
+    // full (a busy shard's usual case) would otherwise be packed again, with the next one,
+    // at every round trip, for a few more bytes.
+    let nearly_full = |outgoing: &Outgoing| {
+        outgoing.request_size() * 4 >= config.aggregation_max_size * 3
+            || outgoing.metas.len() * 4 >= config.aggregation_max_count * 3
+    };
+    if lane.queue.front().is_none_or(nearly_full) {
+        return joined;
+    }
+    let mut count = 0;
+    let mut bytes = 0;
+    let mut records = 0;
+    // Up to the first record that fills an aggregate: packed, they make a full one and the
+    // rest of the last (joined again, with what follows, at the next round trip).
+    for outgoing in &lane.queue {
+        let full = bytes >= config.aggregation_max_size || records >= config.aggregation_max_count;
+        if full || !joinable(outgoing) {
+            break;
+        }
+        count += 1;
+        bytes += outgoing.request_size();
+        records += outgoing.metas.len();
+    }
+    if count < 2 {
+        return joined;
+    }
+    let mut gathered = Vec::with_capacity(records);
+    let mut shard = None;
+    for mut outgoing in lane.queue.drain(..count) {
+        joined.taken += 1;
+        joined.taken_bytes += outgoing.request_size();
+        let user_records = outgoing.take_user_records();
+        shard.get_or_insert_with(|| {
+            (
+                (outgoing.shard_id.clone(), outgoing.ordinal),
+                outgoing.generation,
+            )
+        });
+        gathered.extend(user_records.into_iter().zip(outgoing.metas));
+    }
+    let Some((routed_to, generation)) = shard else {
+        return joined;
+    };
+    let made = aggregator::pack(shared, gathered, routed_to, generation);
+    for outgoing in made.into_iter().rev() {
+        joined.made += 1;
+        joined.made_bytes += outgoing.request_size();
+        lane.queue.push_front(outgoing);
+    }
+    lane.bytes = lane.bytes - joined.taken_bytes + joined.made_bytes;
+    debug_assert_eq!(
+        lane.bytes,
+        lane.queue.iter().map(Outgoing::request_size).sum::<usize>()
+    );
+    joined
 }
 
 /// Takes a Kinesis record leaving a lane off the totals.

@@ -20,6 +20,7 @@ pub(crate) struct Counters {
     pub metric_data_not_uploaded: AtomicU64,
     pub puts_found_backlog_full: AtomicU64,
     pub reliefs: AtomicU64,
+    pub kinesis_records_joined: AtomicU64,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -80,6 +81,10 @@ pub struct Stats {
     /// full while open aggregates held at least half of it (not lanes, requests in flight or
     /// retries: then Kinesis or the endpoint sets the pace, and nothing closes early).
     pub reliefs: u64,
+    /// Order mode: Kinesis records that waited in a shard's queue while its one record in
+    /// flight was out, and were joined into fuller aggregates before they left (each shard
+    /// sends one Kinesis record per round trip, so a full one carries the most).
+    pub kinesis_records_joined: u64,
 }
 
 impl Counters {
@@ -108,6 +113,7 @@ impl Counters {
             metric_data_not_uploaded: get(&self.metric_data_not_uploaded),
             puts_found_backlog_full: get(&self.puts_found_backlog_full),
             reliefs: get(&self.reliefs),
+            kinesis_records_joined: get(&self.kinesis_records_joined),
         }
     }
 }

@@ -441,6 +441,128 @@ async fn a_flush_waiting_on_a_limited_shard_does_not_make_other_shards_send_tiny
     assert!(during < 100, "{during} requests");
 }
 
+/// In order mode a shard sends one Kinesis record per round trip. When an answer frees a shard
+/// that has its next record queued, that record goes at once, not at its buffering deadline:
+/// it has already waited a round trip, and waiting more would cost the shard throughput.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_mode_sends_a_shards_next_record_when_the_one_before_is_answered() {
+    use support::faults::{FaultProxy, Schedule};
+    const ROUND_TRIP: Duration = Duration::from_millis(500);
+    const BUFFERED: Duration = Duration::from_secs(5);
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("round-trips", 1).await;
+    let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(1, 0.0, Vec::new())).await;
+    let producer = producer_for(&proxy.endpoint, "round-trips", |b| {
+        b.preserve_order(true)
+            .aggregation_max_count(10)
+            .record_max_buffered_time(BUFFERED)
+    })
+    .await;
+    let failures = producer.notify_failures();
+    proxy.delay_answers(Some(ROUND_TRIP));
+    let put_aggregate = |first: usize| {
+        let producer = producer.clone();
+        async move {
+            let mut receipts = Vec::new();
+            for seq in first..first + 10 {
+                let mut data = format!("0:{seq}:").into_bytes();
+                data.resize(100, b'.');
+                let record = kinesis_producer::UserRecord::new(data, "k0");
+                receipts.push(producer.put_with_receipt(record).await.expect("accepted"));
+            }
+            receipts
+        }
+    };
+    // An aggregate closes when a record finds it full: the 11th record closes the first ten.
+    // The first aggregate goes with a flush.
+    let first = put_aggregate(0).await;
+    let flushing = {
+        let producer = producer.clone();
+        tokio::spawn(async move { producer.flush().await })
+    };
+    let sent = Instant::now();
+    while producer.stats().requests == 0 {
+        assert!(
+            sent.elapsed() < BUFFERED / 2,
+            "the flush sends the first aggregate"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The second fills and closes while the first is out: it waits for the answer, then goes
+    // at once. (The ten records after it, the first of which closes it, wait in the aggregator
+    // for the stop.)
+    let put_at = Instant::now();
+    let second = put_aggregate(10).await;
+    let _closing = put_aggregate(20).await;
+    for receipt in first {
+        receipt.await.expect("acknowledged");
+    }
+    flushing.await.expect("flush");
+    for receipt in second {
+        receipt.await.expect("acknowledged");
+    }
+    let took = put_at.elapsed();
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty(), "nothing failed");
+    let stats = producer.stats();
+    assert_eq!(stats.requests, 3, "one request per aggregate: {stats:?}");
+    // Sent when the first was answered (under one round trip after it was put), answered a
+    // round trip later; at its deadline it would have taken the whole buffered time.
+    assert!(
+        took < 2 * ROUND_TRIP + BUFFERED / 4,
+        "the second aggregate was acknowledged {took:?} after it was put (round trip {ROUND_TRIP:?}, buffered time {BUFFERED:?})"
+    );
+    let raw = kinesis.read_raw("round-trips").await;
+    assert_eq!(count_in_order(&raw), 30);
+    println!("order mode, {ROUND_TRIP:?} round trips: the next aggregate was acknowledged {took:?} after it was put");
+}
+
+/// In order mode, aggregates that close at their deadline while their shard's record is out
+/// queue behind it; with round trips longer than the buffered time, several do. They are
+/// joined into fuller aggregates before they leave, within the aggregate limits, each key
+/// still in order and every aggregate still of one shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_mode_joins_the_aggregates_a_slow_round_trip_left_queued() {
+    use support::faults::{FaultProxy, Schedule};
+    const MAX_SIZE: usize = 6_000;
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("joined", 2).await;
+    let proxy = FaultProxy::start(&kinesis.endpoint, Schedule::new(1, 0.0, Vec::new())).await;
+    let producer = producer_for(&proxy.endpoint, "joined", |b| {
+        b.preserve_order(true)
+            .record_max_buffered_time(Duration::from_millis(50))
+            .aggregation_max_size(MAX_SIZE)
+    })
+    .await;
+    let failures = producer.notify_failures();
+    proxy.delay_answers(Some(Duration::from_millis(300)));
+    let put = put_rounds(&producer, 16, 60).await;
+    producer.stop().await;
+    assert!(drain(failures).await.is_empty(), "nothing failed");
+    let stats = producer.stats();
+    // About six 50 ms aggregates per shard wait out each 300 ms round trip.
+    assert!(
+        stats.kinesis_records_joined >= 10,
+        "aggregates were joined: {stats:?}"
+    );
+    let (delivered, discarded) = kinesis.read_as_kcl("joined").await;
+    assert_eq!(
+        discarded, 0,
+        "every aggregate holds records of its own shard"
+    );
+    assert_each_key_increases(&delivered);
+    assert_eq!(delivered.len(), put, "every record once");
+    let raw = kinesis.read_raw("joined").await;
+    let largest = raw.iter().map(|r| r.data.len()).max().unwrap_or(0);
+    assert!(largest <= MAX_SIZE, "an aggregate of {largest} bytes");
+    println!(
+        "order mode, 300 ms round trips, 50 ms buffering: {put} records in {} Kinesis records and {} requests; {} Kinesis records joined; largest {largest} bytes",
+        raw.len(),
+        stats.requests,
+        stats.kinesis_records_joined
+    );
+}
+
 /// A map change re-routes the records the old aggregators hold, on every shard, the ones the
 /// change did not touch too. In order mode each key keeps its order through it: a `put` that
 /// finds the new map waits until the older records of its shard are in the new aggregators.
@@ -622,11 +744,12 @@ async fn order_holds_across_reshards_for_the_keys_they_move() {
     assert_each_key_increases(&delivered);
     assert_eq!(delivered.len(), put, "every record once");
     println!(
-        "order across reshards: {put} records, {} map reloads, {} aggregates thrown away by the KCL rule, {} records re-sent, {} retries; {}",
+        "order across reshards: {put} records, {} map reloads, {} aggregates thrown away by the KCL rule, {} records re-sent, {} retries, {} Kinesis records joined; {}",
         stats.shard_map_refreshes,
         discarded,
         stats.records_resent_after_reshard,
         stats.entry_retries,
+        stats.kinesis_records_joined,
         proxy.summary()
     );
 }

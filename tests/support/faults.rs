@@ -136,6 +136,8 @@ struct Shared {
     expire_next_get_records: AtomicBool,
     /// Edits the `Shards` of each ListShards answer (see `edit_listings`).
     listing_edit: Mutex<Option<ListingEdit>>,
+    /// Holds each PutRecords answer back this long (see `delay_answers`).
+    answer_delay: Mutex<Option<Duration>>,
 }
 
 /// Changes the shards a ListShards answer lists, as a listing taken while the stream changes
@@ -157,6 +159,7 @@ impl FaultProxy {
             misroute_next: AtomicBool::new(false),
             expire_next_get_records: AtomicBool::new(false),
             listing_edit: Mutex::new(None),
+            answer_delay: Mutex::new(None),
         });
         let serving = Arc::clone(&shared);
         let accept = tokio::spawn(async move {
@@ -170,6 +173,12 @@ impl FaultProxy {
             shared,
             accept,
         }
+    }
+
+    /// A slow round trip: each PutRecords request is forwarded at once and its answer (the
+    /// server's, or a fault's) reaches the client `delay` later. `None`: at once.
+    pub fn delay_answers(&self, delay: Option<Duration>) {
+        *self.shared.answer_delay.lock().unwrap() = delay;
     }
 
     /// An outage: requests are held unanswered (and never forwarded) until `resume`.
@@ -466,6 +475,10 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
             }
             _ => answer,
         };
+        let delay = *shared.answer_delay.lock().unwrap();
+        if let Some(delay) = delay.filter(|_| put_records) {
+            tokio::time::sleep(delay).await;
+        }
         let answer = if put_records && shared.misroute_next.swap(false, Ordering::SeqCst) {
             misroute(answer)
         } else if target.ends_with(".ListShards") {

@@ -88,6 +88,9 @@ pub struct PerfArgs {
     /// what a Kinesis record costs at a given aggregation density).
     #[arg(long)]
     aggregation_max_count: Option<usize>,
+    /// The producer's aggregation_max_size: bytes per aggregate at most.
+    #[arg(long)]
+    aggregation_max_size: Option<usize>,
     /// The producer's collection_max_size: bytes per PutRecords request at most.
     #[arg(long)]
     collection_max_size: Option<usize>,
@@ -101,6 +104,14 @@ pub struct PerfArgs {
     /// endpoint), to measure memory while nothing is acknowledged.
     #[arg(long, requires = "null_sink")]
     sink_stall_after: Option<u64>,
+    /// With --null-sink: hold each PutRecords answer back this many milliseconds, as the round
+    /// trip to a real endpoint would (to measure what in-flight limits, such as order mode's
+    /// one request per shard, cost in throughput).
+    #[arg(long, requires = "null_sink")]
+    sink_delay_ms: Option<u64>,
+    /// The producer's preserve_order: one Kinesis record per shard outstanding at a time.
+    #[arg(long)]
+    preserve_order: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -181,6 +192,7 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
         let config = SinkConfig {
             shards: args.shards,
             stall_after: args.sink_stall_after,
+            answer_delay: args.sink_delay_ms.map(Duration::from_millis),
         };
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         Some(Sink::start(addr, config).map_err(|e| format!("starting the null sink: {e}"))?)
@@ -193,6 +205,7 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
         .stream_name(&args.stream_name)
         .client(client)
         .aggregation(!args.no_aggregation)
+        .preserve_order(args.preserve_order)
         .rate_limit(args.rate_limit)
         .metrics_level(match args.metrics_level {
             Level::None => MetricsLevel::None,
@@ -206,6 +219,9 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
         });
     if let Some(n) = args.aggregation_max_count {
         builder = builder.aggregation_max_count(n);
+    }
+    if let Some(n) = args.aggregation_max_size {
+        builder = builder.aggregation_max_size(n);
     }
     if let Some(n) = args.collection_max_size {
         builder = builder.collection_max_size(n);
@@ -345,6 +361,8 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
         ("shards", producer.shard_map().len().to_string()),
         ("threads", args.threads.to_string()),
         ("aggregation", (!args.no_aggregation).to_string()),
+        ("preserve_order", args.preserve_order.to_string()),
+        ("sink_delay_ms", args.sink_delay_ms.unwrap_or(0).to_string()),
         ("acknowledged", stats.user_records_put.to_string()),
         ("failed", failed.to_string()),
         ("refused", refused.to_string()),
@@ -556,6 +574,9 @@ pub struct SinkArgs {
     /// Stop answering PutRecords after this many of them.
     #[arg(long)]
     stall_after: Option<u64>,
+    /// Hold each PutRecords answer back this many milliseconds (a real endpoint's round trip).
+    #[arg(long)]
+    answer_delay_ms: Option<u64>,
 }
 
 /// Serves until SIGINT or SIGTERM, then prints the sink's counters.
@@ -577,6 +598,7 @@ pub async fn run_sink(args: SinkArgs) -> Result<bool, String> {
     let config = SinkConfig {
         shards: args.shards,
         stall_after: args.stall_after,
+        answer_delay: args.answer_delay_ms.map(Duration::from_millis),
     };
     tokio::select! {
         _ = crate::sink::serve(listener, config, Arc::clone(&counters)) => {}

@@ -30,6 +30,10 @@ pub struct SinkConfig {
     /// left hanging, as a stalled endpoint does (ListShards and DescribeStreamSummary are
     /// still answered, so a producer can start). `None`: always answer.
     pub stall_after: Option<u64>,
+    /// How long each PutRecords answer is held back after its body is read, as the round
+    /// trip to a real endpoint would (`None` or zero: at once). Each connection waits on its
+    /// own, so requests on other connections go on meanwhile.
+    pub answer_delay: Option<std::time::Duration>,
 }
 
 /// Counters the sink keeps.
@@ -80,6 +84,7 @@ impl Sink {
         // the caller sees rather than a panic on the sink's thread.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
+            .enable_time()
             .build()?;
         let listener = {
             let _entered = runtime.enter();
@@ -213,6 +218,13 @@ async fn connection(mut stream: TcpStream, state: Arc<State>) {
             buffer.drain(..head.content_length);
             status
         };
+        if let Some(delay) = state
+            .config
+            .answer_delay
+            .filter(|_| operation == "PutRecords")
+        {
+            tokio::time::sleep(delay).await;
+        }
         if respond(&mut stream, status, &answer).await.is_err() || head.close {
             return;
         }
