@@ -240,6 +240,8 @@ impl ProducerBuilder {
         rate_limit: u32,
         /// Keeps the order of records per shard (so per partition key): one request in flight
         /// per shard, one Kinesis record per shard per request, retries before anything newer.
+        /// A shard then carries at most `aggregation_max_size` per round trip (aggregates
+        /// queued meanwhile are joined into full ones): over slow round trips, raise it.
         preserve_order: bool,
         /// Which metrics [`Producer::metrics`](crate::Producer::metrics) keeps: none, the
         /// KPL's summary ones, or all (default, as the KPL).

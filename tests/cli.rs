@@ -729,6 +729,44 @@ async fn perf_caps_the_request_size_on_request() {
 
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn perf_delays_the_sinks_answers_and_measures_order_mode_on_request() {
+    // Answers held 200 ms, aggregates closed every 20 ms: in order mode several close while
+    // their shard's record is out, and are joined before they leave.
+    let output = run_perf(&[
+        "--null-sink",
+        "--records",
+        "4000",
+        "--shards",
+        "2",
+        "--rate",
+        "8000",
+        "--sink-delay-ms",
+        "200",
+        "--preserve-order",
+        "--record-max-buffered-time-ms",
+        "20",
+        "--aggregation-max-size",
+        "20000",
+        "--latency-every",
+        "1",
+    ])
+    .await;
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let f = figures(&output.stdout);
+    assert_eq!(number(&f, "acknowledged"), 4000.0, "{f:?}");
+    assert_eq!(f.get("preserve_order").map(String::as_str), Some("true"));
+    assert_eq!(number(&f, "sink_delay_ms"), 200.0, "{f:?}");
+    // No record is acknowledged before its answer's delay.
+    assert!(number(&f, "latency_p50_ms") >= 200.0, "{f:?}");
+    assert!(number(&f, "kinesis_records_joined") > 0.0, "{f:?}");
+    assert_eq!(
+        number(&f, "sink_put_records_requests"),
+        number(&f, "requests")
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn perf_under_a_stalled_sink_ends_every_record_acknowledged_or_failed() {
     let output = run_perf(&[
         "--null-sink",

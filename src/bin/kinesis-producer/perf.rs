@@ -398,6 +398,10 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
             stats.puts_found_backlog_full.to_string(),
         ),
         ("reliefs", stats.reliefs.to_string()),
+        (
+            "kinesis_records_joined",
+            stats.kinesis_records_joined.to_string(),
+        ),
         ("peak_rss_bytes", usage::peak_rss_bytes().to_string()),
         ("latency_samples", latencies.len().to_string()),
         ("latency_p50_ms", format!("{:.1}", percentile(50))),
