@@ -74,17 +74,22 @@ impl Limiter {
     /// Takes room for one Kinesis record of `bytes` bytes if the bucket has it. A record larger
     /// than the whole byte bucket goes when the bucket is full, leaving it in debt.
     pub fn try_take(&mut self, bytes: usize, now: Instant) -> bool {
-        self.refill(now);
-        let (_, byte_cap) = self.capacity();
-        let bytes = bytes as f64;
-        let enough_bytes = self.bytes >= bytes || self.bytes >= byte_cap;
-        if self.records >= 1.0 && enough_bytes {
+        if self.allows(bytes, now) {
             self.records -= 1.0;
-            self.bytes -= bytes;
+            self.bytes -= bytes as f64;
             true
         } else {
             false
         }
+    }
+
+    /// Whether [`try_take`](Self::try_take) would take room for a record of `bytes` bytes now
+    /// (without taking it).
+    pub fn allows(&mut self, bytes: usize, now: Instant) -> bool {
+        self.refill(now);
+        let (_, byte_cap) = self.capacity();
+        let bytes = bytes as f64;
+        self.records >= 1.0 && (self.bytes >= bytes || self.bytes >= byte_cap)
     }
 
     /// When a record of `bytes` bytes can next be taken.
@@ -144,6 +149,21 @@ mod tests {
         let more = (0..2_000).filter(|_| limiter.try_take(10, later)).count();
         assert!((99..=101).contains(&more), "{more}");
         assert!(limiter.ready_at(10, later) > later);
+    }
+
+    #[test]
+    fn asking_whether_room_is_there_takes_none() {
+        let start = Instant::now();
+        let mut limiter = Limiter::new(100, start);
+        assert!(limiter.allows(1 << 20, start));
+        assert!(limiter.allows(1 << 20, start), "nothing was taken");
+        assert!(limiter.try_take(600_000, start));
+        assert!(!limiter.allows(600_000, start));
+        assert!(limiter.allows(400_000, start));
+        // Refilled at 1 MiB/s: 100 ms later, about 100 KiB more.
+        let later = start + Duration::from_millis(100);
+        assert!(limiter.allows(540_000, later));
+        assert!(!limiter.allows(600_000, later));
     }
 
     #[test]

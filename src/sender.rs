@@ -199,7 +199,7 @@ struct Sender {
     /// A relief closed aggregates early (see [`relieve`](Sender::relieve)): the lanes send
     /// what they may now, as while a put waits for room.
     relief_requested: bool,
-    /// Order mode: an answer freed a lane that has records queued. They waited a whole round
+    /// Order mode: an acknowledgement freed a lane that has records queued. They waited a whole round
     /// trip behind the record that ended, and the lane sends nothing else until their own
     /// request ends: holding them longer for a fuller request would cost their shard
     /// throughput, so a request is due at once (see `should_send`).
@@ -987,9 +987,17 @@ impl Sender {
         self.release_at(outgoing.ordinal, |_| {});
     }
 
-    /// `release`, and `f` applied to the lane's limiter (one lookup of the lane for both).
+    /// `release` of a record Kinesis acknowledged, with `f` applied to the lane's limiter (one
+    /// lookup of the lane for both). In order mode, a lane it frees with records queued makes
+    /// a request due at once ([`freed_with_records`](Sender::freed_with_records)); a lane freed
+    /// by a failed attempt does not, as the retry it takes back waits out a backoff first.
     fn release_with_limiter(&mut self, outgoing: &Outgoing, f: impl FnOnce(&mut Limiter)) {
         self.release_at(outgoing.ordinal, f);
+        if self.shared.config.preserve_order {
+            self.freed_with_records |= self
+                .lane_ref(outgoing.ordinal)
+                .is_some_and(|lane| lane.listed && lane.outstanding == 0);
+        }
     }
 
     fn release_at(&mut self, ordinal: ShardOrdinal, f: impl FnOnce(&mut Limiter)) {
@@ -1008,7 +1016,6 @@ impl Sender {
             self.drain_wanted = true;
         } else {
             list_if_free(lane, ordinal, &mut self.ready);
-            self.freed_with_records |= self.shared.config.preserve_order && lane.listed;
         }
     }
 
@@ -1342,7 +1349,7 @@ impl Sender {
         };
         if config.preserve_order && key != NO_SHARD && lane.outstanding == 0 && !lane.order_blocks()
         {
-            let joined = join_front(&self.shared, lane);
+            let joined = join_front(&self.shared, lane, now);
             if joined.taken > 0 {
                 self.pending_count = self.pending_count - joined.taken + joined.made;
                 self.pending_bytes = self.pending_bytes - joined.taken_bytes + joined.made_bytes;
@@ -1935,23 +1942,40 @@ struct Joined {
 /// shard then carries only what its aggregator gathered in one buffering period per round trip,
 /// less and less as round trips grow (with 100 ms round trips, under a third of a shard's
 /// 1 MiB/s). Joined, each round trip carries up to `aggregation_max_size`. The user records
-/// keep their order; only fresh Kinesis records are joined (a retry goes as it is), and no
-/// more of them than it takes to fill one aggregate.
-fn join_front(shared: &Shared, lane: &mut Lane) -> Joined {
+/// keep their order. Only Kinesis records not yet sent are joined (a retry goes as it is), and
+/// no more of them than it takes to fill one aggregate. A front three quarters full (usually
+/// an aggregate closed because it was full) goes as it is; behind a front that is not, full
+/// ones are joined too, so that the front leaves full and the rest of the last waits for the
+/// next round trip. While a shard's queue stays that long its records are packed up to three
+/// times, which costs CPU only where the round trip, not the CPU, sets the pace.
+///
+/// A Kinesis record's records expire together, at the oldest one's TTL: so only a front
+/// younger than half its TTL is joined, with records whose own TTL has not passed: a record
+/// joined keeps at least half of its TTL.
+fn join_front(shared: &Shared, lane: &mut Lane, now: Instant) -> Joined {
     let config = &shared.config;
     let mut joined = Joined::default();
     if !config.aggregation || lane.queue.len() < 2 {
         return joined;
     }
-    let joinable = |outgoing: &Outgoing| outgoing.attempts == 0 && outgoing.landed.is_none();
-    // A front already three quarters full goes as it is: an aggregate closed because it was
-    // full (a busy shard's usual case) would otherwise be packed again, with the next one,
-    // at every round trip, for a few more bytes.
-    let nearly_full = |outgoing: &Outgoing| {
-        outgoing.request_size() * 4 >= config.aggregation_max_size * 3
-            || outgoing.metas.len() * 4 >= config.aggregation_max_count * 3
+    let fresh = |outgoing: &Outgoing| {
+        outgoing.attempts == 0
+            && outgoing.landed.is_none()
+            && now < outgoing.oldest_put + config.record_ttl
     };
-    if lane.queue.front().is_none_or(nearly_full) {
+    // Packing a nearly full front again, with the next one, at every round trip, would cost
+    // its bytes' encoding and checksum again for a few more bytes per request.
+    let nearly_full = |outgoing: &Outgoing| {
+        outgoing.request_size().saturating_mul(4) >= config.aggregation_max_size.saturating_mul(3)
+            || outgoing.metas.len().saturating_mul(4)
+                >= config.aggregation_max_count.saturating_mul(3)
+    };
+    let young = |front: &Outgoing| now < front.oldest_put + config.record_ttl / 2;
+    if !lane
+        .queue
+        .front()
+        .is_some_and(|front| young(front) && !nearly_full(front))
+    {
         return joined;
     }
     let mut count = 0;
@@ -1961,7 +1985,16 @@ fn join_front(shared: &Shared, lane: &mut Lane) -> Joined {
     // rest of the last (joined again, with what follows, at the next round trip).
     for outgoing in &lane.queue {
         let full = bytes >= config.aggregation_max_size || records >= config.aggregation_max_count;
-        if full || !joinable(outgoing) {
+        // (A record too big to share an aggregate would go alone again.)
+        let alone = outgoing.request_size() > config.aggregation_max_size;
+        // Where the limiter holds the shard back, not the round trip, a fuller record would
+        // only wait longer for it: join what it lets go now.
+        let limited = count > 0
+            && lane
+                .limiter
+                .as_mut()
+                .is_some_and(|limiter| !limiter.allows(bytes + outgoing.request_size(), now));
+        if full || alone || limited || !fresh(outgoing) {
             break;
         }
         count += 1;

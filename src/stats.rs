@@ -83,7 +83,9 @@ pub struct Stats {
     pub reliefs: u64,
     /// Order mode: Kinesis records that waited in a shard's queue while its one record in
     /// flight was out, and were joined into fuller aggregates before they left (each shard
-    /// sends one Kinesis record per round trip, so a full one carries the most).
+    /// sends one Kinesis record per round trip, so a full one carries the most). Counted each
+    /// time one is taken into a join: the rest of a join that filled an aggregate can be
+    /// joined again with the records behind it.
     pub kinesis_records_joined: u64,
 }
 

@@ -555,6 +555,13 @@ async fn order_mode_joins_the_aggregates_a_slow_round_trip_left_queued() {
     let raw = kinesis.read_raw("joined").await;
     let largest = raw.iter().map(|r| r.data.len()).max().unwrap_or(0);
     assert!(largest <= MAX_SIZE, "an aggregate of {largest} bytes");
+    // A 50 ms aggregate of a shard holds at most three rounds of its eight keys (24 records);
+    // joined, up to 6,000 bytes (about 50 of these records).
+    let per_kinesis_record = put as f64 / raw.len() as f64;
+    assert!(
+        per_kinesis_record >= 30.0,
+        "{per_kinesis_record:.1} user records per Kinesis record"
+    );
     println!(
         "order mode, 300 ms round trips, 50 ms buffering: {put} records in {} Kinesis records and {} requests; {} Kinesis records joined; largest {largest} bytes",
         raw.len(),
