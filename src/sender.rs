@@ -199,9 +199,9 @@ struct Sender {
     /// A relief closed aggregates early (see [`relieve`](Sender::relieve)): the lanes send
     /// what they may now, as while a put waits for room.
     relief_requested: bool,
-    /// Order mode: an acknowledgement freed a lane that has records queued. They waited a whole round
-    /// trip behind the record that ended, and the lane sends nothing else until their own
-    /// request ends: holding them longer for a fuller request would cost their shard
+    /// Order mode: an acknowledgement freed a lane that has records queued. They waited a whole
+    /// round trip behind the record that ended, and the lane sends nothing else until their
+    /// own request ends: holding them longer for a fuller request would cost their shard
     /// throughput, so a request is due at once (see `should_send`).
     freed_with_records: bool,
     /// Backlog bytes (the backlog's own count) of the records in requests in flight.
@@ -1219,9 +1219,9 @@ impl Sender {
             || self.shared.backlog.has_waiters()
             || self.relief_requested)
             && self.partial_in_flight < MAX_PARTIAL_IN_FLIGHT;
-        // Order mode: lanes an answer freed go at once, with whatever else may go (not capped
-        // by MAX_PARTIAL_IN_FLIGHT: each answer starts at most one such request, so they
-        // cannot pile up beyond the requests that were already out).
+        // Order mode: lanes an acknowledgement freed go at once, with whatever else may go (not
+        // capped by MAX_PARTIAL_IN_FLIGHT: each answer starts at most one such request, so
+        // they cannot pile up beyond the requests that were already out).
         let due = due || self.freed_with_records;
         !self.ready.is_empty()
             && (full || due || self.flush_requested || self.stop_deadline.is_some())
@@ -2004,23 +2004,16 @@ fn join_front(shared: &Shared, lane: &mut Lane, now: Instant) -> Joined {
     if count < 2 {
         return joined;
     }
+    // One lane, one shard: the front's routing stands for them all.
+    let front = &lane.queue[0];
+    let (routed_to, generation) = ((front.shard_id.clone(), front.ordinal), front.generation);
     let mut gathered = Vec::with_capacity(records);
-    let mut shard = None;
     for mut outgoing in lane.queue.drain(..count) {
         joined.taken += 1;
         joined.taken_bytes += outgoing.request_size();
         let user_records = outgoing.take_user_records();
-        shard.get_or_insert_with(|| {
-            (
-                (outgoing.shard_id.clone(), outgoing.ordinal),
-                outgoing.generation,
-            )
-        });
         gathered.extend(user_records.into_iter().zip(outgoing.metas));
     }
-    let Some((routed_to, generation)) = shard else {
-        return joined;
-    };
     let made = aggregator::pack(shared, gathered, routed_to, generation);
     for outgoing in made.into_iter().rev() {
         joined.made += 1;
