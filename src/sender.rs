@@ -991,7 +991,7 @@ impl Sender {
     /// lookup of the lane for both). In order mode, a lane it frees with records queued makes
     /// a request due at once ([`freed_with_records`](Sender::freed_with_records)); a lane freed
     /// by a failed attempt does not, as the retry it takes back waits out a backoff first.
-    fn release_with_limiter(&mut self, outgoing: &Outgoing, f: impl FnOnce(&mut Limiter)) {
+    fn release_acknowledged(&mut self, outgoing: &Outgoing, f: impl FnOnce(&mut Limiter)) {
         self.release_at(outgoing.ordinal, f);
         if self.shared.config.preserve_order {
             self.freed_with_records |= self
@@ -1592,7 +1592,7 @@ impl Sender {
                                 self.settle_misplaced(outgoing, Arc::from(actual), true);
                             } else {
                                 // A plain record is wherever Kinesis routed its own key: fine.
-                                self.release_with_limiter(&outgoing, |limiter| {
+                                self.release_acknowledged(&outgoing, |limiter| {
                                     limiter.acknowledged(ended)
                                 });
                                 let answered = answered.filter(|_| on_routed_shard);

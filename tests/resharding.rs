@@ -441,8 +441,8 @@ async fn a_flush_waiting_on_a_limited_shard_does_not_make_other_shards_send_tiny
     assert!(during < 100, "{during} requests");
 }
 
-/// In order mode a shard sends one Kinesis record per round trip. When an answer frees a shard
-/// that has its next record queued, that record goes at once, not at its buffering deadline:
+/// In order mode a shard sends one Kinesis record per round trip. When an acknowledgement frees
+/// a shard that has its next record queued, that record goes at once, not at its deadline:
 /// it has already waited a round trip, and waiting more would cost the shard throughput.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_mode_sends_a_shards_next_record_when_the_one_before_is_answered() {
