@@ -1,0 +1,427 @@
+//! The least CPU a KPL-compatible producer can spend per record as the shard count grows, and
+//! how much of W4's gap (`kinesis-producer perf`, 10,000 shards against 1) any design can
+//! close.
+//!
+//! A bare pipeline on one thread, with no runtime, network, SDK, retries, receipts or
+//! metrics: for each 100-byte record with a UUID key it hashes the key (MD5), routes it (the
+//! crate's `ShardMap`), frames it into its shard's KPL aggregate; each aggregate is closed
+//! when full or when its buffering window ends, checksummed (MD5), base64-encoded into a
+//! PutRecords JSON body with its explicit hash key, and every body is hashed (SHA-256) as SigV4
+//! would. That is the floor `perf` measures plus the least bookkeeping around it. Three ways to
+//! place records:
+//!
+//! - `per-shard`: each shard's aggregate grows in buffers of its own as records arrive (this
+//!   producer's design, and the KPL's);
+//! - `per-shard-prefetched`: the same, with each record's shard found 16 records ahead and its
+//!   aggregate's memory asked for early (a producer would have to hold records back to do it);
+//! - `log`: records go into one buffer in arrival order, and at the window's end are sorted by
+//!   shard and framed an aggregate at a time (a producer built around a log).
+//!
+//! The window is 76,000 records: 100 ms (the default `record_max_buffered_time`) at the
+//! 760,000 records/s this producer reaches in W4, so 10,000 shards hold 7.3 records per
+//! aggregate (W4 in `perf`: 7 to 9). Each run checks that every record was framed once and
+//! that its first aggregate reads back, through the crate's KCL-rule de-aggregator, as records
+//! of its own shard.
+//!
+//! `cargo bench --bench shard_scatter [-- RECORDS]` prints, per case, the median of three runs:
+//! CPU ns per record (the thread's own time) and its ratio to one shard.
+
+use std::io::Write;
+
+use kinesis_producer::deaggregation::Deaggregator;
+use kinesis_producer::record::partition_key_hash;
+use kinesis_producer::ShardMap;
+use md5::{Digest, Md5};
+
+#[path = "../tests/support/rng.rs"]
+mod rng;
+
+const RECORD_SIZE: usize = 100;
+const WINDOW: usize = 76_000;
+const SHARD_COUNTS: [usize; 4] = [1, 64, 1_024, 10_000];
+/// The KPL's default `AggregationMaxSize`.
+const AGGREGATE_MAX: usize = 51_200;
+const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
+/// How many records ahead `per-shard-prefetched` finds a record's shard.
+const AHEAD: usize = 16;
+
+struct Workload {
+    keys: Vec<String>,
+    data: Vec<Vec<u8>>,
+}
+
+impl Workload {
+    fn new(records: usize) -> Self {
+        let mut rng = rng::Rng(0x5ca7_7e12);
+        let keys = (0..records)
+            .map(|_| {
+                let hex = format!("{:016x}{:016x}", rng.next(), rng.next());
+                format!(
+                    "{}-{}-{}-{}-{}",
+                    &hex[..8],
+                    &hex[8..12],
+                    &hex[12..16],
+                    &hex[16..20],
+                    &hex[20..32]
+                )
+            })
+            .collect();
+        let data = (0..records).map(|_| rng.bytes(RECORD_SIZE)).collect();
+        Workload { keys, data }
+    }
+}
+
+fn varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn varint_len(value: u64) -> usize {
+    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// One shard's open aggregate: its partition key table and its records, framed as the KPL's
+/// `AggregatedRecord` (every key is new: UUID keys do not repeat).
+#[derive(Default)]
+struct Aggregate {
+    keys: Vec<u8>,
+    records: Vec<u8>,
+    count: u64,
+}
+
+impl Aggregate {
+    fn encoded_len(&self) -> usize {
+        MAGIC.len() + self.keys.len() + self.records.len() + 16
+    }
+
+    /// The bytes `key` and `data` would add.
+    fn growth(&self, key: &[u8], data: &[u8]) -> usize {
+        let record = 1 + varint_len(self.count) + 1 + varint_len(data.len() as u64) + data.len();
+        1 + varint_len(key.len() as u64) + key.len() + 1 + varint_len(record as u64) + record
+    }
+
+    fn push(&mut self, key: &[u8], data: &[u8]) {
+        self.keys.push(0x0a);
+        varint(&mut self.keys, key.len() as u64);
+        self.keys.extend_from_slice(key);
+        let record = 1 + varint_len(self.count) + 1 + varint_len(data.len() as u64) + data.len();
+        self.records.push(0x1a);
+        varint(&mut self.records, record as u64);
+        self.records.push(0x08);
+        varint(&mut self.records, self.count);
+        self.records.push(0x1a);
+        varint(&mut self.records, data.len() as u64);
+        self.records.extend_from_slice(data);
+        self.count += 1;
+    }
+
+    /// Adds a record, first closing the aggregate into `sink` if it would grow past the limit.
+    fn add(&mut self, key: &[u8], data: &[u8], sink: &mut Sink, shard_start: u128) {
+        if self.count > 0 && self.encoded_len() + self.growth(key, data) > AGGREGATE_MAX {
+            self.close(sink, shard_start);
+        }
+        self.push(key, data);
+    }
+
+    fn close(&mut self, sink: &mut Sink, shard_start: u128) {
+        if self.count == 0 {
+            return;
+        }
+        sink.aggregate(&self.keys, &self.records, self.count, shard_start);
+        self.keys.clear();
+        self.records.clear();
+        self.count = 0;
+    }
+}
+
+/// Where closed aggregates go: PutRecords bodies of up to 500 entries, each hashed as SigV4
+/// hashes a payload.
+struct Sink {
+    scratch: Vec<u8>,
+    body: Vec<u8>,
+    entries: usize,
+    kinesis_records: usize,
+    user_records: usize,
+    digest_bits: u8,
+    /// The first aggregate and its shard's start, for the read-back check.
+    first: Option<(Vec<u8>, u128)>,
+}
+
+impl Sink {
+    fn new() -> Self {
+        Sink {
+            scratch: Vec::new(),
+            body: Vec::with_capacity(6 << 20),
+            entries: 0,
+            kinesis_records: 0,
+            user_records: 0,
+            digest_bits: 0,
+            first: None,
+        }
+    }
+
+    fn aggregate(&mut self, keys: &[u8], records: &[u8], count: u64, shard_start: u128) {
+        self.user_records += count as usize;
+        let aggregate = &mut self.scratch;
+        aggregate.clear();
+        aggregate.extend_from_slice(&MAGIC);
+        aggregate.extend_from_slice(keys);
+        aggregate.extend_from_slice(records);
+        let digest = Md5::digest(&aggregate[MAGIC.len()..]);
+        aggregate.extend_from_slice(&digest);
+        if self.first.is_none() {
+            self.first = Some((aggregate.clone(), shard_start));
+        }
+        let body = &mut self.body;
+        body.extend_from_slice(if self.entries == 0 {
+            b"{\"Records\":[{\"Data\":\""
+        } else {
+            b",{\"Data\":\""
+        });
+        let base64 = base64_simd::STANDARD;
+        let at = body.len();
+        body.resize(at + base64.encoded_length(aggregate.len()), 0);
+        let encoded = base64.encode(aggregate, base64_simd::Out::from_slice(&mut body[at..]));
+        debug_assert_eq!(encoded.len(), body.len() - at);
+        // Routed by the shard's start: the producer's explicit hash key for an aggregate.
+        write!(
+            body,
+            "\",\"ExplicitHashKey\":\"{shard_start}\",\"PartitionKey\":\"a\"}}"
+        )
+        .expect("writing to a Vec");
+        self.entries += 1;
+        self.kinesis_records += 1;
+        if self.entries == 500 || self.body.len() > 4 << 20 {
+            self.send();
+        }
+    }
+
+    fn send(&mut self) {
+        if self.entries == 0 {
+            return;
+        }
+        self.body.extend_from_slice(b"],\"StreamName\":\"bench\"}");
+        self.digest_bits ^= <sha2::Sha256 as sha2::Digest>::digest(&self.body)[0];
+        self.body.clear();
+        self.entries = 0;
+    }
+}
+
+fn prefetch<T>(at: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it never faults and writes nothing, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(at.cast());
+    }
+}
+
+fn shard_of(map: &ShardMap, key: &str) -> usize {
+    map.shard_index(partition_key_hash(key))
+        .expect("a uniform map covers every key")
+}
+
+fn per_shard(work: &Workload, map: &ShardMap, sink: &mut Sink, ahead: usize) {
+    let starts: Vec<u128> = map.shards().iter().map(|s| s.start).collect();
+    let mut aggregates: Vec<Aggregate> = (0..starts.len()).map(|_| Aggregate::default()).collect();
+    let mut open: Vec<usize> = Vec::new();
+    let mut routed = std::collections::VecDeque::with_capacity(ahead + 1);
+    let records = work.keys.len();
+    let mut next = 0;
+    for at in 0..records {
+        // Routes up to `ahead` records early and asks for their aggregate's memory (with
+        // `ahead` 0, each record is routed as it is placed).
+        while next < records && next <= at + ahead {
+            let shard = shard_of(map, &work.keys[next]);
+            if ahead > 0 {
+                prefetch(&aggregates[shard]);
+            }
+            routed.push_back(shard);
+            next += 1;
+        }
+        if ahead > 0 {
+            if let Some(&soon) = routed.get(ahead / 2) {
+                let aggregate = &aggregates[soon];
+                prefetch(aggregate.keys.as_ptr().wrapping_add(aggregate.keys.len()));
+                let tail = aggregate
+                    .records
+                    .as_ptr()
+                    .wrapping_add(aggregate.records.len());
+                prefetch(tail);
+                prefetch(tail.wrapping_add(64));
+            }
+        }
+        let shard = routed.pop_front().expect("routed ahead");
+        let aggregate = &mut aggregates[shard];
+        if aggregate.count == 0 {
+            open.push(shard);
+        }
+        aggregate.add(
+            work.keys[at].as_bytes(),
+            &work.data[at],
+            sink,
+            starts[shard],
+        );
+        if (at + 1) % WINDOW == 0 {
+            for shard in open.drain(..) {
+                aggregates[shard].close(sink, starts[shard]);
+            }
+        }
+    }
+    for shard in open.drain(..) {
+        aggregates[shard].close(sink, starts[shard]);
+    }
+    sink.send();
+}
+
+/// Where a logged record sits: its shard, and its key and data in the log.
+#[derive(Clone, Copy)]
+struct Logged {
+    shard: u32,
+    at: u32,
+    key_len: u32,
+    data_len: u32,
+}
+
+fn log(work: &Workload, map: &ShardMap, sink: &mut Sink) {
+    let starts: Vec<u128> = map.shards().iter().map(|s| s.start).collect();
+    let shards = starts.len();
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut logged: Vec<Logged> = Vec::new();
+    let mut ends = vec![0u32; shards + 1];
+    let mut order: Vec<u32> = Vec::new();
+    let mut aggregate = Aggregate::default();
+    let records = work.keys.len();
+    for at in 0..records {
+        let (key, data) = (work.keys[at].as_bytes(), &work.data[at]);
+        logged.push(Logged {
+            shard: shard_of(map, &work.keys[at]) as u32,
+            at: bytes.len() as u32,
+            key_len: key.len() as u32,
+            data_len: data.len() as u32,
+        });
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(data);
+        if (at + 1) % WINDOW != 0 && at + 1 != records {
+            continue;
+        }
+        // A counting sort by shard, keeping arrival order within each shard.
+        ends.fill(0);
+        for record in &logged {
+            ends[record.shard as usize + 1] += 1;
+        }
+        for shard in 0..shards {
+            ends[shard + 1] += ends[shard];
+        }
+        let mut cursor = ends.clone();
+        order.resize(logged.len(), 0);
+        for (index, record) in logged.iter().enumerate() {
+            let slot = &mut cursor[record.shard as usize];
+            order[*slot as usize] = index as u32;
+            *slot += 1;
+        }
+        for (position, &index) in order.iter().enumerate() {
+            if let Some(&soon) = order.get(position + AHEAD) {
+                let start = logged[soon as usize].at as usize;
+                let line = bytes.as_ptr().wrapping_add(start);
+                prefetch(line);
+                prefetch(line.wrapping_add(64));
+                prefetch(line.wrapping_add(128));
+            }
+            let record = logged[index as usize];
+            let shard = record.shard as usize;
+            let key_end = (record.at + record.key_len) as usize;
+            let key = &bytes[record.at as usize..key_end];
+            let data = &bytes[key_end..key_end + record.data_len as usize];
+            aggregate.add(key, data, sink, starts[shard]);
+            if position + 1 == ends[shard + 1] as usize {
+                aggregate.close(sink, starts[shard]);
+            }
+        }
+        logged.clear();
+        bytes.clear();
+    }
+    sink.send();
+}
+
+fn thread_cpu_nanos() -> u128 {
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    now.tv_sec as u128 * 1_000_000_000 + now.tv_nsec as u128
+}
+
+/// The first aggregate holds only records of its shard and reads back as framed.
+fn check(sink: &Sink, map: &ShardMap, shard_count: usize) {
+    let (aggregate, start) = sink.first.as_ref().expect("an aggregate was made");
+    let shard = map
+        .shards()
+        .iter()
+        .find(|s| s.start == *start)
+        .expect("the aggregate's shard");
+    let records = Deaggregator::kcl(shard.start, shard.end)
+        .deaggregate(aggregate.clone(), "a")
+        .expect("the aggregate reads back");
+    assert!(
+        !records.is_empty(),
+        "{shard_count} shards: an empty aggregate"
+    );
+    for record in &records {
+        assert_eq!(record.data.len(), RECORD_SIZE);
+        assert_eq!(
+            map.shard_index(partition_key_hash(&record.partition_key)),
+            map.shards().iter().position(|s| s.start == *start),
+            "{shard_count} shards: a record outside its aggregate's shard"
+        );
+    }
+}
+
+fn main() {
+    // `cargo test --benches` runs this without `--bench`: a quick pass, for its checks.
+    let quick = !std::env::args().any(|arg| arg == "--bench");
+    let records = std::env::args()
+        .skip(1)
+        .find(|arg| !arg.starts_with('-'))
+        .map(|arg| arg.parse().expect("RECORDS must be a number"))
+        .unwrap_or(if quick { 10_000 } else { 1_000_000 });
+    let runs = if quick { 1 } else { 3 };
+    let work = Workload::new(records);
+    println!("records={records} record_size={RECORD_SIZE} window_records={WINDOW} quick={quick}");
+    let strategies = ["per-shard", "per-shard-prefetched", "log"];
+    for strategy in strategies {
+        let mut one_shard = None;
+        for shards in SHARD_COUNTS {
+            let map = ShardMap::uniform(shards);
+            let mut times = Vec::new();
+            let mut per_kinesis_record = 0.0;
+            for _ in 0..runs {
+                let mut sink = Sink::new();
+                let began = thread_cpu_nanos();
+                match strategy {
+                    "per-shard" => per_shard(&work, &map, &mut sink, 0),
+                    "per-shard-prefetched" => per_shard(&work, &map, &mut sink, AHEAD),
+                    _ => log(&work, &map, &mut sink),
+                }
+                times.push((thread_cpu_nanos() - began) as f64 / records as f64);
+                per_kinesis_record = records as f64 / sink.kinesis_records as f64;
+                assert_eq!(
+                    sink.user_records, records,
+                    "{strategy}: every record framed once"
+                );
+                check(&sink, &map, shards);
+                std::hint::black_box(sink.digest_bits);
+            }
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            let base = *one_shard.get_or_insert(median);
+            println!(
+                "strategy={strategy} shards={shards} cpu_ns_per_record={median:.0} \
+                 x_one_shard={:.2} user_records_per_kinesis_record={per_kinesis_record:.1}",
+                median / base
+            );
+        }
+    }
+}
