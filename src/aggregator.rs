@@ -23,6 +23,7 @@ use crate::prefetch::{prefetch, prefetch_slice, prefetch_spare};
 use crate::producer::{Inbound, Shared};
 use crate::receipt::ReceiptTx;
 use crate::record::UserRecord;
+use crate::retry::AttemptError;
 use crate::shard_map::{ShardMap, ShardRange};
 use crate::sync::lock;
 
@@ -35,17 +36,56 @@ pub(crate) struct RecordMeta {
     pub backlog_bytes: u32,
     /// Bytes of the record's data (the record itself lives on only in its encoding).
     pub data_len: u32,
-    /// PutRecords attempts of Kinesis records that carried it before it was re-split into
-    /// another (after a reshard): its attempts are these and its current Kinesis record's.
-    pub earlier_attempts: u32,
+    /// What the Kinesis records that carried it went through before it was re-split into
+    /// another (after a reshard); `None` for a record never re-split after an attempt (behind
+    /// a pointer: the metadata stays 80 bytes, as with the bare count of attempts before).
+    pub earlier: Option<Box<Earlier>>,
     /// Where the outcome goes when the record was put with a receipt.
     pub receipt: Option<ReceiptTx>,
+}
+
+/// A re-split record's history: its failure report needs it when the Kinesis record it is in
+/// now expires before an attempt of its own.
+#[derive(Debug)]
+pub(crate) struct Earlier {
+    /// PutRecords attempts of the Kinesis records that carried it before.
+    pub attempts: u32,
+    /// The last error those attempts met (none when the last one was written, across a
+    /// reshard, to a shard that did not own all its records).
+    pub last_error: Option<AttemptError>,
 }
 
 impl RecordMeta {
     /// PutRecords attempts that carried this record, when `current` carried its Kinesis record.
     pub fn attempts(&self, current: u32) -> u32 {
-        self.earlier_attempts.saturating_add(current)
+        let earlier = self.earlier.as_ref().map_or(0, |earlier| earlier.attempts);
+        earlier.saturating_add(current)
+    }
+
+    /// The record leaves a Kinesis record that made `attempts` attempts, the last of which
+    /// met `last_error`, for another: its history keeps both.
+    pub fn carry_over(&mut self, attempts: u32, last_error: Option<&AttemptError>) {
+        if attempts == 0 {
+            return;
+        }
+        let total = self.attempts(attempts);
+        match &mut self.earlier {
+            Some(earlier) => {
+                earlier.attempts = total;
+                earlier.last_error = last_error.cloned();
+            }
+            None => {
+                self.earlier = Some(Box::new(Earlier {
+                    attempts: total,
+                    last_error: last_error.cloned(),
+                }))
+            }
+        }
+    }
+
+    /// The last error of the Kinesis records that carried it before a re-split.
+    pub fn earlier_error(&self) -> Option<&AttemptError> {
+        self.earlier.as_ref()?.last_error.as_ref()
     }
 }
 
@@ -69,7 +109,7 @@ pub(crate) struct Outgoing {
     /// one, the shard is open without looking it up.
     pub generation: u64,
     pub attempts: u32,
-    pub last_error: Option<crate::retry::AttemptError>,
+    pub last_error: Option<AttemptError>,
     /// When the last attempt ended (its answer, or its failure): later buffering counts from
     /// here.
     pub last_attempt_end: Option<Instant>,
@@ -923,6 +963,30 @@ pub(crate) fn pack(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_re_split_record_keeps_its_attempts_and_their_last_error() {
+        let mut meta = metas(1, 1).pop().expect("one");
+        meta.carry_over(0, None);
+        assert!(meta.earlier.is_none(), "never sent: nothing to keep");
+        let throttled = AttemptError {
+            code: "ProvisionedThroughputExceededException".into(),
+            message: "slow down".into(),
+            transient: true,
+        };
+        meta.carry_over(2, Some(&throttled));
+        assert_eq!(meta.attempts(1), 3);
+        assert_eq!(meta.earlier_error(), Some(&throttled));
+        // Re-split again before its new Kinesis record was sent: unchanged.
+        meta.carry_over(0, None);
+        assert_eq!(meta.attempts(0), 2);
+        assert_eq!(meta.earlier_error(), Some(&throttled));
+        // Its next Kinesis record was written, to a shard a reshard had taken its key from:
+        // its last attempt met no error.
+        meta.carry_over(1, None);
+        assert_eq!(meta.attempts(0), 3);
+        assert_eq!(meta.earlier_error(), None);
+    }
+
     fn metas(capacity: usize, len: usize) -> Vec<RecordMeta> {
         let mut metas = Vec::with_capacity(capacity);
         metas.extend((0..len).map(|i| RecordMeta {
@@ -931,7 +995,7 @@ mod tests {
             epoch: 0,
             backlog_bytes: 1,
             data_len: 1,
-            earlier_attempts: 0,
+            earlier: None,
             receipt: None,
         }));
         metas

@@ -339,7 +339,17 @@ impl Shared {
     }
 
     /// A Kinesis record failed for good: each of its user records is reported.
-    pub fn fail(&self, mut outgoing: Outgoing, error: DeliveryError) {
+    pub fn fail(&self, outgoing: Outgoing, error: DeliveryError) {
+        self.fail_records(outgoing, error, |_| None);
+    }
+
+    /// `fail`, each record with the error `own` gives it, else `error`.
+    pub fn fail_records(
+        &self,
+        mut outgoing: Outgoing,
+        error: DeliveryError,
+        own: impl Fn(&RecordMeta) -> Option<DeliveryError>,
+    ) {
         let count = outgoing.len();
         add(&self.stats.user_records_failed, count as u64);
         if self.metrics_on {
@@ -357,7 +367,7 @@ impl Shared {
         for (record, meta) in records.into_iter().zip(outgoing.metas.iter_mut()) {
             let failed = FailedRecord {
                 record,
-                error: error.clone(),
+                error: own(meta).unwrap_or_else(|| error.clone()),
                 attempts: meta.attempts(outgoing.attempts),
                 shard_id: outgoing.shard_id.clone(),
             };
@@ -742,7 +752,7 @@ impl Producer {
             // Validation bounds data + key by max_record_size (≤ 10 MiB) and the EHK by 39.
             backlog_bytes: record.backlog_size() as u32,
             data_len: record.data().len() as u32,
-            earlier_attempts: 0,
+            earlier: None,
             receipt: None,
         })
     }

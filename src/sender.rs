@@ -856,9 +856,9 @@ impl Sender {
         // Few: the shards that took over one shard's keys.
         let mut targets: Vec<(RoutedTo, Vec<(UserRecord, RecordMeta)>)> = Vec::new();
         for mut outgoing in queue {
-            // Its records keep the attempts that carried them so far.
+            // Its records keep the attempts that carried them so far, and their last error.
             for meta in &mut outgoing.metas {
-                meta.earlier_attempts = meta.attempts(outgoing.attempts);
+                meta.carry_over(outgoing.attempts, outgoing.last_error.as_ref());
             }
             let records = outgoing.take_user_records();
             for (record, meta) in records.into_iter().zip(outgoing.metas) {
@@ -932,9 +932,9 @@ impl Sender {
     /// Routes a not-yet-written Kinesis record's user records again, under the current map.
     fn resplit(&mut self, mut outgoing: Outgoing) {
         // Its records keep the attempts that carried them so far (receipts, failure reports and
-        // RetriesPerRecord count them all).
+        // RetriesPerRecord count them all) and their last error (an expiry reports it).
         for meta in &mut outgoing.metas {
-            meta.earlier_attempts = meta.attempts(outgoing.attempts);
+            meta.carry_over(outgoing.attempts, outgoing.last_error.as_ref());
         }
         let records = outgoing.take_user_records();
         aggregator::reroute(&self.shared, records, outgoing.metas);
@@ -1799,16 +1799,28 @@ impl Sender {
         }));
     }
 
+    /// The TTL of `outgoing`'s records passed: each fails with the last error its attempts
+    /// met, in this Kinesis record or, re-split after a reshard, in the ones before it.
     fn expire(&self, outgoing: Outgoing) {
-        let (code, message) = match &outgoing.last_error {
-            Some(last) => (last.code.as_str(), last.message.as_str()),
-            None => ("Expired", "the record's TTL passed before it could be sent"),
-        };
-        let error = DeliveryError {
+        let expired = |code: &str, message: &str| DeliveryError {
             code: code.into(),
             message: message.into(),
             kind: FailureKind::Expired,
         };
+        let Some(last) = &outgoing.last_error else {
+            let error = expired("Expired", "the record's TTL passed before it could be sent");
+            self.shared
+                .fail_records(outgoing, error, |meta| match meta.earlier_error() {
+                    Some(last) => Some(expired(&last.code, &last.message)),
+                    None if meta.attempts(0) > 0 => Some(expired(
+                        "Expired",
+                        "the record's TTL passed before it could be sent again",
+                    )),
+                    None => None,
+                });
+            return;
+        };
+        let error = expired(&last.code, &last.message);
         self.shared.fail(outgoing, error);
     }
 

@@ -1017,3 +1017,86 @@ async fn small_records_on_one_throttled_shard_all_land() {
         stats.requests
     );
 }
+
+/// A throttled record whose retry finds its shard closed is re-split under the new map; when
+/// its TTL then passes before its new Kinesis record is sent, its failure still names the
+/// throttling its attempt met (README, Retries and failures: "it fails with its last error"),
+/// not a bare expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_re_split_after_a_reshard_reports_its_last_error_when_it_expires() {
+    use kinesis_producer::{FailureKind, UserRecord};
+    use support::faults::{Fault, FaultProxy, Schedule};
+    const THROTTLED: &str = "ProvisionedThroughputExceededException";
+    const TTL: Duration = Duration::from_secs(12);
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("re-split-expiry", 1).await;
+    let parent = kinesis.open_shards("re-split-expiry").await[0].0.clone();
+    let proxy = FaultProxy::start(
+        &kinesis.endpoint,
+        Schedule::new(1, 1.0, vec![Fault::Refuse(400, THROTTLED)]),
+    )
+    .await;
+    let producer = producer_for(&proxy.endpoint, "re-split-expiry", |b| {
+        b.rate_limit(0)
+            .max_in_flight(1)
+            .record_ttl(TTL)
+            // The retry comes 4 to 8 s after the refusal: after the reloads below (one a
+            // second).
+            .retry_base_delay(Duration::from_secs(8))
+            .retry_max_delay(Duration::from_secs(8))
+            // Past the TTL: the request holding the one slot ends after the record expired.
+            .request_timeout(TTL + Duration::from_secs(1))
+            .shard_map_refresh_interval(Duration::from_secs(1))
+    })
+    .await;
+    let failures = producer.notify_failures();
+    let throttled = producer
+        .put_with_receipt(UserRecord::new(b"throttled".to_vec(), "a"))
+        .await
+        .expect("accepted");
+    wait_until(|| producer.stats().entry_retries >= 1).await;
+    // From here requests pass, but their answers take longer than the TTL: another record's
+    // request holds the one slot in flight while the throttled record waits for its retry,
+    // and frees it (timed out) only after the TTL passed.
+    proxy.heal();
+    proxy.delay_answers(Some(Duration::from_secs(60)));
+    let holder = producer
+        .put_with_receipt(UserRecord::new(b"holder".to_vec(), "b"))
+        .await
+        .expect("accepted");
+    wait_until(|| {
+        proxy
+            .counts
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    })
+    .await;
+    split_first_shard(&kinesis, "re-split-expiry").await;
+    let reloads = producer.stats().shard_map_refreshes;
+    // Two reloads after the split: the second began after it.
+    wait_until(|| producer.stats().shard_map_refreshes >= reloads + 2).await;
+    let failed = throttled.await.expect_err("the record expires");
+    let retries = producer.stats().entry_retries;
+    proxy.delay_answers(None);
+    assert_eq!(failed.error.kind, FailureKind::Expired);
+    assert_ne!(
+        failed.shard_id.as_deref(),
+        Some(parent.as_str()),
+        "its retry found the shard closed and re-split it (retries: {retries})"
+    );
+    assert_eq!(&*failed.error.code, THROTTLED, "{failed:?}");
+    assert_eq!(failed.attempts, 1, "{failed:?}");
+    // The record that held the slot timed out past its own TTL.
+    let held = holder
+        .await
+        .expect_err("the record holding the slot expires");
+    assert_eq!(&*held.error.code, "Timeout", "{held:?}");
+    producer.stop().await;
+    let reported = drain(failures).await;
+    assert_eq!(
+        reported.len(),
+        2,
+        "the two records failed once each: {reported:?}"
+    );
+}
