@@ -64,6 +64,9 @@ const RELIEF_WALK_GAP: Duration = Duration::from_millis(1);
 
 /// A lane its limiter holds back waits at least this long before it may send again.
 const LIMITED_LANE_PACE: Duration = Duration::from_millis(50);
+/// Least time between two walks of every lane for records past their TTL that no request could
+/// take (`expire_overdue`): such a record is reported at most this long after its TTL.
+const OVERDUE_WALK_GAP: Duration = Duration::from_millis(250);
 
 /// The sender's task: runs until `stop` has ended with every record acknowledged or failed.
 /// The sender is built before the task first runs, so that a task dropped unpolled (its
@@ -124,6 +127,7 @@ impl Sender {
             in_flight_backlog_bytes: 0,
             last_relief_walk: None,
             relief_wanted_at: None,
+            overdue_walk_at: Instant::now(),
             stop_deadline: None,
             cancel: watch::Sender::new(false),
             next_refresh,
@@ -210,6 +214,8 @@ struct Sender {
     last_relief_walk: Option<(Instant, Duration)>,
     /// A relief asked for too soon after the last walk, to be made at this time.
     relief_wanted_at: Option<Instant>,
+    /// The earliest time `expire_overdue` may walk the lanes again.
+    overdue_walk_at: Instant,
     stop_deadline: Option<Instant>,
     /// Set at the stop deadline: requests in flight give up.
     cancel: watch::Sender<bool>,
@@ -1190,6 +1196,9 @@ impl Sender {
             {
                 wake = wake.min(oldest + self.shared.config.record_max_buffered_time);
             }
+            // A front no request takes by its TTL: `expire_overdue`.
+            let ttl_passes = oldest + self.shared.config.record_ttl;
+            wake = wake.min(ttl_passes.max(self.overdue_walk_at));
         }
         if let Some(deadline) = self.stop_deadline.filter(|d| *d > now) {
             wake = wake.min(deadline);
@@ -1240,12 +1249,54 @@ impl Sender {
         if self.order_routing.is_some() && self.watch_uncovered() {
             self.send_what_may_go(now);
         }
+        self.expire_overdue(now);
         // The flush is served once nothing left can go now: what waits for a limiter, a retry's
         // backoff or (in order mode) an outstanding record goes when it may, and the flush's
         // wait covers it. Left set, it would send every record arriving later at once, alone.
         if self.pending_count == 0 || (self.ready.is_empty() && self.may_send_more()) {
             self.flush_requested = false;
             self.relief_requested = false;
+        }
+    }
+
+    /// Fails the records queued past their TTL that no request took: every request slot is
+    /// held (by requests that get no answer, until their `request_timeout`), or the cap on
+    /// partial requests is reached. Otherwise they would be found only when a request next
+    /// takes from their lane. The walk visits every lane, so it runs at most every
+    /// [`OVERDUE_WALK_GAP`]. Lanes are skipped where `take_from_lane` would not expire their
+    /// records either: one waiting for its limiter (it wakes at its front's TTL itself) and,
+    /// in order mode, one whose record is out or that waits for another shard's records.
+    fn expire_overdue(&mut self, now: Instant) {
+        let ttl = self.shared.config.record_ttl;
+        let overdue = |front: Instant| front + ttl <= now;
+        if !self.lane_fronts.keys().next().is_some_and(|&f| overdue(f))
+            || now < self.overdue_walk_at
+        {
+            return;
+        }
+        self.overdue_walk_at = now + OVERDUE_WALK_GAP;
+        let order = self.shared.config.preserve_order;
+        let mut expired = Vec::new();
+        for (at, lane) in self.lanes.iter_mut().enumerate() {
+            let Some(lane) = lane.as_deref_mut() else {
+                continue;
+            };
+            let held = order
+                && (at as ShardOrdinal == NO_SHARD || lane.outstanding > 0 || lane.order_blocks());
+            if lane.waiting || held || !lane.front_key.is_some_and(overdue) {
+                continue;
+            }
+            while let Some(front) = lane.queue.front().filter(|f| overdue(f.oldest_put)) {
+                lane.bytes -= front.request_size();
+                if let Some(outgoing) = lane.queue.pop_front() {
+                    unqueue(&mut self.pending_count, &mut self.pending_bytes, &outgoing);
+                    expired.push(outgoing);
+                }
+            }
+            refresh_front(lane, &mut self.lane_fronts);
+        }
+        for outgoing in expired {
+            self.expire(outgoing);
         }
     }
 

@@ -1021,13 +1021,15 @@ async fn small_records_on_one_throttled_shard_all_land() {
 /// A throttled record whose retry finds its shard closed is re-split under the new map; when
 /// its TTL then passes before its new Kinesis record is sent, its failure still names the
 /// throttling its attempt met (README, Retries and failures: "it fails with its last error"),
-/// not a bare expiry.
+/// not a bare expiry. It waits for a request slot held by a request that gets no answer, and
+/// fails at its TTL, not when that request times out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_re_split_after_a_reshard_reports_its_last_error_when_it_expires() {
+async fn a_record_re_split_after_a_reshard_fails_at_its_ttl_with_its_last_error() {
     use kinesis_producer::{FailureKind, UserRecord};
     use support::faults::{Fault, FaultProxy, Schedule};
     const THROTTLED: &str = "ProvisionedThroughputExceededException";
-    const TTL: Duration = Duration::from_secs(12);
+    const TTL: Duration = Duration::from_secs(10);
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(14);
     let kinesis = LocalKinesis::start(false).await;
     kinesis.create_stream("re-split-expiry", 1).await;
     let parent = kinesis.open_shards("re-split-expiry").await[0].0.clone();
@@ -1044,12 +1046,13 @@ async fn a_record_re_split_after_a_reshard_reports_its_last_error_when_it_expire
             // second).
             .retry_base_delay(Duration::from_secs(8))
             .retry_max_delay(Duration::from_secs(8))
-            // Past the TTL: the request holding the one slot ends after the record expired.
-            .request_timeout(TTL + Duration::from_secs(1))
+            // The request holding the one slot ends well after the record's TTL.
+            .request_timeout(REQUEST_TIMEOUT)
             .shard_map_refresh_interval(Duration::from_secs(1))
     })
     .await;
     let failures = producer.notify_failures();
+    let put_at = Instant::now();
     let throttled = producer
         .put_with_receipt(UserRecord::new(b"throttled".to_vec(), "a"))
         .await
@@ -1057,7 +1060,7 @@ async fn a_record_re_split_after_a_reshard_reports_its_last_error_when_it_expire
     wait_until(|| producer.stats().entry_retries >= 1).await;
     // From here requests pass, but their answers take longer than the TTL: another record's
     // request holds the one slot in flight while the throttled record waits for its retry,
-    // and frees it (timed out) only after the TTL passed.
+    // and frees it (timed out) only 4 s after the TTL.
     proxy.heal();
     proxy.delay_answers(Some(Duration::from_secs(60)));
     let holder = producer
@@ -1077,6 +1080,8 @@ async fn a_record_re_split_after_a_reshard_reports_its_last_error_when_it_expire
     // Two reloads after the split: the second began after it.
     wait_until(|| producer.stats().shard_map_refreshes >= reloads + 2).await;
     let failed = throttled.await.expect_err("the record expires");
+    let reported_after = put_at.elapsed();
+    println!("the re-split record was reported {reported_after:?} after its put (TTL {TTL:?})");
     let retries = producer.stats().entry_retries;
     proxy.delay_answers(None);
     assert_eq!(failed.error.kind, FailureKind::Expired);
@@ -1087,6 +1092,10 @@ async fn a_record_re_split_after_a_reshard_reports_its_last_error_when_it_expire
     );
     assert_eq!(&*failed.error.code, THROTTLED, "{failed:?}");
     assert_eq!(failed.attempts, 1, "{failed:?}");
+    assert!(
+        reported_after < TTL + Duration::from_secs(2),
+        "reported {reported_after:?} after its put: at its TTL ({TTL:?}), not when the slot freed"
+    );
     // The record that held the slot timed out past its own TTL.
     let held = holder
         .await
