@@ -17,25 +17,12 @@ use rng::Rng;
 
 const RECORDS: usize = 20_000;
 
-/// A random key shaped like a UUID (36 characters), as the default partitioner makes.
-fn uuid_key(rng: &mut Rng) -> String {
-    let hex = format!("{:016x}{:016x}", rng.next(), rng.next());
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
-}
-
 fn workload(size: usize) -> Vec<UserRecord> {
     let mut rng = Rng(42);
     (0..RECORDS)
         .map(|_| {
             let data: Vec<u8> = (0..size).map(|_| rng.next() as u8).collect();
-            UserRecord::new(data, uuid_key(&mut rng))
+            UserRecord::new(data, rng.uuid_key())
         })
         .collect()
 }
@@ -80,7 +67,7 @@ fn aggregation(c: &mut Criterion) {
 
 fn hash_and_route(c: &mut Criterion) {
     let mut rng = Rng(7);
-    let keys: Vec<String> = (0..RECORDS).map(|_| uuid_key(&mut rng)).collect();
+    let keys: Vec<String> = (0..RECORDS).map(|_| rng.uuid_key()).collect();
     let mut group = c.benchmark_group("hash-and-route");
     group.throughput(Throughput::Elements(RECORDS as u64));
     for shards in [1, 4, 500, 10_000] {

@@ -53,19 +53,7 @@ struct Workload {
 impl Workload {
     fn new(records: usize) -> Self {
         let mut rng = rng::Rng(0x5ca7_7e12);
-        let keys = (0..records)
-            .map(|_| {
-                let hex = format!("{:016x}{:016x}", rng.next(), rng.next());
-                format!(
-                    "{}-{}-{}-{}-{}",
-                    &hex[..8],
-                    &hex[8..12],
-                    &hex[12..16],
-                    &hex[16..20],
-                    &hex[20..32]
-                )
-            })
-            .collect();
+        let keys = (0..records).map(|_| rng.uuid_key()).collect();
         let data = (0..records).map(|_| rng.bytes(RECORD_SIZE)).collect();
         Workload { keys, data }
     }

@@ -19,4 +19,17 @@ impl Rng {
     pub fn bytes(&mut self, len: usize) -> Vec<u8> {
         (0..len).map(|_| self.next() as u8).collect()
     }
+
+    /// A random key shaped like a UUID (36 characters), as the default partitioner makes.
+    pub fn uuid_key(&mut self) -> String {
+        let hex = format!("{:016x}{:016x}", self.next(), self.next());
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        )
+    }
 }
