@@ -1286,12 +1286,9 @@ impl Sender {
             if lane.waiting || held || !lane.front_key.is_some_and(overdue) {
                 continue;
             }
-            while let Some(front) = lane.queue.front().filter(|f| overdue(f.oldest_put)) {
-                lane.bytes -= front.request_size();
-                if let Some(outgoing) = lane.queue.pop_front() {
-                    unqueue(&mut self.pending_count, &mut self.pending_bytes, &outgoing);
-                    expired.push(outgoing);
-                }
+            while lane.queue.front().is_some_and(|f| overdue(f.oldest_put)) {
+                let totals = (&mut self.pending_count, &mut self.pending_bytes);
+                expired.extend(dequeue_front(lane, totals));
             }
             refresh_front(lane, &mut self.lane_fronts);
         }
@@ -1425,11 +1422,8 @@ impl Sender {
             };
             let size = front.request_size();
             if now >= front.oldest_put + config.record_ttl {
-                if let Some(outgoing) = lane.queue.pop_front() {
-                    lane.bytes -= size;
-                    unqueue(&mut self.pending_count, &mut self.pending_bytes, &outgoing);
-                    expired.push(outgoing);
-                }
+                let totals = (&mut self.pending_count, &mut self.pending_bytes);
+                expired.extend(dequeue_front(lane, totals));
                 continue;
             }
             if !joins_request(batch.len(), *bytes, size, config) {
@@ -1450,14 +1444,13 @@ impl Sender {
             if let Some(since) = lane.limited_since.take() {
                 limiter_wait = Some((now.saturating_duration_since(since), lane.shard_id.clone()));
             }
-            let Some(outgoing) = lane.queue.pop_front() else {
+            let totals = (&mut self.pending_count, &mut self.pending_bytes);
+            let Some(outgoing) = dequeue_front(lane, totals) else {
                 break Blocked::No;
             };
-            lane.bytes -= size;
             lane.not_before = None;
             lane.outstanding += 1;
             taken += 1;
-            unqueue(&mut self.pending_count, &mut self.pending_bytes, &outgoing);
             *bytes += size;
             batch.push(outgoing);
         };
@@ -2095,6 +2088,15 @@ fn join_front(shared: &Shared, lane: &mut Lane, now: Instant) -> Joined {
 fn unqueue(count: &mut usize, bytes: &mut usize, outgoing: &Outgoing) {
     *count -= 1;
     *bytes -= outgoing.request_size();
+}
+
+/// Takes the front record off its lane, off the lane's bytes and off the sender's pending
+/// totals (`pending_count`, `pending_bytes`).
+fn dequeue_front(lane: &mut Lane, (count, bytes): (&mut usize, &mut usize)) -> Option<Outgoing> {
+    let outgoing = lane.queue.pop_front()?;
+    lane.bytes -= outgoing.request_size();
+    unqueue(count, bytes, &outgoing);
+    Some(outgoing)
 }
 
 /// Keeps the lane's entry in `fronts` true: its front record's `put` time while it may send,
