@@ -46,7 +46,7 @@ pub(crate) struct RecordMeta {
 
 /// A re-split record's history: its failure report needs it when the Kinesis record it is in
 /// now expires before an attempt of its own.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Earlier {
     /// PutRecords attempts of the Kinesis records that carried it before.
     pub attempts: u32,
@@ -69,18 +69,9 @@ impl RecordMeta {
             return;
         }
         let total = self.attempts(attempts);
-        match &mut self.earlier {
-            Some(earlier) => {
-                earlier.attempts = total;
-                earlier.last_error = last_error.cloned();
-            }
-            None => {
-                self.earlier = Some(Box::new(Earlier {
-                    attempts: total,
-                    last_error: last_error.cloned(),
-                }))
-            }
-        }
+        let earlier = self.earlier.get_or_insert_with(Box::default);
+        earlier.attempts = total;
+        earlier.last_error = last_error.cloned();
     }
 
     /// The last error of the Kinesis records that carried it before a re-split.

@@ -1269,7 +1269,7 @@ impl Sender {
     fn expire_overdue(&mut self, now: Instant) {
         let ttl = self.shared.config.record_ttl;
         let overdue = |front: Instant| front + ttl <= now;
-        if !self.lane_fronts.keys().next().is_some_and(|&f| overdue(f))
+        if !self.lane_fronts.keys().next().copied().is_some_and(overdue)
             || now < self.overdue_walk_at
         {
             return;
