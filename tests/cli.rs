@@ -574,6 +574,11 @@ async fn perf_against_the_null_sink_prints_every_figure_and_the_floor() {
         if !aggregation {
             args.push("--no-aggregation");
         }
+        // One case gives every record a buffer of its own.
+        let owned = keys == "fixed";
+        if owned {
+            args.push("--owned-data");
+        }
         let output = run_perf(&args).await;
         assert!(output.status.success(), "{keys}: {}", stderr_of(&output));
         let f = figures(&output.stdout);
@@ -598,6 +603,11 @@ async fn perf_against_the_null_sink_prints_every_figure_and_the_floor() {
             assert!(number(&f, key) > 0.0, "{key} in {case}");
         }
         assert_eq!(number(&f, "acknowledged"), 20_000.0, "{case}");
+        assert_eq!(
+            f.get("owned_data").map(String::as_str),
+            Some(if owned { "true" } else { "false" }),
+            "{case}"
+        );
         // The printed figures agree: the producer's CPU is the process's less perf's own work,
         // the sink's and the recorder's (rounded to the millisecond, the recorder's to the
         // microsecond).
