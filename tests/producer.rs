@@ -1134,6 +1134,108 @@ async fn records_held_when_the_producers_runtime_ends_are_reported_and_later_put
     assert_eq!(stats.user_records_failed, 50);
 }
 
+/// A producer whose runtime shuts down while its sender holds records in every place it keeps
+/// them: one waiting for its retry, one in a request whose answer is held back, and more queued
+/// behind that request for the one slot. Each is reported failed, once, to its receipt and the
+/// failure stream (the one in flight saying it may have been written), and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_the_sender_holds_when_its_runtime_ends_are_reported_failed_once() {
+    use support::faults::{Fault, FaultProxy, Schedule};
+    const QUEUED: usize = 20;
+    let kinesis = LocalKinesis::start(false).await;
+    kinesis.create_stream("sender-ends", 2).await;
+    let proxy = FaultProxy::start(
+        &kinesis.endpoint,
+        Schedule::new(
+            1,
+            1.0,
+            vec![Fault::Refuse(400, "ProvisionedThroughputExceededException")],
+        ),
+    )
+    .await;
+    let endpoint = proxy.endpoint.clone();
+    let (producer, failures, receipts, proxy) = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (producer, failures, receipts) = runtime.block_on(async {
+            let producer = producer_for(&endpoint, "sender-ends", |b| {
+                b.rate_limit(0)
+                    .max_in_flight(1)
+                    .record_max_buffered_time(Duration::from_millis(20))
+                    .record_ttl(Duration::from_secs(300))
+                    .retry_base_delay(Duration::from_secs(60))
+                    .retry_max_delay(Duration::from_secs(60))
+                    .request_timeout(Duration::from_secs(60))
+            })
+            .await;
+            let failures = producer.notify_failures();
+            let until = |done: &dyn Fn() -> bool| {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !done() {
+                    assert!(
+                        Instant::now() < deadline,
+                        "timed out: {:?}",
+                        producer.stats()
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            };
+            let put = |i: usize| {
+                producer.put_with_receipt(UserRecord::new(format!("r{i}"), format!("k{i}")))
+            };
+            // Throttled, then waiting a minute for its retry.
+            let mut receipts = vec![put(0).await.expect("accepted")];
+            until(&|| producer.stats().entry_retries >= 1);
+            // Sent, its answer held back: the one request slot stays taken.
+            proxy.heal();
+            proxy.delay_answers(Some(Duration::from_secs(120)));
+            receipts.push(put(1).await.expect("accepted"));
+            until(&|| proxy.counts.requests.load(Ordering::Relaxed) >= 2);
+            // Queued behind it, past their buffering time.
+            for i in 2..2 + QUEUED {
+                receipts.push(put(i).await.expect("accepted"));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(producer.stats().requests, 2, "nothing else was sent");
+            (producer, failures, receipts)
+        });
+        drop(runtime);
+        (producer, failures, receipts, proxy)
+    })
+    .join()
+    .expect("the producer's thread");
+    let mut outcomes = Vec::new();
+    for receipt in receipts {
+        let outcome = tokio::time::timeout(Duration::from_secs(10), receipt)
+            .await
+            .expect("the receipt resolves once the runtime has ended");
+        outcomes.push(outcome.expect_err("nothing was acknowledged"));
+    }
+    for failed in &outcomes {
+        assert_eq!(failed.error.kind, FailureKind::Stopped, "{failed:?}");
+    }
+    assert_eq!(outcomes[0].attempts, 1, "{:?}", outcomes[0]);
+    assert!(
+        outcomes[1].error.message.contains("may have been written"),
+        "the record in flight may have been written: {:?}",
+        outcomes[1]
+    );
+    let refused = producer.put(vec![1u8], "late").await.unwrap_err();
+    assert_eq!(refused.reason(), &PutRefusal::Stopped);
+    tokio::time::timeout(Duration::from_secs(10), producer.stop())
+        .await
+        .expect("stop returns");
+    let streamed = drain(failures).await;
+    assert_eq!(streamed.len(), 2 + QUEUED, "each record reported once");
+    let stats = producer.stats();
+    assert_eq!(stats.user_records_failed, (2 + QUEUED) as u64);
+    assert_eq!(stats.user_records_put, 0);
+    proxy.delay_answers(None);
+}
+
 /// Without a limiter, a shard that always has a full request waiting takes turns with the
 /// others: a record for another shard goes out in one of the next requests, not once the busy
 /// shard runs dry.
