@@ -1122,16 +1122,25 @@ async fn records_held_when_the_producers_runtime_ends_are_reported_and_later_put
         let failed = outcome.expect_err("nothing sent the record");
         assert_eq!(failed.error.kind, FailureKind::Stopped);
     }
+    let streamed = refuses_stops_and_drains(&producer, failures).await;
+    assert_eq!(streamed.len(), 50, "each failure reaches the stream");
+    let stats = producer.stats();
+    assert_eq!(stats.failures_unobserved, 0);
+    assert_eq!(stats.user_records_failed, 50);
+}
+
+/// For a producer whose runtime has ended: a later put is refused, `stop` returns, and the
+/// failure stream ends; returns what it delivered.
+async fn refuses_stops_and_drains(
+    producer: &Producer,
+    failures: kinesis_producer::FailureStream,
+) -> Vec<kinesis_producer::FailedRecord> {
     let refused = producer.put(vec![1u8], "late").await.unwrap_err();
     assert_eq!(refused.reason(), &PutRefusal::Stopped);
     tokio::time::timeout(Duration::from_secs(10), producer.stop())
         .await
         .expect("stop returns");
-    let streamed = drain(failures).await;
-    assert_eq!(streamed.len(), 50, "each failure reaches the stream");
-    let stats = producer.stats();
-    assert_eq!(stats.failures_unobserved, 0);
-    assert_eq!(stats.user_records_failed, 50);
+    drain(failures).await
 }
 
 /// A producer whose runtime shuts down while its sender holds records in every place it keeps
@@ -1223,12 +1232,7 @@ async fn records_the_sender_holds_when_its_runtime_ends_are_reported_failed_once
         "the record in flight may have been written: {:?}",
         outcomes[1]
     );
-    let refused = producer.put(vec![1u8], "late").await.unwrap_err();
-    assert_eq!(refused.reason(), &PutRefusal::Stopped);
-    tokio::time::timeout(Duration::from_secs(10), producer.stop())
-        .await
-        .expect("stop returns");
-    let streamed = drain(failures).await;
+    let streamed = refuses_stops_and_drains(&producer, failures).await;
     assert_eq!(streamed.len(), 2 + QUEUED, "each record reported once");
     let stats = producer.stats();
     assert_eq!(stats.user_records_failed, (2 + QUEUED) as u64);
