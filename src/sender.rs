@@ -2005,9 +2005,13 @@ struct Joined {
 /// next round trip. While a shard's queue stays that long its records are packed up to three
 /// times, which costs CPU only where the round trip, not the CPU, sets the pace.
 ///
-/// A Kinesis record's records expire together, at the oldest one's TTL: so only a front
-/// younger than half its TTL is joined, with records whose own TTL has not passed: a record
-/// joined keeps at least half of its TTL.
+/// A Kinesis record's records expire together, at the oldest one's TTL: so a record joins only
+/// a front put at most half a TTL before it, and keeps at least half of its TTL from its `put`;
+/// and records whose TTL has passed are not joined. A front however old is joined: after an
+/// outage longer than half the TTL, a shard whose round trip is longer than the buffering
+/// time would otherwise send one small aggregate per round trip, fall further behind at each,
+/// and see every record it gets from then on expire queued (test
+/// `order_mode_catches_up_after_an_outage_longer_than_half_the_ttl`).
 fn join_front(shared: &Shared, lane: &mut Lane, now: Instant) -> Joined {
     let config = &shared.config;
     let mut joined = Joined::default();
@@ -2026,14 +2030,16 @@ fn join_front(shared: &Shared, lane: &mut Lane, now: Instant) -> Joined {
             || outgoing.metas.len().saturating_mul(4)
                 >= config.aggregation_max_count.saturating_mul(3)
     };
-    let young = |front: &Outgoing| now < front.oldest_put + config.record_ttl / 2;
-    if !lane
+    let Some(front_put) = lane
         .queue
         .front()
-        .is_some_and(|front| young(front) && !nearly_full(front))
-    {
+        .filter(|front| !nearly_full(front))
+        .map(|front| front.oldest_put)
+    else {
         return joined;
-    }
+    };
+    // Loses at most half its TTL by going with the front.
+    let close = |outgoing: &Outgoing| outgoing.oldest_put <= front_put + config.record_ttl / 2;
     let mut count = 0;
     let mut bytes = 0;
     let mut records = 0;
@@ -2050,7 +2056,7 @@ fn join_front(shared: &Shared, lane: &mut Lane, now: Instant) -> Joined {
                 .limiter
                 .as_mut()
                 .is_some_and(|limiter| !limiter.allows(bytes + outgoing.request_size(), now));
-        if full || alone || limited || !fresh(outgoing) {
+        if full || alone || limited || !fresh(outgoing) || !close(outgoing) {
             break;
         }
         count += 1;
