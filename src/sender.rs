@@ -2010,7 +2010,7 @@ struct Joined {
 /// and records whose TTL has passed are not joined. A front however old is joined: after an
 /// outage longer than half the TTL, a shard whose round trip is longer than the buffering
 /// time would otherwise send one small aggregate per round trip, fall further behind at each,
-/// and see every record it gets from then on expire queued (test
+/// and see the records it gets from then on keep expiring queued (test
 /// `order_mode_catches_up_after_an_outage_longer_than_half_the_ttl`).
 fn join_front(shared: &Shared, lane: &mut Lane, now: Instant) -> Joined {
     let config = &shared.config;
