@@ -2005,9 +2005,10 @@ struct Joined {
 /// next round trip. While a shard's queue stays that long its records are packed up to three
 /// times, which costs CPU only where the round trip, not the CPU, sets the pace.
 ///
-/// A Kinesis record's records expire together, at the oldest one's TTL: so a record joins only
-/// a front put at most half a TTL before it, and keeps at least half of its TTL from its `put`;
-/// and records whose TTL has passed are not joined. A front however old is joined: after an
+/// A Kinesis record's records expire together, at the oldest one's TTL: so Kinesis records are
+/// joined only while their first `put`s lie within half a TTL of each other, and each user
+/// record keeps at least half of its TTL from its `put`; records whose TTL has passed are not
+/// joined. A front however old is joined: after an
 /// outage longer than half the TTL, a shard whose round trip is longer than the buffering
 /// time would otherwise send one small aggregate per round trip, fall further behind at each,
 /// and see the records it gets from then on keep expiring queued (test
@@ -2038,8 +2039,9 @@ fn join_front(shared: &Shared, lane: &mut Lane, now: Instant) -> Joined {
     else {
         return joined;
     };
-    // Loses at most half its TTL by going with the front.
-    let close = |outgoing: &Outgoing| outgoing.oldest_put <= front_put + config.record_ttl / 2;
+    // The oldest and newest first puts of the records joined so far: none may lose more than
+    // half its TTL by going with the others.
+    let (mut oldest, mut newest) = (front_put, front_put);
     let mut count = 0;
     let mut bytes = 0;
     let mut records = 0;
@@ -2056,9 +2058,12 @@ fn join_front(shared: &Shared, lane: &mut Lane, now: Instant) -> Joined {
                 .limiter
                 .as_mut()
                 .is_some_and(|limiter| !limiter.allows(bytes + outgoing.request_size(), now));
-        if full || alone || limited || !fresh(outgoing) || !close(outgoing) {
+        let put = outgoing.oldest_put;
+        let close = newest.max(put) <= oldest.min(put) + config.record_ttl / 2;
+        if full || alone || limited || !fresh(outgoing) || !close {
             break;
         }
+        (oldest, newest) = (oldest.min(put), newest.max(put));
         count += 1;
         bytes += outgoing.request_size();
         records += outgoing.metas.len();
