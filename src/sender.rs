@@ -2008,10 +2008,10 @@ struct Joined {
 /// A Kinesis record's records expire together, at the oldest one's TTL: so Kinesis records are
 /// joined only while their first `put`s lie within half a TTL of each other, and each user
 /// record keeps at least half of its TTL from its `put`; records whose TTL has passed are not
-/// joined. A front however old is joined: after an
-/// outage longer than half the TTL, a shard whose round trip is longer than the buffering
-/// time would otherwise send one small aggregate per round trip, fall further behind at each,
-/// and see the records it gets from then on keep expiring queued (test
+/// joined. A front however old is joined: after an outage longer than half the TTL, a shard
+/// whose round trip is longer than the buffering time would otherwise send one small
+/// aggregate per round trip, fall further behind at each, and see the records it gets from
+/// then on keep expiring queued (test
 /// `order_mode_catches_up_after_an_outage_longer_than_half_the_ttl`).
 fn join_front(shared: &Shared, lane: &mut Lane, now: Instant) -> Joined {
     let config = &shared.config;
@@ -2031,17 +2031,16 @@ fn join_front(shared: &Shared, lane: &mut Lane, now: Instant) -> Joined {
             || outgoing.metas.len().saturating_mul(4)
                 >= config.aggregation_max_count.saturating_mul(3)
     };
-    let Some(front_put) = lane
+    // The oldest and newest first puts of the records joined so far: none may lose more than
+    // half its TTL by going with the others.
+    let Some((mut oldest, mut newest)) = lane
         .queue
         .front()
         .filter(|front| !nearly_full(front))
-        .map(|front| front.oldest_put)
+        .map(|front| (front.oldest_put, front.oldest_put))
     else {
         return joined;
     };
-    // The oldest and newest first puts of the records joined so far: none may lose more than
-    // half its TTL by going with the others.
-    let (mut oldest, mut newest) = (front_put, front_put);
     let mut count = 0;
     let mut bytes = 0;
     let mut records = 0;
