@@ -1,13 +1,14 @@
 //! The producer's hot path, without a runtime or a network: packing user records into KPL
-//! aggregates (encoding and MD5 included), hashing + routing a record to its shard, and routing
-//! alone.
+//! aggregates (encoding and MD5 included), the aggregates' checksums one by one and eight at a
+//! time, hashing + routing a record to its shard, and routing alone.
 //!
 //! `cargo bench --bench aggregation` prints records/s (elements) and MB/s (bytes).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use kinesis_producer::aggregation::{AggregateBuilder, AggregateLimits};
+use kinesis_producer::aggregation::{checksums, AggregateBuilder, AggregateLimits};
 use kinesis_producer::record::partition_key_hash;
 use kinesis_producer::{ShardMap, UserRecord};
+use md5::{Digest, Md5};
 use std::hint::black_box;
 
 #[path = "../tests/support/rng.rs"]
@@ -121,5 +122,42 @@ fn route_only(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, aggregation, hash_and_route, route_only);
+/// The checksums of a request's worth of full aggregates (64 of 50 KiB, in 8 KiB pieces as the
+/// producer writes them): with `md-5` one by one, and with `checksums` side by side.
+fn aggregate_checksums(c: &mut Criterion) {
+    const AGGREGATES: usize = 64;
+    const SIZE: usize = 50 << 10;
+    let bytes: Vec<u8> = (0..AGGREGATES * SIZE)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    let pieces: Vec<Vec<&[u8]>> = bytes
+        .chunks(SIZE)
+        .map(|a| a.chunks(8 << 10).collect())
+        .collect();
+    let messages: Vec<&[&[u8]]> = pieces.iter().map(Vec::as_slice).collect();
+    let mut group = c.benchmark_group("checksums/64x50KiB");
+    group.throughput(Throughput::Bytes(bytes.len() as u64));
+    group.bench_function("one-by-one", |b| {
+        b.iter(|| {
+            for message in &messages {
+                let mut md5 = Md5::new();
+                message.iter().for_each(|piece| md5.update(piece));
+                black_box(md5.finalize());
+            }
+        })
+    });
+    group.bench_function("side-by-side", |b| {
+        let mut out = vec![[0u8; 16]; AGGREGATES];
+        b.iter(|| checksums(black_box(&messages), &mut out))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    aggregation,
+    aggregate_checksums,
+    hash_and_route,
+    route_only
+);
 criterion_main!(benches);

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use crate::aggregation::{Entry, EntryData};
+use crate::aggregation::{checksum_all, Entry, EntryData};
 use crate::prefetch::prefetch_slice;
 use crate::shard_map::StreamId;
 use crate::sync::lock;
@@ -33,6 +33,10 @@ const BODY_CLOSE: &[u8] = b"\"}";
 
 /// How many entries ahead the body's passes ask for an entry's memory.
 const PREFETCH_AHEAD: usize = 2;
+/// Aggregates checksummed together just before their base64 is written: two groups of eight
+/// (see `aggregation::checksums`) of up to 50 KiB each, which a core's cache still holds when
+/// their base64 reads them again.
+const CHECKSUM_AHEAD: usize = 16;
 
 /// Buffers of finished requests, kept for the next ones: up to `retain_bytes` of capacity.
 #[derive(Debug)]
@@ -139,7 +143,15 @@ pub(crate) fn put_records<'a>(
     let mut out = pool.take(len);
     out.extend_from_slice(RECORDS_OPEN);
     let mut data_ahead = entries.clone().skip(PREFETCH_AHEAD);
-    for (i, entry) in entries.enumerate() {
+    for (i, entry) in entries.clone().enumerate() {
+        if i.is_multiple_of(CHECKSUM_AHEAD) {
+            checksum_all(entries.clone().skip(i).take(CHECKSUM_AHEAD).filter_map(
+                |e| match &e.data {
+                    EntryData::Pieces(pieces) => Some(&**pieces),
+                    EntryData::Whole(_) => None,
+                },
+            ));
+        }
         if let Some(EntryData::Whole(data)) = data_ahead.next().map(|ahead| &ahead.data) {
             prefetch_slice(data);
         }
