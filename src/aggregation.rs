@@ -102,57 +102,28 @@ pub(crate) struct AggregatePieces {
 pub(crate) enum Unsealed {
     Plain(Entry),
     Aggregate {
-        body: UnsealedBody,
+        sections: Sections,
         partition_key: String,
         explicit_hash_key: Option<String>,
     },
 }
 
-/// An unsealed aggregate's bytes: one buffer (magic and protobuf, room left for the
-/// checksum), or its sections.
-pub(crate) enum UnsealedBody {
-    Whole(Vec<u8>),
-    Pieces(Sections),
-}
-
 impl Unsealed {
-    /// Whether [`seal`](Self::seal) computes a checksum (an aggregate in one buffer); an
-    /// aggregate in pieces gets its checksum when its request body is written, and a lone
-    /// record needs none.
-    #[cfg_attr(not(feature = "producer"), allow(dead_code))]
-    pub(crate) fn checksums_when_sealed(&self) -> bool {
-        matches!(
-            self,
-            Unsealed::Aggregate {
-                body: UnsealedBody::Whole(_),
-                ..
-            }
-        )
-    }
-
-    /// Gives the Kinesis record to send. A small aggregate (one buffer) gets its checksum
-    /// here; a large one (pieces) when its request body is written, with others (see
-    /// [`checksum_all`]).
+    /// Gives the Kinesis record to send. Its checksum is computed when its request body is
+    /// written, with the other aggregates' (see [`checksum_all`]), so sealing costs nothing.
     pub(crate) fn seal(self) -> Entry {
-        let (body, partition_key, explicit_hash_key) = match self {
+        let (sections, partition_key, explicit_hash_key) = match self {
             Unsealed::Plain(entry) => return entry,
             Unsealed::Aggregate {
-                body,
+                sections,
                 partition_key,
                 explicit_hash_key,
-            } => (body, partition_key, explicit_hash_key),
+            } => (sections, partition_key, explicit_hash_key),
         };
-        let data = match body {
-            UnsealedBody::Whole(mut frame) => {
-                let digest: [u8; DIGEST_LEN] = Md5::digest(&frame[MAGIC.len()..]).into();
-                frame.extend_from_slice(&digest);
-                EntryData::Whole(Bytes::from(frame))
-            }
-            UnsealedBody::Pieces(sections) => EntryData::Pieces(Box::new(AggregatePieces {
-                sections,
-                digest: OnceLock::new(),
-            })),
-        };
+        let data = EntryData::Pieces(Box::new(AggregatePieces {
+            sections,
+            digest: OnceLock::new(),
+        }));
         Entry {
             data,
             partition_key,
@@ -239,20 +210,28 @@ impl Sections {
         self.len() <= PIECES_MIN
     }
 
-    /// Magic and protobuf in one buffer with room for the checksum, which
-    /// [`Unsealed::seal`] appends.
-    fn frame_without_digest(&self) -> Vec<u8> {
+    /// The same protobuf in one buffer of its exact size, in the record section (the key
+    /// tables left empty): what a small aggregate is sent from, so that the builder keeps its
+    /// buffers, spare room and all, for the next aggregate.
+    fn joined(&self) -> Sections {
+        let mut records = Vec::with_capacity(self.len());
+        for part in self.parts() {
+            records.extend_from_slice(part);
+        }
+        Sections {
+            records_len: records.len(),
+            records,
+            ..Sections::default()
+        }
+    }
+
+    /// The whole aggregate in one buffer: magic, protobuf, checksum.
+    fn to_bytes(&self, digest: &[u8; DIGEST_LEN]) -> Bytes {
         let mut out = Vec::with_capacity(FRAME_LEN + self.len());
         out.extend_from_slice(&MAGIC);
         for part in self.parts() {
             out.extend_from_slice(part);
         }
-        out
-    }
-
-    /// The whole aggregate in one buffer: magic, protobuf, checksum.
-    fn to_bytes(&self, digest: &[u8; DIGEST_LEN]) -> Bytes {
-        let mut out = self.frame_without_digest();
         out.extend_from_slice(digest);
         Bytes::from(out)
     }
@@ -671,17 +650,17 @@ impl AggregateBuilder {
         // lies in the shard every record of this aggregate belongs to.
         let (_, partition_key, explicit_hash_key) = first.into_parts();
         let sections = self.clear();
-        let body = if sections.goes_out_whole() {
-            let frame = sections.frame_without_digest();
+        let sections = if sections.goes_out_whole() {
+            let joined = sections.joined();
             if keep_room {
                 self.sections = sections.emptied();
             }
-            UnsealedBody::Whole(frame)
+            joined
         } else {
-            UnsealedBody::Pieces(sections)
+            sections
         };
         Some(Unsealed::Aggregate {
-            body,
+            sections,
             partition_key,
             explicit_hash_key,
         })

@@ -439,7 +439,7 @@ pub(crate) fn enqueue(
         // The next `put` to this shard need not wait for the full aggregate's MD5 pass.
         drop(slot);
         if let Some(emission) = emission {
-            emission.send(shared, admission == Admission::New);
+            emission.send(shared);
         }
         return Ok(());
     }
@@ -491,7 +491,7 @@ fn add_to_slot<'a>(
         if let Err(record) = slot.builder.try_push(record) {
             // Unreachable by the check above; if it were not, the aggregate still goes first.
             if let Some(full) = full {
-                full.send(shared, false);
+                full.send(shared);
             }
             let entry = Entry::plain(&record);
             let shard = routing.shard(index);
@@ -579,7 +579,7 @@ fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) 
     let Some(emission) = take_emission(shared, routing, index, slot) else {
         return false;
     };
-    emission.send(shared, false);
+    emission.send(shared);
     true
 }
 
@@ -616,34 +616,17 @@ struct Emission<'a> {
 }
 
 impl Emission<'_> {
-    /// Hands the aggregate to the sender, sealed. A small aggregate (one buffer, at most
-    /// 8 KiB) is checksummed when sealed; an aggregate in pieces is checksummed later, as its
-    /// request body is written, so sealing it costs nothing. With `hand_over` (a `put` closed
-    /// it), a small aggregate's checksum is left to the sender while it keeps up, as it then
-    /// has time to spare and the putting thread, usually the busier, can go on taking records;
-    /// when the sender falls behind, this thread computes it. Deadlines and flushes run on the
-    /// sender or for `flush`: they compute it here.
-    fn send(self, shared: &Shared, hand_over: bool) {
+    /// Hands the aggregate to the sender, sealed. Sealing costs nothing: the checksum is
+    /// computed when its request body is written, with the other aggregates'
+    /// (`aggregation::checksum_all`).
+    fn send(self, shared: &Shared) {
         let Emission { closed, _turn } = self;
-        if hand_over
-            && closed.unsealed.checksums_when_sealed()
-            && shared.unsealed_at_sender.load(Ordering::Relaxed) < SENDER_CHECKSUMS_MAX
-        {
-            shared.unsealed_at_sender.fetch_add(1, Ordering::Relaxed);
-            shared.send(Inbound::Closed(closed));
-        } else {
-            let outgoing = closed.seal_here();
-            shared.send(Inbound::Record(outgoing));
-        }
+        shared.send(Inbound::Record(closed.seal()));
     }
 }
 
-/// Most closed small aggregates waiting for the sender to checksum them before putting threads
-/// checksum their own.
-const SENDER_CHECKSUMS_MAX: usize = 2;
-
-/// A closed small aggregate on its way to the sender, which computes its checksum.
-pub(crate) struct Closed {
+/// A closed aggregate with where it goes.
+struct Closed {
     unsealed: Unsealed,
     metas: Vec<RecordMeta>,
     shard: RoutedTo,
@@ -651,15 +634,7 @@ pub(crate) struct Closed {
 }
 
 impl Closed {
-    /// Computes the checksum of one that was handed over (`Inbound::Closed`), taking it off
-    /// [`Shared::unsealed_at_sender`]: the Kinesis record to send.
-    pub(crate) fn seal(self, shared: &Shared) -> Outgoing {
-        let outgoing = self.seal_here();
-        shared.unsealed_at_sender.fetch_sub(1, Ordering::Relaxed);
-        outgoing
-    }
-
-    fn seal_here(self) -> Outgoing {
+    fn seal(self) -> Outgoing {
         let entry = self.unsealed.seal();
         Outgoing::new(entry, self.metas, self.shard, self.generation)
     }
@@ -860,7 +835,7 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap, listed_in: Duration) {
             if let Some(emission) =
                 add_to_slot(shared, &new, target, &mut new_slots[target], record, meta)
             {
-                emission.send(shared, false);
+                emission.send(shared);
             }
         }
     }

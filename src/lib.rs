@@ -79,7 +79,6 @@ mod deadlines;
 mod error;
 #[cfg(feature = "producer")]
 mod limiter;
-#[cfg(feature = "producer")]
 mod md5_lanes;
 #[cfg(feature = "producer")]
 pub mod metrics;

@@ -277,70 +277,73 @@ mod avx2 {
         };
     }
 
-    /// Defines a compression function for eight lanes from the round functions and rotation
-    /// above, compiled for `$features`.
-    macro_rules! compress_with {
-        ($name:ident, $features:literal, $rotl:ident, $f:ident, $g:ident, $h:ident, $i:ident) => {
-            /// # Safety
-            /// The CPU must have the features this is compiled for, and each pointer must be
-            /// to 64 readable bytes.
-            #[target_feature(enable = $features)]
-            unsafe fn $name(state: &mut [[u32; LANES]; 4], blocks: &[*const u8; LANES]) {
-                let m = unsafe { load_words(blocks) };
-                // SAFETY: unaligned loads of 32 bytes from arrays of 32 bytes.
-                let start = state.map(|word| unsafe { _mm256_loadu_si256(word.as_ptr().cast()) });
-                let [mut a, mut b, mut c, mut d] = start;
-                md5_round!(
-                    ($rotl, $f, m, a, b, c, d),
-                    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
-                    [
-                        0xd76aa478, 0xe8c7b756, 0x242070db, 0xc1bdceee, 0xf57c0faf, 0x4787c62a,
-                        0xa8304613, 0xfd469501, 0x698098d8, 0x8b44f7af, 0xffff5bb1, 0x895cd7be,
-                        0x6b901122, 0xfd987193, 0xa679438e, 0x49b40821
-                    ],
-                    7, 12, 17, 22
-                );
-                md5_round!(
-                    ($rotl, $g, m, a, b, c, d),
-                    [1, 6, 11, 0, 5, 10, 15, 4, 9, 14, 3, 8, 13, 2, 7, 12],
-                    [
-                        0xf61e2562, 0xc040b340, 0x265e5a51, 0xe9b6c7aa, 0xd62f105d, 0x02441453,
-                        0xd8a1e681, 0xe7d3fbc8, 0x21e1cde6, 0xc33707d6, 0xf4d50d87, 0x455a14ed,
-                        0xa9e3e905, 0xfcefa3f8, 0x676f02d9, 0x8d2a4c8a
-                    ],
-                    5, 9, 14, 20
-                );
-                md5_round!(
-                    ($rotl, $h, m, a, b, c, d),
-                    [5, 8, 11, 14, 1, 4, 7, 10, 13, 0, 3, 6, 9, 12, 15, 2],
-                    [
-                        0xfffa3942, 0x8771f681, 0x6d9d6122, 0xfde5380c, 0xa4beea44, 0x4bdecfa9,
-                        0xf6bb4b60, 0xbebfbc70, 0x289b7ec6, 0xeaa127fa, 0xd4ef3085, 0x04881d05,
-                        0xd9d4d039, 0xe6db99e5, 0x1fa27cf8, 0xc4ac5665
-                    ],
-                    4, 11, 16, 23
-                );
-                md5_round!(
-                    ($rotl, $i, m, a, b, c, d),
-                    [0, 7, 14, 5, 12, 3, 10, 1, 8, 15, 6, 13, 4, 11, 2, 9],
-                    [
-                        0xf4292244, 0x432aff97, 0xab9423a7, 0xfc93a039, 0x655b59c3, 0x8f0ccc92,
-                        0xffeff47d, 0x85845dd1, 0x6fa87e4f, 0xfe2ce6e0, 0xa3014314, 0x4e0811a1,
-                        0xf7537e82, 0xbd3af235, 0x2ad7d2bb, 0xeb86d391
-                    ],
-                    6, 10, 15, 21
-                );
-                for ((word, start), end) in state.iter_mut().zip(start).zip([a, b, c, d]) {
-                    // SAFETY: an unaligned store of 32 bytes into an array of 32 bytes.
-                    unsafe {
-                        _mm256_storeu_si256(word.as_mut_ptr().cast(), _mm256_add_epi32(start, end))
-                    };
-                }
-            }
-        };
+    /// One block of each lane through MD5's 64 steps.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, and each pointer must be to 64 readable bytes.
+    #[target_feature(enable = "avx2")]
+    unsafe fn compress_avx2(state: &mut [[u32; LANES]; 4], blocks: &[*const u8; LANES]) {
+        let m = unsafe { load_words(blocks) };
+        // SAFETY: unaligned loads of 32 bytes from arrays of 32 bytes.
+        let start = state.map(|word| unsafe { _mm256_loadu_si256(word.as_ptr().cast()) });
+        let [mut a, mut b, mut c, mut d] = start;
+        md5_round!(
+            (rotl2, f2, m, a, b, c, d),
+            [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+            [
+                0xd76aa478, 0xe8c7b756, 0x242070db, 0xc1bdceee, 0xf57c0faf, 0x4787c62a, 0xa8304613,
+                0xfd469501, 0x698098d8, 0x8b44f7af, 0xffff5bb1, 0x895cd7be, 0x6b901122, 0xfd987193,
+                0xa679438e, 0x49b40821
+            ],
+            7,
+            12,
+            17,
+            22
+        );
+        md5_round!(
+            (rotl2, g2, m, a, b, c, d),
+            [1, 6, 11, 0, 5, 10, 15, 4, 9, 14, 3, 8, 13, 2, 7, 12],
+            [
+                0xf61e2562, 0xc040b340, 0x265e5a51, 0xe9b6c7aa, 0xd62f105d, 0x02441453, 0xd8a1e681,
+                0xe7d3fbc8, 0x21e1cde6, 0xc33707d6, 0xf4d50d87, 0x455a14ed, 0xa9e3e905, 0xfcefa3f8,
+                0x676f02d9, 0x8d2a4c8a
+            ],
+            5,
+            9,
+            14,
+            20
+        );
+        md5_round!(
+            (rotl2, h2, m, a, b, c, d),
+            [5, 8, 11, 14, 1, 4, 7, 10, 13, 0, 3, 6, 9, 12, 15, 2],
+            [
+                0xfffa3942, 0x8771f681, 0x6d9d6122, 0xfde5380c, 0xa4beea44, 0x4bdecfa9, 0xf6bb4b60,
+                0xbebfbc70, 0x289b7ec6, 0xeaa127fa, 0xd4ef3085, 0x04881d05, 0xd9d4d039, 0xe6db99e5,
+                0x1fa27cf8, 0xc4ac5665
+            ],
+            4,
+            11,
+            16,
+            23
+        );
+        md5_round!(
+            (rotl2, i2, m, a, b, c, d),
+            [0, 7, 14, 5, 12, 3, 10, 1, 8, 15, 6, 13, 4, 11, 2, 9],
+            [
+                0xf4292244, 0x432aff97, 0xab9423a7, 0xfc93a039, 0x655b59c3, 0x8f0ccc92, 0xffeff47d,
+                0x85845dd1, 0x6fa87e4f, 0xfe2ce6e0, 0xa3014314, 0x4e0811a1, 0xf7537e82, 0xbd3af235,
+                0x2ad7d2bb, 0xeb86d391
+            ],
+            6,
+            10,
+            15,
+            21
+        );
+        for ((word, start), end) in state.iter_mut().zip(start).zip([a, b, c, d]) {
+            // SAFETY: an unaligned store of 32 bytes into an array of 32 bytes.
+            unsafe { _mm256_storeu_si256(word.as_mut_ptr().cast(), _mm256_add_epi32(start, end)) };
+        }
     }
-
-    compress_with!(compress_avx2, "avx2", rotl2, f2, g2, h2, i2);
 
     /// The 16 message words of each lane's block, word `k` of every lane in vector `k`: two
     /// 8×8 transposes of 32-bit words.

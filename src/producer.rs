@@ -36,8 +36,6 @@ use crate::sync::lock;
 pub(crate) enum Inbound {
     /// A finished Kinesis record.
     Record(Outgoing),
-    /// A closed small aggregate for the sender to checksum (it had time to spare).
-    Closed(aggregator::Closed),
     /// Send everything buffered now (`flush`).
     Flush,
     /// A put left a deadline due before the sender's next wake-up (see
@@ -57,11 +55,10 @@ pub(crate) enum Inbound {
 }
 
 impl Inbound {
-    /// The Kinesis record a message carries, checksummed, if it carries one.
-    pub fn into_record(self, shared: &Shared) -> Option<Outgoing> {
+    /// The Kinesis record a message carries, if it carries one.
+    pub fn into_record(self) -> Option<Outgoing> {
         match self {
             Inbound::Record(outgoing) => Some(outgoing),
-            Inbound::Closed(closed) => Some(closed.seal(shared)),
             _ => None,
         }
     }
@@ -134,9 +131,6 @@ pub(crate) struct Shared {
     pub idle_room_max: usize,
     /// Record lists of acknowledged Kinesis records, for new aggregates.
     pub metas: MetaPool,
-    /// Closed aggregates handed to the sender for it to checksum, not yet checksummed (see
-    /// `aggregator::Emission::send`).
-    pub unsealed_at_sender: AtomicUsize,
     /// How long before its records' buffering deadline an aggregate closes, in nanoseconds:
     /// twice the time the sender expects a request to take to fill from what arrives (see
     /// `sender::Sender::update_close_lead`), and when it measured that, in nanoseconds since
@@ -237,7 +231,7 @@ impl Shared {
         if let Err(mpsc::error::SendError(message)) = self.inbound.send(message) {
             // Only when the sender task is gone (its runtime shut down): nothing will send
             // this record, so it fails here rather than vanish.
-            if let Some(outgoing) = message.into_record(self) {
+            if let Some(outgoing) = message.into_record() {
                 self.fail(
                     outgoing,
                     DeliveryError::stopped("the producer's sender task is no longer running"),
@@ -615,7 +609,6 @@ impl ProducerBuilder {
             idle_room: AtomicUsize::new(0),
             idle_room_max: config.max_backlog_bytes / 16,
             metas: MetaPool::default(),
-            unsealed_at_sender: AtomicUsize::new(0),
             close_lead_nanos: AtomicU64::new(
                 (config.record_max_buffered_time / 2).as_nanos() as u64
             ),

@@ -501,7 +501,6 @@ impl Sender {
     fn handle(&mut self, message: Inbound) {
         match message {
             Inbound::Record(outgoing) => self.enqueue(outgoing, false),
-            Inbound::Closed(closed) => self.enqueue(closed.seal(&self.shared), false),
             Inbound::Wake => {}
             Inbound::Flush => {
                 self.flush_requested = true;
@@ -1945,7 +1944,7 @@ impl Drop for Sender {
         let unhandled: Vec<Inbound> = self.inbox.drain(..).collect();
         let queued = std::iter::from_fn(|| self.inbound.try_recv().ok());
         for message in unhandled.into_iter().chain(queued) {
-            if let Some(outgoing) = message.into_record(&self.shared) {
+            if let Some(outgoing) = message.into_record() {
                 self.shared.fail(outgoing, error.clone());
             }
         }
