@@ -35,7 +35,7 @@
 //!    `limiter`, collects them into PutRecords requests, sends up to `max_in_flight` at once,
 //!    retries failed entries per the `retry` policy, and ends each record: acknowledged, or
 //!    reported on the [`FailureStream`]. As a request's body is written (`request_body`), its
-//!    large aggregates get their checksums, eight at a time (`md5_lanes`).
+//!    aggregates get their checksums, eight at a time (`md5_lanes`).
 //! 5. `producer`: the [`Producer`] handle ties it together, with `flush` and `stop`;
 //!    `receipt` gives one record's outcome to a caller who asks ([`Producer::put_with_receipt`]).
 //! 6. [`metrics`]: the KPL's metrics, recorded by the sender as requests go out and come back,
