@@ -78,59 +78,23 @@ pub(crate) struct Entry {
     pub aggregated: bool,
 }
 
-/// A Kinesis record's bytes: one buffer, or an aggregate's pieces. The request body
-/// base64-encodes the pieces one after another, so an aggregate is never copied into one
-/// buffer on its way out.
+/// A Kinesis record's bytes: one buffer (a record sent as it is), or an aggregate's pieces
+/// (a small aggregate's protobuf is one piece). The request body base64-encodes the pieces one
+/// after another, so an aggregate is not copied again on its way out.
 #[derive(Debug)]
 pub(crate) enum EntryData {
     Whole(Bytes),
     Pieces(Box<AggregatePieces>),
 }
 
-/// A finished aggregate: its sections as the builder wrote them, and their checksum. The
-/// checksum is computed by the first pass over the bytes that needs it: usually the request
-/// body's, which checksums each block and base64-encodes it while it is in the cache (see
-/// [`AggregatePieces::visit`]); else `parts` or `to_bytes`.
+/// A finished aggregate: its sections as the builder wrote them (or, for a small one, its
+/// protobuf copied into one buffer), and their checksum. The checksum is computed when first
+/// needed: usually as the request body is written, with the other aggregates' of the request,
+/// eight at a time ([`checksum_all`]); else by `visit`, `parts` or `to_bytes`.
 #[derive(Debug)]
 pub(crate) struct AggregatePieces {
     sections: Sections,
     digest: OnceLock<[u8; DIGEST_LEN]>,
-}
-
-/// A finished aggregate whose checksum is not computed yet (see
-/// [`AggregateBuilder::finish_unsealed`]), or a lone record that needs none.
-pub(crate) enum Unsealed {
-    Plain(Entry),
-    Aggregate {
-        sections: Sections,
-        partition_key: String,
-        explicit_hash_key: Option<String>,
-    },
-}
-
-impl Unsealed {
-    /// Gives the Kinesis record to send. Its checksum is computed when its request body is
-    /// written, with the other aggregates' (see [`checksum_all`]), so sealing costs nothing.
-    pub(crate) fn seal(self) -> Entry {
-        let (sections, partition_key, explicit_hash_key) = match self {
-            Unsealed::Plain(entry) => return entry,
-            Unsealed::Aggregate {
-                sections,
-                partition_key,
-                explicit_hash_key,
-            } => (sections, partition_key, explicit_hash_key),
-        };
-        let data = EntryData::Pieces(Box::new(AggregatePieces {
-            sections,
-            digest: OnceLock::new(),
-        }));
-        Entry {
-            data,
-            partition_key,
-            explicit_hash_key,
-            aggregated: true,
-        }
-    }
 }
 
 /// The protobuf of an aggregate, in the buffers it was written to: the two key tables, and the
@@ -464,7 +428,7 @@ impl AggregateBuilder {
         self.count == 0
     }
 
-    /// Asks for the cache lines [`finish_unsealed`](Self::finish_unsealed) reads: a lone
+    /// Asks for the cache lines [`finish_entry`](Self::finish_entry) reads: a lone
     /// record's keys (it goes out as itself), or a small aggregate's sections (a large one is
     /// not read there).
     #[cfg(feature = "producer")]
@@ -624,14 +588,10 @@ impl AggregateBuilder {
     /// buffers of an aggregate sent as one copy stay with the builder, emptied, and the next
     /// aggregate writes into them instead of allocating ([`idle_room`](Self::idle_room) says
     /// how much that is).
+    ///
+    /// An aggregate's checksum is not computed here but when its request body is written,
+    /// with the other aggregates' ([`checksum_all`]), or by [`AggregatePieces::to_bytes`].
     pub(crate) fn finish_entry(&mut self, keep_room: bool) -> Option<Entry> {
-        self.finish_unsealed(keep_room).map(Unsealed::seal)
-    }
-
-    /// [`finish_entry`](Self::finish_entry) without sealing: the builder is free for the
-    /// next aggregate at once, and the MD5 pass over a small one ([`Unsealed::seal`]) can run
-    /// after the caller has let go of the builder's lock.
-    pub(crate) fn finish_unsealed(&mut self, keep_room: bool) -> Option<Unsealed> {
         // `first` is set exactly when a record was pushed.
         debug_assert_eq!(self.first.is_some(), self.count > 0);
         let first = self.first.take()?;
@@ -644,7 +604,7 @@ impl AggregateBuilder {
             if keep_room {
                 self.sections = sections.emptied();
             }
-            return Some(Unsealed::Plain(Entry::plain(&first)));
+            return Some(Entry::plain(&first));
         }
         // The first record's key routes the aggregate to the first record's hash key, which
         // lies in the shard every record of this aggregate belongs to.
@@ -659,10 +619,14 @@ impl AggregateBuilder {
         } else {
             sections
         };
-        Some(Unsealed::Aggregate {
-            sections,
+        Some(Entry {
+            data: EntryData::Pieces(Box::new(AggregatePieces {
+                sections,
+                digest: OnceLock::new(),
+            })),
             partition_key,
             explicit_hash_key,
+            aggregated: true,
         })
     }
 

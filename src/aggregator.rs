@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::aggregation::{
-    records_of_aggregate, AggregateBuilder, AggregateLimits, Entry, EntryData, Unsealed, MAGIC,
+    records_of_aggregate, AggregateBuilder, AggregateLimits, Entry, EntryData, MAGIC,
 };
 use crate::metrics::ShardRef;
 use crate::prefetch::{prefetch, prefetch_slice, prefetch_spare};
@@ -436,7 +436,7 @@ pub(crate) fn enqueue(
             meta.epoch = shared.backlog.enter_epoch();
         }
         let emission = add_to_slot(shared, &routing, index, &mut slot, record, meta);
-        // The next `put` to this shard need not wait for the full aggregate's MD5 pass.
+        // The next `put` to this shard need not wait while the full aggregate is handed over.
         drop(slot);
         if let Some(emission) = emission {
             emission.send(shared);
@@ -456,8 +456,8 @@ pub(crate) fn prefetch_slot(shared: &Shared, hash_key: u128) {
     routing.prefetch_slot(index);
 }
 
-/// Adds a record to its slot. When that closes a full aggregate, the aggregate comes back
-/// unsealed, for the caller to send once it has let go of the slot's lock.
+/// Adds a record to its slot. When that closes a full aggregate, the aggregate comes back for
+/// the caller to send once it has let go of the slot's lock.
 fn add_to_slot<'a>(
     shared: &Shared,
     routing: &'a Routing,
@@ -583,7 +583,7 @@ fn emit_slot(shared: &Shared, routing: &Routing, index: usize, slot: &mut Slot) 
     true
 }
 
-/// Takes the slot's aggregate out, unsealed, with the slot's place in the order of sending
+/// Takes the slot's aggregate out, with the slot's place in the order of sending
 /// (its `emitting` lock, taken while the slot's lock is still held). `None` when it is empty.
 fn take_emission<'a>(
     shared: &Shared,
@@ -594,12 +594,12 @@ fn take_emission<'a>(
     slot.cycle += 1;
     slot.earliest_put = None;
     let keep_room = shared.idle_room.load(Ordering::Relaxed) < shared.idle_room_max;
-    let unsealed = slot.builder.finish_unsealed(keep_room);
+    let entry = slot.builder.finish_entry(keep_room);
     set_idle_room(shared, slot, slot.builder.idle_room());
-    let unsealed = unsealed?;
+    let entry = entry?;
     Some(Emission {
         closed: Closed {
-            unsealed,
+            entry,
             metas: std::mem::take(&mut slot.metas),
             shard: routing.shard(index),
             generation: routing.generation,
@@ -616,28 +616,29 @@ struct Emission<'a> {
 }
 
 impl Emission<'_> {
-    /// Hands the aggregate to the sender, sealed. Sealing costs nothing: the checksum is
-    /// computed when its request body is written, with the other aggregates'
-    /// (`aggregation::checksum_all`).
+    /// Hands the aggregate to the sender (its checksum is computed when its request body is
+    /// written, with the other aggregates': `aggregation::checksum_all`).
     fn send(self, shared: &Shared) {
         let Emission { closed, _turn } = self;
-        shared.send(Inbound::Record(closed.seal()));
+        let Closed {
+            entry,
+            metas,
+            shard,
+            generation,
+        } = closed;
+        shared.send(Inbound::Record(Outgoing::new(
+            entry, metas, shard, generation,
+        )));
     }
 }
 
-/// A closed aggregate with where it goes.
+/// A closed aggregate with where it goes; its Kinesis record is made once the slot's lock is
+/// let go.
 struct Closed {
-    unsealed: Unsealed,
+    entry: Entry,
     metas: Vec<RecordMeta>,
     shard: RoutedTo,
     generation: u64,
-}
-
-impl Closed {
-    fn seal(self) -> Outgoing {
-        let entry = self.unsealed.seal();
-        Outgoing::new(entry, self.metas, self.shard, self.generation)
-    }
 }
 
 /// Records that `slot`'s empty builder keeps `room` bytes, keeping the producer's total
