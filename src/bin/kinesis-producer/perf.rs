@@ -506,6 +506,7 @@ async fn put_share(work: &Workload, share: std::ops::Range<u64>, ehk_pool: Vec<S
         }
         measured
     });
+    let mut key_state = share.start ^ 0x2545_F491_4F6C_DD1D;
     for i in share {
         if let Some(rate) = work.rate {
             let due = work.started + Duration::from_secs_f64(i as f64 / rate);
@@ -525,8 +526,16 @@ async fn put_share(work: &Workload, share: std::ops::Range<u64>, ehk_pool: Vec<S
             }
         };
         let outcome = if work.latency_every > 0 && i % work.latency_every == 0 {
-            let record =
-                record.unwrap_or_else(|| UserRecord::new(data, uuid::Uuid::new_v4().to_string()));
+            // A timed record needs a key of its own to carry a receipt; a random one from
+            // splitmix, like the default partitioner's (`Uuid::new_v4` would ask the kernel, a
+            // system call `perf` would count as the producer's).
+            let record = record.unwrap_or_else(|| {
+                let key = uuid::Uuid::from_u64_pair(
+                    next_random(&mut key_state),
+                    next_random(&mut key_state),
+                );
+                UserRecord::new(data, key.to_string())
+            });
             let put_at = Instant::now();
             work.producer
                 .put_with_receipt(record)
