@@ -581,7 +581,8 @@ impl AggregateBuilder {
     /// record at `put`), and only records of one shard, as a KCL consumer drops an aggregate
     /// whose records its shard does not all own.
     pub fn finish(&mut self) -> Option<KinesisEntry> {
-        self.finish_entry(false).map(Entry::into_kinesis_entry)
+        // Joined into one buffer right after: a small aggregate is not copied on its own first.
+        self.take_entry(false, false).map(Entry::into_kinesis_entry)
     }
 
     /// [`finish`](Self::finish), keeping an aggregate in its pieces. With `keep_room`, the
@@ -592,6 +593,12 @@ impl AggregateBuilder {
     /// An aggregate's checksum is not computed here but when its request body is written,
     /// with the other aggregates' ([`checksum_all`]), or by [`AggregatePieces::to_bytes`].
     pub(crate) fn finish_entry(&mut self, keep_room: bool) -> Option<Entry> {
+        self.take_entry(keep_room, true)
+    }
+
+    /// [`finish_entry`](Self::finish_entry), copying a small aggregate into one exact buffer
+    /// only if `join_small`.
+    fn take_entry(&mut self, keep_room: bool, join_small: bool) -> Option<Entry> {
         // `first` is set exactly when a record was pushed.
         debug_assert_eq!(self.first.is_some(), self.count > 0);
         let first = self.first.take()?;
@@ -610,7 +617,7 @@ impl AggregateBuilder {
         // lies in the shard every record of this aggregate belongs to.
         let (_, partition_key, explicit_hash_key) = first.into_parts();
         let sections = self.clear();
-        let sections = if sections.goes_out_whole() {
+        let sections = if join_small && sections.goes_out_whole() {
             let joined = sections.joined();
             if keep_room {
                 self.sections = sections.emptied();
