@@ -11,7 +11,6 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::OnceLock;
 
 use bytes::{BufMut, Bytes};
-use md5::{Digest, Md5};
 use prost::encoding::{encode_varint, encoded_len_varint};
 
 use crate::record::UserRecord;
@@ -161,11 +160,7 @@ impl Sections {
     }
 
     fn digest(&self) -> [u8; DIGEST_LEN] {
-        let mut md5 = Md5::new();
-        for part in self.parts() {
-            md5.update(part);
-        }
-        md5.finalize().into()
+        crate::md5_lanes::digest_one(self.parts())
     }
 
     /// Whether the finished aggregate is copied into one exact buffer: a small one is, as the

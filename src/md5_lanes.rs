@@ -28,7 +28,7 @@ fn digests_with(lanes: bool, messages: &[Message<'_>], out: &mut [[u8; 16]]) {
     assert_eq!(messages.len(), out.len(), "one digest per message");
     if !lanes || messages.len() < 2 {
         for (message, digest) in messages.iter().zip(out.iter_mut()) {
-            *digest = digest_one(message);
+            *digest = digest_one(message.iter().copied());
         }
         return;
     }
@@ -39,21 +39,21 @@ fn digests_with(lanes: bool, messages: &[Message<'_>], out: &mut [[u8; 16]]) {
         .collect();
     order.sort_unstable();
     for group in order.chunks(LANES) {
-        let mut lanes: [Option<Message<'_>>; LANES] = [None; LANES];
-        for (lane, &(_, i)) in lanes.iter_mut().zip(group) {
+        let mut in_lanes: [Option<Message<'_>>; LANES] = [None; LANES];
+        for (lane, &(_, i)) in in_lanes.iter_mut().zip(group) {
             *lane = Some(messages[i]);
         }
-        let group_digests = digest_lanes(lanes);
+        let group_digests = digest_lanes(in_lanes);
         for (&(_, i), digest) in group.iter().zip(group_digests) {
             out[i] = digest;
         }
     }
 }
 
-/// The MD5 of one message, with the `md-5` crate.
-pub(crate) fn digest_one(message: Message<'_>) -> [u8; 16] {
+/// The MD5 of one message given as its parts, with the `md-5` crate.
+pub(crate) fn digest_one<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> [u8; 16] {
     let mut md5 = Md5::new();
-    for part in message {
+    for part in parts {
         md5.update(part);
     }
     md5.finalize().into()
