@@ -5,7 +5,8 @@
 //! A bare pipeline on one thread, with no runtime, network, SDK, retries, receipts or
 //! metrics: for each 100-byte record with a UUID key it hashes the key (MD5), routes it (the
 //! crate's `ShardMap`), frames it into its shard's KPL aggregate; each aggregate is closed
-//! when full or when its buffering window ends, checksummed (MD5), base64-encoded into a
+//! when full or when its buffering window ends, checksummed (MD5, sixteen closed aggregates at
+//! a time through `aggregation::checksums`, as the producer does), base64-encoded into a
 //! PutRecords JSON body with its explicit hash key, and every body is hashed (SHA-256) as SigV4
 //! would. That is the floor `perf` measures plus the least bookkeeping around it. Three ways to
 //! place records:
@@ -23,15 +24,25 @@
 //! that its first aggregate reads back, through the crate's KCL-rule de-aggregator, as records
 //! of its own shard.
 //!
+//! A second table, `least_producer`, runs the same pipeline in the shapes of `perf`'s W1 (100
+//! bytes, 1 shard), W2 (1 KiB, 500 shards, 30% of the records, as `perf`'s W2 puts fewer) and
+//! W4 (100 bytes, 10,000 shards), with every record's data in one shared buffer as `perf`'s
+//! are, and with `wire=true` also writing each body, after its headers, to a TCP socket on
+//! 127.0.0.1 whose reading thread discards it: the least a producer spends on the network
+//! (the writing thread's CPU includes the kernel's for its writes; the reader's is not
+//! counted, as `perf` does not count its sink's). Dividing `perf`'s floor by these figures
+//! gives the highest efficiency any producer built this way reaches on the machine.
+//!
 //! `cargo bench --bench shard_scatter [-- RECORDS]` prints, per case, the median of three runs:
 //! CPU ns per record (the thread's own time) and its ratio to one shard.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 
+use kinesis_producer::aggregation::checksums;
 use kinesis_producer::deaggregation::Deaggregator;
 use kinesis_producer::record::partition_key_hash;
 use kinesis_producer::ShardMap;
-use md5::{Digest, Md5};
 
 #[path = "../tests/support/rng.rs"]
 mod rng;
@@ -44,18 +55,31 @@ const AGGREGATE_MAX: usize = 51_200;
 const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
 /// How many records ahead `per-shard-prefetched` finds a record's shard.
 const AHEAD: usize = 16;
+/// Closed aggregates checksummed together, as the producer does while writing a body.
+const CHECKSUM_AHEAD: usize = 16;
 
 struct Workload {
     keys: Vec<String>,
+    /// Each record's data, or one buffer every record shares (as `perf`'s records do).
     data: Vec<Vec<u8>>,
+    record_size: usize,
 }
 
 impl Workload {
-    fn new(records: usize) -> Self {
+    fn new(records: usize, record_size: usize, shared_data: bool) -> Self {
         let mut rng = rng::Rng(0x5ca7_7e12);
         let keys = (0..records).map(|_| rng.uuid_key()).collect();
-        let data = (0..records).map(|_| rng.bytes(RECORD_SIZE)).collect();
-        Workload { keys, data }
+        let buffers = if shared_data { 1 } else { records };
+        let data = (0..buffers).map(|_| rng.bytes(record_size)).collect();
+        Workload {
+            keys,
+            data,
+            record_size,
+        }
+    }
+
+    fn data(&self, at: usize) -> &[u8] {
+        &self.data[at % self.data.len()]
     }
 }
 
@@ -126,9 +150,15 @@ impl Aggregate {
 }
 
 /// Where closed aggregates go: PutRecords bodies of up to 500 entries, each hashed as SigV4
-/// hashes a payload.
+/// hashes a payload and, when the sink has a wire, written to a TCP socket on 127.0.0.1.
 struct Sink {
-    scratch: Vec<u8>,
+    /// Closed aggregates (magic and protobuf) waiting for their checksums, with their shard's
+    /// start.
+    pending: Vec<(Vec<u8>, u128)>,
+    /// Their buffers once written, for the next ones.
+    spare: Vec<Vec<u8>>,
+    digests: Vec<[u8; 16]>,
+    wire: Option<Wire>,
     body: Vec<u8>,
     entries: usize,
     kinesis_records: usize,
@@ -139,9 +169,12 @@ struct Sink {
 }
 
 impl Sink {
-    fn new() -> Self {
+    fn new(wire: Option<Wire>) -> Self {
         Sink {
-            scratch: Vec::new(),
+            pending: Vec::new(),
+            spare: Vec::new(),
+            digests: Vec::new(),
+            wire,
             body: Vec::with_capacity(6 << 20),
             entries: 0,
             kinesis_records: 0,
@@ -153,15 +186,36 @@ impl Sink {
 
     fn aggregate(&mut self, keys: &[u8], records: &[u8], count: u64, shard_start: u128) {
         self.user_records += count as usize;
-        let aggregate = &mut self.scratch;
+        let mut aggregate = self.spare.pop().unwrap_or_default();
         aggregate.clear();
         aggregate.extend_from_slice(&MAGIC);
         aggregate.extend_from_slice(keys);
         aggregate.extend_from_slice(records);
-        let digest = Md5::digest(&aggregate[MAGIC.len()..]);
-        aggregate.extend_from_slice(&digest);
+        self.pending.push((aggregate, shard_start));
+        if self.pending.len() == CHECKSUM_AHEAD {
+            self.write_pending();
+        }
+    }
+
+    /// Checksums the waiting aggregates side by side (`aggregation::checksums`, as the
+    /// producer does) and writes them into the body.
+    fn write_pending(&mut self) {
+        let mut pending = std::mem::take(&mut self.pending);
+        let protobufs: Vec<[&[u8]; 1]> = pending.iter().map(|(a, _)| [&a[MAGIC.len()..]]).collect();
+        let messages: Vec<&[&[u8]]> = protobufs.iter().map(|m| &m[..]).collect();
+        self.digests.resize(messages.len(), [0; 16]);
+        checksums(&messages, &mut self.digests);
+        for (at, (mut aggregate, shard_start)) in pending.drain(..).enumerate() {
+            aggregate.extend_from_slice(&self.digests[at]);
+            self.entry(&aggregate, shard_start);
+            self.spare.push(aggregate);
+        }
+        self.pending = pending;
+    }
+
+    fn entry(&mut self, aggregate: &[u8], shard_start: u128) {
         if self.first.is_none() {
-            self.first = Some((aggregate.clone(), shard_start));
+            self.first = Some((aggregate.to_vec(), shard_start));
         }
         let body = &mut self.body;
         body.extend_from_slice(if self.entries == 0 {
@@ -183,18 +237,78 @@ impl Sink {
         self.entries += 1;
         self.kinesis_records += 1;
         if self.entries == 500 || self.body.len() > 4 << 20 {
-            self.send();
+            self.send_body();
         }
     }
 
+    /// Sends whatever is buffered.
     fn send(&mut self) {
+        self.write_pending();
+        self.send_body();
+    }
+
+    fn send_body(&mut self) {
         if self.entries == 0 {
             return;
         }
         self.body.extend_from_slice(b"],\"StreamName\":\"bench\"}");
         self.digest_bits ^= <sha2::Sha256 as sha2::Digest>::digest(&self.body)[0];
+        if let Some(wire) = &mut self.wire {
+            wire.send(&self.body);
+        }
         self.body.clear();
         self.entries = 0;
+    }
+}
+
+/// A TCP connection on 127.0.0.1 to a thread that reads and discards what it is sent: the
+/// least a producer spends putting its request bodies on the network. The reader's own CPU
+/// is not counted, as `perf` does not count its sink's.
+struct Wire {
+    stream: TcpStream,
+    reader: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Wire {
+    fn open() -> Wire {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a port on 127.0.0.1");
+        let address = listener.local_addr().expect("its address");
+        let reader = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("the bench's connection");
+            let mut buffer = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            loop {
+                match stream.read(&mut buffer) {
+                    Ok(0) | Err(_) => return total,
+                    Ok(n) => total += n as u64,
+                }
+            }
+        });
+        let stream = TcpStream::connect(address).expect("connecting to the reader");
+        Wire {
+            stream,
+            reader: Some(reader),
+        }
+    }
+
+    /// A request: about the headers the SDK writes, then the body.
+    fn send(&mut self, body: &[u8]) {
+        let head = format!(
+            "POST / HTTP/1.1\r\ncontent-type: application/x-amz-json-1.1\r\n\
+             x-amz-target: Kinesis_20131202.PutRecords\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        self.stream
+            .write_all(head.as_bytes())
+            .expect("writing to the reader");
+        self.stream.write_all(body).expect("writing to the reader");
+    }
+
+    /// Closes the connection; the bytes the reader read.
+    fn close(mut self) -> u64 {
+        let reader = self.reader.take().expect("open");
+        drop(self.stream);
+        reader.join().expect("the reader thread")
     }
 }
 
@@ -247,12 +361,7 @@ fn per_shard(work: &Workload, map: &ShardMap, sink: &mut Sink, ahead: usize) {
         if aggregate.count == 0 {
             open.push(shard);
         }
-        aggregate.add(
-            work.keys[at].as_bytes(),
-            &work.data[at],
-            sink,
-            starts[shard],
-        );
+        aggregate.add(work.keys[at].as_bytes(), work.data(at), sink, starts[shard]);
         if (at + 1) % WINDOW == 0 {
             for shard in open.drain(..) {
                 aggregates[shard].close(sink, starts[shard]);
@@ -284,7 +393,7 @@ fn log(work: &Workload, map: &ShardMap, sink: &mut Sink) {
     let mut aggregate = Aggregate::default();
     let records = work.keys.len();
     for at in 0..records {
-        let (key, data) = (work.keys[at].as_bytes(), &work.data[at]);
+        let (key, data) = (work.keys[at].as_bytes(), work.data(at));
         logged.push(Logged {
             shard: shard_of(map, &work.keys[at]) as u32,
             at: bytes.len() as u32,
@@ -343,7 +452,7 @@ fn thread_cpu_nanos() -> u128 {
 }
 
 /// The first aggregate holds only records of its shard and reads back as framed.
-fn check(sink: &Sink, map: &ShardMap, shard_count: usize) {
+fn check(sink: &Sink, map: &ShardMap, shard_count: usize, record_size: usize) {
     let (aggregate, start) = sink.first.as_ref().expect("an aggregate was made");
     let shard = map
         .shards()
@@ -358,13 +467,43 @@ fn check(sink: &Sink, map: &ShardMap, shard_count: usize) {
         "{shard_count} shards: an empty aggregate"
     );
     for record in &records {
-        assert_eq!(record.data.len(), RECORD_SIZE);
+        assert_eq!(record.data.len(), record_size);
         assert_eq!(
             map.shard_index(partition_key_hash(&record.partition_key)),
             map.shards().iter().position(|s| s.start == *start),
             "{shard_count} shards: a record outside its aggregate's shard"
         );
     }
+}
+
+/// The median CPU ns per record of `runs` runs of `strategy` (the thread's own time, with the
+/// kernel's for its socket writes when `wire`), and the user records per Kinesis record.
+fn measure(work: &Workload, map: &ShardMap, strategy: &str, wire: bool, runs: usize) -> (f64, f64) {
+    let records = work.keys.len();
+    let mut times = Vec::new();
+    let mut per_kinesis_record = 0.0;
+    for _ in 0..runs {
+        let mut sink = Sink::new(wire.then(Wire::open));
+        let began = thread_cpu_nanos();
+        match strategy {
+            "per-shard" => per_shard(work, map, &mut sink, 0),
+            "per-shard-prefetched" => per_shard(work, map, &mut sink, AHEAD),
+            _ => log(work, map, &mut sink),
+        }
+        times.push((thread_cpu_nanos() - began) as f64 / records as f64);
+        per_kinesis_record = records as f64 / sink.kinesis_records as f64;
+        assert_eq!(
+            sink.user_records, records,
+            "{strategy}: every record framed once"
+        );
+        check(&sink, map, map.len(), work.record_size);
+        std::hint::black_box(sink.digest_bits);
+        if let Some(wire) = sink.wire.take() {
+            assert!(wire.close() > 0, "the reader read the bodies");
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], per_kinesis_record)
 }
 
 fn main() {
@@ -376,39 +515,39 @@ fn main() {
         .map(|arg| arg.parse().expect("RECORDS must be a number"))
         .unwrap_or(if quick { 10_000 } else { 1_000_000 });
     let runs = if quick { 1 } else { 3 };
-    let work = Workload::new(records);
+    let work = Workload::new(records, RECORD_SIZE, false);
     println!("records={records} record_size={RECORD_SIZE} window_records={WINDOW} quick={quick}");
     let strategies = ["per-shard", "per-shard-prefetched", "log"];
     for strategy in strategies {
         let mut one_shard = None;
         for shards in SHARD_COUNTS {
             let map = ShardMap::uniform(shards);
-            let mut times = Vec::new();
-            let mut per_kinesis_record = 0.0;
-            for _ in 0..runs {
-                let mut sink = Sink::new();
-                let began = thread_cpu_nanos();
-                match strategy {
-                    "per-shard" => per_shard(&work, &map, &mut sink, 0),
-                    "per-shard-prefetched" => per_shard(&work, &map, &mut sink, AHEAD),
-                    _ => log(&work, &map, &mut sink),
-                }
-                times.push((thread_cpu_nanos() - began) as f64 / records as f64);
-                per_kinesis_record = records as f64 / sink.kinesis_records as f64;
-                assert_eq!(
-                    sink.user_records, records,
-                    "{strategy}: every record framed once"
-                );
-                check(&sink, &map, shards);
-                std::hint::black_box(sink.digest_bits);
-            }
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
+            let (median, per_kinesis_record) = measure(&work, &map, strategy, false, runs);
             let base = *one_shard.get_or_insert(median);
             println!(
                 "strategy={strategy} shards={shards} cpu_ns_per_record={median:.0} \
                  x_one_shard={:.2} user_records_per_kinesis_record={per_kinesis_record:.1}",
                 median / base
+            );
+        }
+    }
+    // The least producer in `perf`'s workloads' shapes: records share one data buffer, as
+    // `perf`'s do, and each body is also written to a socket (`wire=true`), as a producer must.
+    // W2 puts fewer records, as `perf`'s W2 does (300,000).
+    for (workload, record_size, shards, tenths) in [
+        ("W1", 100, 1, 10),
+        ("W2", 1024, 500, 3),
+        ("W4", 100, 10_000, 10),
+    ] {
+        let work = Workload::new((records * tenths / 10).max(1), record_size, true);
+        let map = ShardMap::uniform(shards);
+        for (strategy, wire) in [("per-shard", false), ("per-shard", true), ("log", true)] {
+            let (median, per_kinesis_record) = measure(&work, &map, strategy, wire, runs);
+            println!(
+                "least_producer={workload} strategy={strategy} record_size={record_size} \
+                 shards={shards} records={} wire={wire} cpu_ns_per_record={median:.0} \
+                 user_records_per_kinesis_record={per_kinesis_record:.1}",
+                work.keys.len()
             );
         }
     }
