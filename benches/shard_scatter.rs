@@ -95,18 +95,20 @@ fn varint_len(value: u64) -> usize {
     (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
 }
 
-/// One shard's open aggregate: its partition key table and its records, framed as the KPL's
-/// `AggregatedRecord` (every key is new: UUID keys do not repeat).
+/// One shard's open aggregate, framed as the KPL's `AggregatedRecord` in one buffer that
+/// starts with the magic: each record's partition key entry (every key is new: UUID keys do not
+/// repeat) and then the record itself. Protobuf allows a repeated field's entries to be
+/// interleaved with another's, so the aggregate is complete as it grows and is never copied
+/// to be assembled; the crate's de-aggregator reads it back in `check`.
 #[derive(Default)]
 struct Aggregate {
-    keys: Vec<u8>,
-    records: Vec<u8>,
+    bytes: Vec<u8>,
     count: u64,
 }
 
 impl Aggregate {
     fn encoded_len(&self) -> usize {
-        MAGIC.len() + self.keys.len() + self.records.len() + 16
+        self.bytes.len().max(MAGIC.len()) + 16
     }
 
     /// The bytes `key` and `data` would add.
@@ -115,18 +117,24 @@ impl Aggregate {
         1 + varint_len(key.len() as u64) + key.len() + 1 + varint_len(record as u64) + record
     }
 
-    fn push(&mut self, key: &[u8], data: &[u8]) {
-        self.keys.push(0x0a);
-        varint(&mut self.keys, key.len() as u64);
-        self.keys.extend_from_slice(key);
+    fn push(&mut self, key: &[u8], data: &[u8], sink: &mut Sink) {
+        let out = &mut self.bytes;
+        if out.is_empty() {
+            *out = sink.spare.pop().unwrap_or_default();
+            out.clear();
+            out.extend_from_slice(&MAGIC);
+        }
+        out.push(0x0a);
+        varint(out, key.len() as u64);
+        out.extend_from_slice(key);
         let record = 1 + varint_len(self.count) + 1 + varint_len(data.len() as u64) + data.len();
-        self.records.push(0x1a);
-        varint(&mut self.records, record as u64);
-        self.records.push(0x08);
-        varint(&mut self.records, self.count);
-        self.records.push(0x1a);
-        varint(&mut self.records, data.len() as u64);
-        self.records.extend_from_slice(data);
+        out.push(0x1a);
+        varint(out, record as u64);
+        out.push(0x08);
+        varint(out, self.count);
+        out.push(0x1a);
+        varint(out, data.len() as u64);
+        out.extend_from_slice(data);
         self.count += 1;
     }
 
@@ -135,16 +143,14 @@ impl Aggregate {
         if self.count > 0 && self.encoded_len() + self.growth(key, data) > AGGREGATE_MAX {
             self.close(sink, shard_start);
         }
-        self.push(key, data);
+        self.push(key, data, sink);
     }
 
     fn close(&mut self, sink: &mut Sink, shard_start: u128) {
         if self.count == 0 {
             return;
         }
-        sink.aggregate(&self.keys, &self.records, self.count, shard_start);
-        self.keys.clear();
-        self.records.clear();
+        sink.aggregate(std::mem::take(&mut self.bytes), self.count, shard_start);
         self.count = 0;
     }
 }
@@ -184,13 +190,9 @@ impl Sink {
         }
     }
 
-    fn aggregate(&mut self, keys: &[u8], records: &[u8], count: u64, shard_start: u128) {
+    /// Takes a closed aggregate (magic and protobuf) of `count` records.
+    fn aggregate(&mut self, aggregate: Vec<u8>, count: u64, shard_start: u128) {
         self.user_records += count as usize;
-        let mut aggregate = self.spare.pop().unwrap_or_default();
-        aggregate.clear();
-        aggregate.extend_from_slice(&MAGIC);
-        aggregate.extend_from_slice(keys);
-        aggregate.extend_from_slice(records);
         self.pending.push((aggregate, shard_start));
         if self.pending.len() == CHECKSUM_AHEAD {
             self.write_pending();
@@ -346,14 +348,11 @@ fn per_shard(work: &Workload, map: &ShardMap, sink: &mut Sink, ahead: usize) {
         }
         if ahead > 0 {
             if let Some(&soon) = routed.get(ahead / 2) {
-                let aggregate = &aggregates[soon];
-                prefetch(aggregate.keys.as_ptr().wrapping_add(aggregate.keys.len()));
-                let tail = aggregate
-                    .records
-                    .as_ptr()
-                    .wrapping_add(aggregate.records.len());
+                let bytes = &aggregates[soon].bytes;
+                let tail = bytes.as_ptr().wrapping_add(bytes.len());
                 prefetch(tail);
                 prefetch(tail.wrapping_add(64));
+                prefetch(tail.wrapping_add(128));
             }
         }
         let shard = routed.pop_front().expect("routed ahead");
