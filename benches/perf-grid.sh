@@ -14,7 +14,7 @@ cargo build --release --quiet --locked --bin kinesis-producer
 BIN=target/release/kinesis-producer
 COLUMNS_=(record_size shards keys threads records acknowledged failed records_per_second mb_per_second
   cpu_ns_per_record user_records_per_kinesis_record floor_ns_per_record efficiency peak_rss_bytes
-  latency_p50_ms latency_p99_ms latency_max_ms)
+  latency_p50_ms latency_p99_ms latency_max_ms beyond_floor_ns_per_record)
 (IFS=,; echo "sweep,label,${COLUMNS_[*]}") > "$CSV"
 
 # run SWEEP LABEL PERF-ARGS...: one perf run, appended to the CSV; prints the run's figures.

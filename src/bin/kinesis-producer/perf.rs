@@ -436,6 +436,12 @@ pub async fn run(args: PerfArgs) -> Result<bool, String> {
             "efficiency",
             format!("{:.3}", floor_ns_per_record / cpu_ns_per_record),
         ),
+        // What the producer spends beyond the floor: unlike the ratio, it does not rise when
+        // a floor function gets slower or fall when one gets faster.
+        (
+            "beyond_floor_ns_per_record",
+            format!("{:.0}", cpu_ns_per_record - floor_ns_per_record),
+        ),
     ];
     let mut out = String::new();
     for (key, value) in lines {
