@@ -445,6 +445,17 @@ pub(crate) fn enqueue(
     }
 }
 
+/// From this many shards on, `admit` asks for a record's slot before the record takes its
+/// room, as the slots no longer fit in a core's cache (a few hundred bytes each). With fewer,
+/// the slot is most likely cached, and finding it twice would cost a second routing lookup
+/// for nothing.
+const EARLY_PREFETCH_SHARDS: usize = 1_024;
+
+/// Whether `admit` should ask for slots early under `map` (see [`EARLY_PREFETCH_SHARDS`]).
+pub(crate) fn early_prefetch(map: &ShardMap) -> bool {
+    map.len() >= EARLY_PREFETCH_SHARDS
+}
+
 /// Asks for the memory of the slot (the `Slot` itself, not its buffers) a record of
 /// `hash_key` goes to (see [`prefetch`]).
 pub(crate) fn prefetch_slot(shared: &Shared, hash_key: u128) {
@@ -766,6 +777,9 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap, listed_in: Duration) {
     // slots are drained while they are still open to `put`s that loaded the old map, so
     // nothing is refused meanwhile.
     let mut new_slots: Vec<MutexGuard<Slot>> = new.slots.iter().map(lock).collect();
+    shared
+        .early_prefetch
+        .store(early_prefetch(&new.map), Ordering::Relaxed);
     shared.routing.store(Arc::clone(&new));
     shared
         .routing_generation

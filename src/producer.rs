@@ -109,6 +109,9 @@ pub(crate) struct Shared {
     pub routing: ArcSwap<Routing>,
     /// The current routing's generation, readable without loading the routing.
     pub routing_generation: AtomicU64,
+    /// Whether `admit` asks for a record's aggregator early (see
+    /// `aggregator::EARLY_PREFETCH_SHARDS`), set with each routing.
+    pub early_prefetch: AtomicBool,
     /// Held while the routing is replaced or every aggregator is visited, so the two never
     /// interleave.
     pub routing_change: Mutex<()>,
@@ -585,11 +588,13 @@ impl ProducerBuilder {
         };
         tracing::info!(%stream, shards = map.len(), "producer started");
         let shard_ordinals = Mutex::new(ShardOrdinals::default());
+        let early_prefetch = AtomicBool::new(aggregator::early_prefetch(&map));
         let routing = Routing::new(0, map, limits, &shard_ordinals);
         let shared = Arc::new(Shared {
             backlog: Backlog::new(config.max_backlog_records, config.max_backlog_bytes),
             routing: ArcSwap::from_pointee(routing),
             routing_generation: AtomicU64::new(0),
+            early_prefetch,
             routing_change: Mutex::new(()),
             shard_ordinals,
             closed: AtomicBool::new(false),
@@ -735,8 +740,10 @@ impl Producer {
             return Err(PutRefusal::Stopped);
         }
         // The shard's aggregator is on its way from memory while the record takes its room in
-        // the backlog and the clock is read.
-        aggregator::prefetch_slot(shared, hash_key);
+        // the backlog and the clock is read (with many shards, where it is likely not cached).
+        if shared.early_prefetch.load(Ordering::Relaxed) {
+            aggregator::prefetch_slot(shared, hash_key);
+        }
         Ok(RecordMeta {
             hash_key,
             // Set by `place`, after any wait for room.
