@@ -268,7 +268,7 @@ impl Sink {
 /// is not counted, as `perf` does not count its sink's.
 struct Wire {
     stream: TcpStream,
-    reader: Option<std::thread::JoinHandle<u64>>,
+    reader: std::thread::JoinHandle<u64>,
 }
 
 impl Wire {
@@ -287,10 +287,7 @@ impl Wire {
             }
         });
         let stream = TcpStream::connect(address).expect("connecting to the reader");
-        Wire {
-            stream,
-            reader: Some(reader),
-        }
+        Wire { stream, reader }
     }
 
     /// A request: about the headers the SDK writes, then the body.
@@ -307,10 +304,9 @@ impl Wire {
     }
 
     /// Closes the connection; the bytes the reader read.
-    fn close(mut self) -> u64 {
-        let reader = self.reader.take().expect("open");
+    fn close(self) -> u64 {
         drop(self.stream);
-        reader.join().expect("the reader thread")
+        self.reader.join().expect("the reader thread")
     }
 }
 
