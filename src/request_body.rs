@@ -143,14 +143,15 @@ pub(crate) fn put_records<'a>(
     let mut out = pool.take(len);
     out.extend_from_slice(RECORDS_OPEN);
     let mut data_ahead = entries.clone().skip(PREFETCH_AHEAD);
+    // Every `CHECKSUM_AHEAD` entries, the next `CHECKSUM_AHEAD` aggregates get their
+    // checksums: never behind the loop (and `visit` computes a missing one itself).
+    let mut to_checksum = entries.clone().filter_map(|e| match &e.data {
+        EntryData::Pieces(pieces) => Some(&**pieces),
+        EntryData::Whole(_) => None,
+    });
     for (i, entry) in entries.clone().enumerate() {
         if i.is_multiple_of(CHECKSUM_AHEAD) {
-            checksum_all(entries.clone().skip(i).take(CHECKSUM_AHEAD).filter_map(
-                |e| match &e.data {
-                    EntryData::Pieces(pieces) => Some(&**pieces),
-                    EntryData::Whole(_) => None,
-                },
-            ));
+            checksum_all(to_checksum.by_ref().take(CHECKSUM_AHEAD));
         }
         if let Some(EntryData::Whole(data)) = data_ahead.next().map(|ahead| &ahead.data) {
             prefetch_slice(data);
