@@ -111,6 +111,8 @@ pub(crate) struct Sections {
     more_records: Vec<Vec<u8>>,
     /// Bytes in all the record chunks.
     records_len: usize,
+    /// Empty chunks from an earlier aggregate, taken before any new one is allocated.
+    spare: Vec<Vec<u8>>,
 }
 
 impl Sections {
@@ -121,29 +123,39 @@ impl Sections {
 
     /// Bytes the buffers hold, written or not.
     #[cfg_attr(not(feature = "producer"), allow(dead_code))]
-    fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.partition_key_table.capacity()
             + self.explicit_hash_key_table.capacity()
             + self.records.capacity()
             + self.more_records.iter().map(Vec::capacity).sum::<usize>()
+            + self.spare.iter().map(Vec::capacity).sum::<usize>()
     }
 
-    /// The same buffers, emptied: the first record chunk and the key tables keep their room.
-    fn emptied(self) -> Sections {
+    /// The same buffers, emptied: the first record chunk and the key tables keep their room,
+    /// and the other record chunks wait as spares.
+    pub(crate) fn emptied(self) -> Sections {
         let Sections {
             mut partition_key_table,
             mut explicit_hash_key_table,
             mut records,
-            ..
+            more_records,
+            records_len: _,
+            mut spare,
         } = self;
         partition_key_table.clear();
         explicit_hash_key_table.clear();
         records.clear();
+        spare.extend(more_records.into_iter().map(|mut chunk| {
+            chunk.clear();
+            chunk
+        }));
         Sections {
             partition_key_table,
             explicit_hash_key_table,
             records,
-            ..Sections::default()
+            more_records: Vec::new(),
+            records_len: 0,
+            spare,
         }
     }
 
@@ -205,7 +217,13 @@ impl Sections {
             // As large as what is written (doubling) while the section is small, so that a
             // small aggregate holds little spare room; `CHUNK_LEN` past that.
             let len = written.clamp(1, CHUNK_LEN);
-            self.more_records.push(Vec::with_capacity(more.max(len)));
+            let fits = self
+                .spare
+                .last()
+                .is_some_and(|chunk| chunk.capacity() >= more);
+            let chunk = fits.then(|| self.spare.pop()).flatten();
+            self.more_records
+                .push(chunk.unwrap_or_else(|| Vec::with_capacity(more.max(len))));
         }
         match self.more_records.last_mut() {
             Some(chunk) => chunk,
@@ -217,6 +235,12 @@ impl Sections {
 // The producer sends and reads back aggregates in pieces; without it only `to_bytes` is used.
 #[cfg_attr(not(feature = "producer"), allow(dead_code))]
 impl AggregatePieces {
+    /// Bytes its buffers hold, written or not.
+    #[cfg(feature = "producer")]
+    pub(crate) fn capacity(&self) -> usize {
+        self.sections.capacity()
+    }
+
     /// Encoded length, magic and checksum included.
     pub fn len(&self) -> usize {
         FRAME_LEN + self.sections.len()
@@ -258,6 +282,7 @@ impl AggregatePieces {
             records,
             more_records,
             records_len: _,
+            spare: _,
         } = self.sections;
         let parts = [partition_key_table, explicit_hash_key_table, records];
         records_of_protobuf(parts.into_iter().chain(more_records).map(Bytes::from))
@@ -353,6 +378,16 @@ impl Entry {
         }
     }
 
+    /// The buffers of an aggregate, for a later one to write into (see
+    /// [`AggregateBuilder::furnish`]); `None` for a record sent as it is.
+    #[cfg(feature = "producer")]
+    pub(crate) fn into_room(self) -> Option<Box<AggregatePieces>> {
+        match self.data {
+            EntryData::Pieces(pieces) => Some(pieces),
+            EntryData::Whole(_) => None,
+        }
+    }
+
     fn into_kinesis_entry(self) -> KinesisEntry {
         KinesisEntry {
             data: self.data.into_bytes(),
@@ -388,6 +423,8 @@ pub struct AggregateBuilder {
     last_sizes: (usize, usize, usize),
     /// Records in the previous aggregate.
     last_count: usize,
+    /// The box of a sent aggregate (see [`furnish`](Self::furnish)), emptied, for the next.
+    spare_box: Option<Box<AggregatePieces>>,
 }
 
 impl AggregateBuilder {
@@ -401,12 +438,32 @@ impl AggregateBuilder {
             explicit_hash_keys: KeyTable::default(),
             last_sizes: (0, 0, 0),
             last_count: 0,
+            spare_box: None,
         }
     }
 
     /// Records the previous aggregate held: what the next one is likely to hold.
     pub fn capacity(&self) -> usize {
         self.last_count
+    }
+
+    /// Whether the builder is empty and holds no buffer: the moment to
+    /// [`furnish`](Self::furnish) it.
+    #[cfg(feature = "producer")]
+    pub(crate) fn wants_room(&self) -> bool {
+        self.count == 0 && self.sections.capacity() == 0
+    }
+
+    /// Gives a builder that [`wants_room`](Self::wants_room) the buffers of an aggregate that
+    /// was sent, box and all, to write its next aggregate into instead of allocating (and
+    /// instead of the sender freeing them, on another thread than the one that allocated them:
+    /// with glibc's allocator the two threads then queue for the same arena's lock).
+    #[cfg(feature = "producer")]
+    pub(crate) fn furnish(&mut self, mut room: Box<AggregatePieces>) {
+        debug_assert!(self.wants_room());
+        self.sections = std::mem::take(&mut room.sections).emptied();
+        room.digest = OnceLock::new();
+        self.spare_box = Some(room);
     }
 
     /// Bytes of buffer an empty builder holds for its next aggregate (see `finish_entry`).
@@ -622,10 +679,16 @@ impl AggregateBuilder {
             sections
         };
         Some(Entry {
-            data: EntryData::Pieces(Box::new(AggregatePieces {
-                sections,
-                digest: OnceLock::new(),
-            })),
+            data: EntryData::Pieces(match self.spare_box.take() {
+                Some(mut pieces) => {
+                    pieces.sections = sections;
+                    pieces
+                }
+                None => Box::new(AggregatePieces {
+                    sections,
+                    digest: OnceLock::new(),
+                }),
+            }),
             partition_key,
             explicit_hash_key,
             aggregated: true,
@@ -1047,6 +1110,47 @@ pub(crate) mod tests {
             unreachable!()
         };
         assert_eq!(pieces.into_records(), records);
+    }
+
+    #[test]
+    fn a_builder_furnished_with_a_sent_aggregates_room_encodes_the_same_bytes() {
+        // Each aggregate goes out in its pieces; the builder then writes the next one into the
+        // room of the one before (larger, smaller, and with records larger than a chunk),
+        // and must encode what a fresh builder encodes.
+        let limits = AggregateLimits {
+            max_size: 1 << 20,
+            max_count: usize::MAX,
+        };
+        let mut furnished = AggregateBuilder::new(limits);
+        let mut room: Option<Box<AggregatePieces>> = None;
+        for round in 0..40usize {
+            let count = 1 + (round * 13) % 60;
+            let size = [100, 1_000, 12_000, 3][round % 4];
+            let records: Vec<UserRecord> = (0..count)
+                .map(|i| UserRecord::new(vec![(round ^ i) as u8; size], format!("k{round}-{i}")))
+                .collect();
+            if let Some(room) = room.take() {
+                assert!(furnished.wants_room());
+                furnished.furnish(room);
+                assert!(!furnished.wants_room());
+            }
+            let mut fresh = AggregateBuilder::new(limits);
+            for record in &records {
+                furnished.try_push(record.clone()).unwrap();
+                fresh.try_push(record.clone()).unwrap();
+            }
+            let sent = furnished.finish_entry(false).unwrap();
+            let expected = fresh.finish().unwrap();
+            let EntryData::Pieces(pieces) = &sent.data else {
+                // A lone record of plain data goes out as it is, with no room to hand on.
+                assert_eq!(count, 1, "round {round}");
+                assert_eq!(sent.data.into_bytes(), expected.data);
+                continue;
+            };
+            assert_eq!(pieces.to_bytes(), expected.data, "round {round}");
+            assert_eq!(records_of_aggregate(&expected.data), records);
+            room = sent.into_room();
+        }
     }
 
     #[test]

@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::aggregation::{
-    records_of_aggregate, AggregateBuilder, AggregateLimits, Entry, EntryData, MAGIC,
+    records_of_aggregate, AggregateBuilder, AggregateLimits, AggregatePieces, Entry, EntryData,
+    MAGIC,
 };
 use crate::metrics::ShardRef;
 use crate::prefetch::{prefetch, prefetch_slice, prefetch_spare};
-use crate::producer::{Inbound, Shared};
+use crate::producer::Shared;
 use crate::receipt::ReceiptTx;
 use crate::record::UserRecord;
 use crate::retry::AttemptError;
@@ -289,6 +290,109 @@ impl MetaPool {
     }
 }
 
+/// The buffers of an acknowledged aggregate: its sections, and its record list when that is too
+/// long for the [`MetaPool`].
+pub(crate) struct Room {
+    pieces: Box<AggregatePieces>,
+    metas: Vec<RecordMeta>,
+}
+
+impl Room {
+    /// The room of `entry`, if it was an aggregate; `metas` comes back when it is short.
+    pub fn of(entry: Entry, metas: Vec<RecordMeta>) -> (Option<Room>, Option<Vec<RecordMeta>>) {
+        let Some(pieces) = entry.into_room() else {
+            return (None, Some(metas));
+        };
+        if metas.capacity() > META_POOL_LIST_MAX {
+            let mut metas = metas;
+            metas.clear();
+            (Some(Room { pieces, metas }), None)
+        } else {
+            let room = Room {
+                pieces,
+                metas: Vec::new(),
+            };
+            (Some(room), Some(metas))
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.pieces.capacity() + self.metas.capacity() * std::mem::size_of::<RecordMeta>()
+    }
+}
+
+/// Rooms of acknowledged aggregates, for the aggregates put threads start next (see
+/// [`AggregateBuilder::furnish`]): with them a put thread allocates nothing for a new
+/// aggregate, and the sender frees nothing another thread allocated. They hold `max` bytes at
+/// most: an eighth of the backlog, about what two requests in flight hold at 100-byte records.
+pub(crate) struct RoomPool {
+    free: Mutex<Rooms>,
+    max: usize,
+}
+
+struct Rooms {
+    rooms: Vec<Room>,
+    bytes: usize,
+}
+
+impl RoomPool {
+    pub fn new(max: usize) -> Self {
+        RoomPool {
+            free: Mutex::new(Rooms {
+                rooms: Vec::new(),
+                bytes: 0,
+            }),
+            max,
+        }
+    }
+
+    /// A kept room, if there is one.
+    fn take(&self) -> Option<Room> {
+        let mut free = lock(&self.free);
+        let room = free.rooms.pop()?;
+        free.bytes -= room.bytes();
+        Some(room)
+    }
+
+    /// Keeps each of `rooms` while the pool stays within its bytes (one lock for all); the
+    /// rest are freed, after the lock is let go.
+    pub fn give_all(&self, mut rooms: Vec<Room>) {
+        if rooms.is_empty() {
+            return;
+        }
+        let mut free = lock(&self.free);
+        while let Some(room) = rooms.pop() {
+            let bytes = room.bytes();
+            if free.bytes + bytes > self.max {
+                rooms.push(room);
+                break;
+            }
+            free.bytes += bytes;
+            free.rooms.push(room);
+        }
+        drop(free);
+    }
+
+    /// Bytes of the rooms kept now.
+    pub fn bytes(&self) -> usize {
+        lock(&self.free).bytes
+    }
+}
+
+/// Hands a slot whose builder [`wants_room`](AggregateBuilder::wants_room) a kept room, if
+/// there is one.
+fn furnish(shared: &Shared, slot: &mut Slot) {
+    if !slot.builder.wants_room() {
+        return;
+    }
+    if let Some(Room { pieces, metas }) = shared.rooms.take() {
+        slot.builder.furnish(pieces);
+        if slot.metas.capacity() < metas.capacity() {
+            slot.metas = metas;
+        }
+    }
+}
+
 /// The shard map with one aggregator per open shard, plus one last slot for records no open
 /// shard covers (they go out unaggregated and Kinesis routes them).
 pub(crate) struct Routing {
@@ -486,19 +590,21 @@ fn add_to_slot<'a>(
         // the slot holds goes first, so the shard's records leave in `put` order.
         emit_slot(shared, routing, index, slot);
         let entry = entry_alone(shared, record);
-        shared.send(Inbound::Record(Outgoing::new(
+        shared.hand_over(Outgoing::new(
             entry,
             vec![meta],
             routing.shard(index),
             routing.generation,
-        )));
+        ));
         return None;
     }
     let mut emission: Option<Emission> = None;
+    furnish(shared, slot);
     if let Err(record) = slot.builder.try_push(record) {
         // The aggregate is full: it goes out and the record starts the next one, which it
         // always fits (its solo size was checked above).
         let full = take_emission(shared, routing, index, slot);
+        furnish(shared, slot);
         if let Err(record) = slot.builder.try_push(record) {
             // Unreachable by the check above; if it were not, the aggregate still goes first.
             if let Some(full) = full {
@@ -507,7 +613,7 @@ fn add_to_slot<'a>(
             let entry = Entry::plain(&record);
             let shard = routing.shard(index);
             let outgoing = Outgoing::new(entry, vec![meta], shard, routing.generation);
-            shared.send(Inbound::Record(outgoing));
+            shared.hand_over(outgoing);
             return None;
         }
         emission = full;
@@ -637,9 +743,7 @@ impl Emission<'_> {
             shard,
             generation,
         } = closed;
-        shared.send(Inbound::Record(Outgoing::new(
-            entry, metas, shard, generation,
-        )));
+        shared.hand_over(Outgoing::new(entry, metas, shard, generation));
     }
 }
 
@@ -875,12 +979,7 @@ pub(crate) fn reroute(shared: &Shared, records: Vec<UserRecord>, metas: Vec<Reco
             let (record, meta) = *refused;
             // Unreachable by construction (re-routing ignores `stop`), but never drop a record.
             let entry = Entry::plain(&record);
-            shared.send(Inbound::Record(Outgoing::new(
-                entry,
-                vec![meta],
-                (None, NO_SHARD),
-                0,
-            )));
+            shared.hand_over(Outgoing::new(entry, vec![meta], (None, NO_SHARD), 0));
         }
     }
 }
@@ -966,6 +1065,42 @@ mod tests {
         meta.carry_over(1, None);
         assert_eq!(meta.attempts(0), 3);
         assert_eq!(meta.earlier_error(), None);
+    }
+
+    #[test]
+    fn an_acknowledged_aggregates_room_comes_back_empty_and_the_pool_keeps_its_bound() {
+        let aggregate = |records: usize| {
+            let mut builder = AggregateBuilder::new(AggregateLimits {
+                max_size: 1 << 20,
+                max_count: usize::MAX,
+            });
+            for i in 0..records {
+                builder
+                    .try_push(UserRecord::new(vec![7u8; 100], format!("k{i}")))
+                    .unwrap();
+            }
+            builder.finish_entry(false).unwrap()
+        };
+        // A long record list rides with the room, emptied; a short one goes to the MetaPool.
+        let (room, rest) = Room::of(aggregate(300), metas(400, 300));
+        let room = room.expect("an aggregate has room");
+        assert!(rest.is_none());
+        assert!(room.metas.is_empty() && room.metas.capacity() >= 400);
+        let (short, rest) = Room::of(aggregate(3), metas(8, 3));
+        assert!(short.is_some_and(|room| room.metas.capacity() == 0));
+        assert_eq!(rest.map(|metas| metas.len()), Some(3));
+        // A plain record has no room.
+        let plain = Entry::plain(&UserRecord::new("x", "k"));
+        assert!(matches!(Room::of(plain, metas(1, 1)), (None, Some(_))));
+        // The pool keeps rooms up to its bytes and hands them out again.
+        let bytes = room.bytes();
+        let pool = RoomPool::new(2 * bytes + bytes / 2);
+        let rooms = (0..4).map(|_| Room::of(aggregate(300), metas(400, 300)).0.unwrap());
+        pool.give_all(rooms.collect());
+        assert_eq!(pool.bytes(), 2 * bytes);
+        assert!(pool.take().is_some() && pool.take().is_some());
+        assert!(pool.take().is_none());
+        assert_eq!(pool.bytes(), 0);
     }
 
     fn metas(capacity: usize, len: usize) -> Vec<RecordMeta> {

@@ -79,6 +79,8 @@ mod deadlines;
 mod error;
 #[cfg(feature = "producer")]
 mod limiter;
+#[cfg(feature = "producer")]
+mod mailbox;
 mod md5_lanes;
 #[cfg(feature = "producer")]
 pub mod metrics;

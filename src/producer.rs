@@ -15,12 +15,14 @@ use tokio::sync::{mpsc, watch};
 
 use crate::aggregation::{AggregateBuilder, AggregateLimits, MAGIC};
 use crate::aggregator::{
-    self, Admission, Landed, MetaPool, Outgoing, RecordMeta, Routing, ShardOrdinal, ShardOrdinals,
+    self, Admission, Landed, MetaPool, Outgoing, RecordMeta, Room, RoomPool, Routing, ShardOrdinal,
+    ShardOrdinals,
 };
 use crate::backlog::{Backlog, NoRoom};
 use crate::config::{Config, ProducerBuilder};
 use crate::deadlines::LeftDeadlines;
 use crate::error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
+use crate::mailbox::{Left, Mailbox};
 use crate::metrics::{MetricName, MetricsSnapshot, Recorder, Statistics};
 use crate::receipt::{Delivered, Receipt};
 use crate::record::RecordProblem;
@@ -29,17 +31,13 @@ use crate::shard_map::{load_shard_map, ShardMap, StreamId};
 use crate::stats::{add, Counters, Stats};
 use crate::sync::lock;
 
-/// What reaches the sender task.
-// `Record` is by far the most common message: boxing it would cost an allocation per Kinesis
-// record to save bytes on the rare ones.
-#[allow(clippy::large_enum_variant)]
+/// What reaches the sender task besides Kinesis records (those wait in [`Shared::mailbox`]).
 pub(crate) enum Inbound {
-    /// A finished Kinesis record.
-    Record(Outgoing),
     /// Send everything buffered now (`flush`).
     Flush,
-    /// A put left a deadline due before the sender's next wake-up (see
-    /// [`LeftDeadlines`]): nothing else to do.
+    /// A put left a deadline due before the sender's next wake-up (see [`LeftDeadlines`]), or
+    /// a Kinesis record that is due before it or fills a request (see [`Mailbox`]): nothing
+    /// else to do.
     Wake,
     /// A put found the backlog full: send early what waits only for its buffering time.
     Pressure,
@@ -52,16 +50,6 @@ pub(crate) enum Inbound {
     /// may not have changed). `generation` is the routing's then: every aggregate routed by an
     /// older one is ahead of this message (the map's installation waited for them).
     MapRefreshed { loaded: bool, generation: u64 },
-}
-
-impl Inbound {
-    /// The Kinesis record a message carries, if it carries one.
-    pub fn into_record(self) -> Option<Outgoing> {
-        match self {
-            Inbound::Record(outgoing) => Some(outgoing),
-            _ => None,
-        }
-    }
 }
 
 /// What acknowledged Kinesis records give back, gathered over one answer and handed back in one
@@ -78,6 +66,7 @@ pub(crate) struct Returns {
     /// (epoch, records), runs of one epoch merged.
     epochs: Vec<(u64, u64)>,
     metas: Vec<Vec<RecordMeta>>,
+    rooms: Vec<Room>,
 }
 
 impl Returns {
@@ -96,7 +85,9 @@ impl Returns {
             Some((last, total)) if *last == epoch => *total += count,
             _ => epochs.push((epoch, count)),
         });
-        self.metas.push(outgoing.metas);
+        let (room, metas) = Room::of(outgoing.entry, outgoing.metas);
+        self.rooms.extend(room);
+        self.metas.extend(metas);
     }
 }
 
@@ -134,6 +125,8 @@ pub(crate) struct Shared {
     pub idle_room_max: usize,
     /// Record lists of acknowledged Kinesis records, for new aggregates.
     pub metas: MetaPool,
+    /// Buffers of acknowledged aggregates, for new aggregates.
+    pub rooms: RoomPool,
     /// How long before its records' buffering deadline an aggregate closes, in nanoseconds:
     /// twice the time the sender expects a request to take to fill from what arrives (see
     /// `sender::Sender::update_close_lead`), and when it measured that, in nanoseconds since
@@ -145,6 +138,8 @@ pub(crate) struct Shared {
     pub pressure: AtomicBool,
     /// Deadlines of new aggregates, left for the sender to collect when it next wakes.
     pub left_deadlines: LeftDeadlines<aggregator::AggregateId>,
+    /// Finished Kinesis records, left for the sender to collect when it next wakes.
+    pub mailbox: Mailbox<Outgoing>,
     inbound: mpsc::UnboundedSender<Inbound>,
     failures: Mutex<Option<mpsc::UnboundedSender<FailedRecord>>>,
     /// A reload task is running.
@@ -230,16 +225,26 @@ impl Shared {
         }
     }
 
+    /// Sends the sender a message. Only fails once the sender task is gone (its runtime shut
+    /// down), and no message carries a record: nothing is lost with it.
     pub fn send(&self, message: Inbound) {
-        if let Err(mpsc::error::SendError(message)) = self.inbound.send(message) {
-            // Only when the sender task is gone (its runtime shut down): nothing will send
-            // this record, so it fails here rather than vanish.
-            if let Some(outgoing) = message.into_record() {
-                self.fail(
-                    outgoing,
-                    DeliveryError::stopped("the producer's sender task is no longer running"),
-                );
-            }
+        let _ = self.inbound.send(message);
+    }
+
+    /// Hands a finished Kinesis record to the sender, waking it only when the record is due
+    /// before its next wake-up or fills a request (see [`Mailbox`]). Once the sender task is
+    /// gone, nothing will send the record, so it fails here rather than vanish.
+    pub fn hand_over(&self, outgoing: Outgoing) {
+        let config = &self.config;
+        let due = outgoing.oldest_put + config.record_max_buffered_time.min(config.record_ttl);
+        let size = outgoing.request_size();
+        match self.mailbox.leave(outgoing, size, due) {
+            Left::Quietly => {}
+            Left::WakeSender => self.send(Inbound::Wake),
+            Left::Refused(outgoing) => self.fail(
+                outgoing,
+                DeliveryError::stopped("the producer's sender task is no longer running"),
+            ),
         }
     }
 
@@ -320,6 +325,7 @@ impl Shared {
             backlog_bytes,
             epochs,
             metas,
+            rooms,
         } = returns;
         if kinesis_records == 0 {
             return;
@@ -329,6 +335,7 @@ impl Shared {
         add(&self.stats.kinesis_records_put, kinesis_records);
         add(&self.stats.kinesis_bytes_put, kinesis_bytes);
         self.metas.give_all(metas);
+        self.rooms.give_all(rooms);
         self.backlog.release(user_records, backlog_bytes);
         for (epoch, count) in epochs {
             self.backlog.leave_epoch(epoch, count);
@@ -614,12 +621,14 @@ impl ProducerBuilder {
             idle_room: AtomicUsize::new(0),
             idle_room_max: config.max_backlog_bytes / 16,
             metas: MetaPool::default(),
+            rooms: RoomPool::new(config.max_backlog_bytes / 8),
             close_lead_nanos: AtomicU64::new(
                 (config.record_max_buffered_time / 2).as_nanos() as u64
             ),
             close_lead_set_nanos: AtomicU64::new(0),
             pressure: AtomicBool::new(false),
             left_deadlines: LeftDeadlines::new(),
+            mailbox: Mailbox::new(),
             inbound,
             failures: Mutex::new(None),
             refreshing: AtomicBool::new(false),
@@ -832,7 +841,8 @@ impl Producer {
     pub fn stats(&self) -> Stats {
         let shared = self.shared();
         let mut stats = shared.stats.snapshot();
-        stats.idle_aggregator_room_bytes = shared.idle_room.load(Ordering::Relaxed) as u64;
+        stats.idle_aggregator_room_bytes =
+            (shared.idle_room.load(Ordering::Relaxed) + shared.rooms.bytes()) as u64;
         stats
     }
 

@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::deadlines::MostlySorted;
 use crate::error::{DeliveryError, FailureKind};
 use crate::limiter::Limiter;
+use crate::mailbox::Sleep;
 use crate::metrics::{MetricName, Recorder, ShardRef, Statistics};
 use crate::prefetch::{prefetch, prefetch_slice};
 use crate::producer::{Inbound, Returns, Shared};
@@ -52,9 +53,6 @@ const PARKED_RELOADS: u32 = 3;
 
 /// Requests sent before they were full that may be in flight at once (see `should_send`).
 const MAX_PARTIAL_IN_FLIGHT: usize = 2;
-
-/// Inbound messages handled in one pass of the sender's loop at most.
-const INBOUND_BATCH: usize = 256;
 
 /// A relief closes the open aggregates among this share of the pending deadlines, the oldest
 /// (see `Sender::relieve`).
@@ -100,7 +98,7 @@ impl Sender {
             ending: Some(Arc::new(Ending(Arc::clone(&shared)))),
             shared,
             inbound,
-            inbox: VecDeque::with_capacity(INBOUND_BATCH),
+            mail: VecDeque::new(),
             lanes: Vec::new(),
             ready: VecDeque::new(),
             waking: BinaryHeap::new(),
@@ -150,8 +148,8 @@ struct Sender {
     /// Let go of last in `drop`; each request task holds a clone.
     ending: Option<Arc<Ending>>,
     inbound: mpsc::UnboundedReceiver<Inbound>,
-    /// Inbound messages taken from the channel and not handled yet (one batch at most).
-    inbox: VecDeque<Inbound>,
+    /// Kinesis records collected from the mailbox and not handled yet.
+    mail: VecDeque<Outgoing>,
     /// Kinesis records waiting for a request, one lane per shard, by shard ordinal (the lane
     /// of records no open shard covered at `NO_SHARD`). Looked up for every Kinesis record
     /// queued, sent and answered.
@@ -330,7 +328,7 @@ const THROTTLED: &str = "ProvisionedThroughputExceededException";
 /// memory.
 const ANSWER_PREFETCH_AHEAD: usize = 2;
 
-/// How many messages ahead `handle_inbox` asks for a record's lane's queue (and for the lane
+/// How many records ahead `handle_mail` asks for a record's lane's queue (and for the lane
 /// itself, twice as far); and how many lanes ahead `take_batch` asks for a lane's first
 /// record (and for the lane, twice as far).
 const LANE_PREFETCH_AHEAD: usize = 2;
@@ -400,6 +398,7 @@ enum Blocked {
 impl Sender {
     async fn run(&mut self) {
         loop {
+            self.handle_mail();
             self.collect_deadlines();
             let now = Instant::now();
             self.fire_deadlines(now);
@@ -430,6 +429,9 @@ impl Sender {
                 // Records re-routed into aggregators just before the stop was seen would
                 // otherwise wait for a deadline nobody fires: send them now.
                 aggregator::flush_all(&self.shared);
+                if self.handle_mail() {
+                    continue;
+                }
                 match self.inbound.try_recv() {
                     Ok(message) => {
                         self.handle(message);
@@ -442,6 +444,10 @@ impl Sender {
                 }
             }
             let wake = self.next_wake(now);
+            if !self.shared.mailbox.try_sleep(self.sleep_until(wake)) {
+                // A record was left since the top of the loop.
+                continue;
+            }
             if !self.shared.left_deadlines.try_sleep_until(wake) {
                 // A deadline left since the top of the loop comes before `wake`.
                 continue;
@@ -449,48 +455,76 @@ impl Sender {
             tokio::select! {
                 Some(completed) = self.results_rx.recv() => self.complete(completed),
                 Some(message) = self.inbound.recv() => {
-                    // What else has arrived is handled in the same pass: one round of timers
-                    // and dispatch per batch of messages, not per message (with thousands of
-                    // shards, each aggregate's close is a message).
-                    self.inbox.push_back(message);
-                    while self.inbox.len() < INBOUND_BATCH {
-                        match self.inbound.try_recv() {
-                            Ok(message) => self.inbox.push_back(message),
-                            Err(_) => break,
-                        }
+                    // Every record left before the message was sent is handled before it
+                    // (`MapRefreshed` promises that no older aggregate follows it).
+                    self.handle_mail();
+                    self.handle(message);
+                    while let Ok(message) = self.inbound.try_recv() {
+                        self.handle_mail();
+                        self.handle(message);
                     }
-                    self.handle_inbox();
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
+            self.shared.mailbox.awake();
             self.shared.left_deadlines.awake();
         }
     }
 
-    /// Handles the messages in `inbox`, in order. While it handles one, it asks for the lane
-    /// of a record a few places on, and for that lane's queue a little nearer (the queue's
-    /// place is only known once the lane is read). A message leaves `inbox` only as it is
-    /// handled, so a sender that ends midway reports the records of the rest (`drop`).
-    fn handle_inbox(&mut self) {
-        while let Some(message) = self.inbox.pop_front() {
-            if let Some(lane) = self.lane_of(self.inbox.get(2 * LANE_PREFETCH_AHEAD - 1)) {
+    /// What should wake the sender from a sleep until `wake` (see [`Mailbox`]): records due
+    /// before then, or enough to fill a request with what may go now; any record at all while
+    /// it sends everything it may (flushing, stopping, relieving the backlog, or with a `put`
+    /// waiting for room).
+    ///
+    /// [`Mailbox`]: crate::mailbox::Mailbox
+    fn sleep_until(&self, wake: Instant) -> Sleep {
+        let config = &self.shared.config;
+        let eager = self.flush_requested
+            || self.stop_deadline.is_some()
+            || self.relief_requested
+            || self.freed_with_records
+            || self.shared.backlog.has_waiters();
+        if eager {
+            return Sleep {
+                until: wake,
+                room_count: 0,
+                room_bytes: 0,
+            };
+        }
+        let ready_count = self.pending_count.saturating_sub(self.blocked_count);
+        let ready_bytes = self.pending_bytes.saturating_sub(self.blocked_bytes);
+        Sleep {
+            until: wake,
+            room_count: config.collection_max_count.saturating_sub(ready_count),
+            room_bytes: config.collection_max_size.saturating_sub(ready_bytes),
+        }
+    }
+
+    /// Takes the Kinesis records put threads left in the mailbox and queues them, in the
+    /// order they were left. While it queues one, it asks for the lane of a record a few
+    /// places on, and for that lane's queue a little nearer (the queue's place is only known
+    /// once the lane is read). A record leaves `mail` only as it is queued, so a sender that
+    /// ends midway reports the rest (`drop`). Returns whether there were any.
+    fn handle_mail(&mut self) -> bool {
+        self.shared.mailbox.collect(&mut self.mail);
+        let any = !self.mail.is_empty();
+        while let Some(outgoing) = self.mail.pop_front() {
+            if let Some(lane) = self.lane_of(self.mail.get(2 * LANE_PREFETCH_AHEAD - 1)) {
                 prefetch(lane as *const Lane, std::mem::size_of::<Lane>());
             }
-            if let Some(lane) = self.lane_of(self.inbox.get(LANE_PREFETCH_AHEAD - 1)) {
+            if let Some(lane) = self.lane_of(self.mail.get(LANE_PREFETCH_AHEAD - 1)) {
                 let (front, back) = lane.queue.as_slices();
                 let tail = if back.is_empty() { front } else { back };
                 prefetch(tail.as_ptr_range().end, std::mem::size_of::<Outgoing>());
             }
-            self.handle(message);
+            self.enqueue(outgoing, false);
         }
+        any
     }
 
-    /// The lane of the record a message carries, if it has one yet.
-    fn lane_of(&self, message: Option<&Inbound>) -> Option<&Lane> {
-        match message? {
-            Inbound::Record(outgoing) => self.lane_ref(outgoing.ordinal),
-            _ => None,
-        }
+    /// The lane of a record, if it has one yet.
+    fn lane_of(&self, outgoing: Option<&Outgoing>) -> Option<&Lane> {
+        self.lane_ref(outgoing?.ordinal)
     }
 
     /// The lane at `ordinal`, if it exists, to read.
@@ -500,7 +534,6 @@ impl Sender {
 
     fn handle(&mut self, message: Inbound) {
         match message {
-            Inbound::Record(outgoing) => self.enqueue(outgoing, false),
             Inbound::Wake => {}
             Inbound::Flush => {
                 self.flush_requested = true;
@@ -1928,6 +1961,7 @@ impl Drop for Sender {
             DeliveryError::stopped("the producer's sender task ended before the record was sent");
         // Closed first: the aggregates `close_intake` hands over then fail as they are sent.
         self.inbound.close();
+        let left = self.shared.mailbox.close();
         self.shared.close_intake();
         for outgoing in self.drain_lanes() {
             self.shared.fail(outgoing, error.clone());
@@ -1941,12 +1975,8 @@ impl Drop for Sender {
         for (outgoing, ..) in self.parked.drain(..) {
             self.shared.fail(outgoing, error.clone());
         }
-        let unhandled: Vec<Inbound> = self.inbox.drain(..).collect();
-        let queued = std::iter::from_fn(|| self.inbound.try_recv().ok());
-        for message in unhandled.into_iter().chain(queued) {
-            if let Some(outgoing) = message.into_record() {
-                self.shared.fail(outgoing, error.clone());
-            }
+        for outgoing in self.mail.drain(..).chain(left) {
+            self.shared.fail(outgoing, error.clone());
         }
         // Requests whose answers wait here: their tasks handed the records over, so they are
         // reported from here. Tasks still running find the channel closed and report theirs.
