@@ -235,10 +235,14 @@ impl Sections {
 // The producer sends and reads back aggregates in pieces; without it only `to_bytes` is used.
 #[cfg_attr(not(feature = "producer"), allow(dead_code))]
 impl AggregatePieces {
-    /// Bytes its buffers hold, written or not.
+    /// Its buffers, taken out (the box stays, to be used again: see
+    /// [`AggregateBuilder::furnish`]); `None` for a small aggregate's single copy, which fits
+    /// no builder.
     #[cfg(feature = "producer")]
-    pub(crate) fn capacity(&self) -> usize {
-        self.sections.capacity()
+    pub(crate) fn take_room(&mut self) -> Option<Sections> {
+        let sections = std::mem::take(&mut self.sections);
+        // Only a copy made by `joined` has no partition key table.
+        (sections.partition_key_table.capacity() > 0).then_some(sections)
     }
 
     /// Encoded length, magic and checksum included.
@@ -454,16 +458,25 @@ impl AggregateBuilder {
         self.count == 0 && self.sections.capacity() == 0
     }
 
-    /// Gives a builder that [`wants_room`](Self::wants_room) the buffers of an aggregate that
-    /// was sent, box and all, to write its next aggregate into instead of allocating (and
-    /// instead of the sender freeing them, on another thread than the one that allocated them:
-    /// with glibc's allocator the two threads then queue for the same arena's lock).
+    /// Gives a builder that [`wants_room`](Self::wants_room) the buffers of an earlier
+    /// aggregate (and the box of a sent one), to write its next aggregate into instead of
+    /// allocating, and instead of another thread freeing them: with glibc's allocator, a
+    /// thread that frees what another allocated queues for that thread's arena lock.
     #[cfg(feature = "producer")]
-    pub(crate) fn furnish(&mut self, mut room: Box<AggregatePieces>) {
+    pub(crate) fn furnish(&mut self, sections: Sections, spare_box: Option<Box<AggregatePieces>>) {
         debug_assert!(self.wants_room());
-        self.sections = std::mem::take(&mut room.sections).emptied();
-        room.digest = OnceLock::new();
-        self.spare_box = Some(room);
+        self.sections = sections.emptied();
+        if let Some(mut spare) = spare_box.filter(|_| self.spare_box.is_none()) {
+            spare.digest = OnceLock::new();
+            self.spare_box = Some(spare);
+        }
+    }
+
+    /// The buffers an empty builder kept from its last aggregate, taken out of it.
+    #[cfg(feature = "producer")]
+    pub(crate) fn release_room(&mut self) -> Option<Sections> {
+        (self.count == 0 && self.sections.capacity() > 0)
+            .then(|| std::mem::take(&mut self.sections))
     }
 
     /// Bytes of buffer an empty builder holds for its next aggregate (see `finish_entry`).
@@ -1114,24 +1127,26 @@ pub(crate) mod tests {
 
     #[test]
     fn a_builder_furnished_with_a_sent_aggregates_room_encodes_the_same_bytes() {
-        // Each aggregate goes out in its pieces; the builder then writes the next one into the
-        // room of the one before (larger, smaller, and with records larger than a chunk),
-        // and must encode what a fresh builder encodes.
+        // The builder writes each aggregate into the room of the one before: the pieces of a
+        // large one that was sent (with its box), or the buffers a builder let go after a
+        // small one went out as one copy; larger, smaller, and with records larger than a
+        // chunk. It must encode what a fresh builder encodes.
         let limits = AggregateLimits {
             max_size: 1 << 20,
             max_count: usize::MAX,
         };
         let mut furnished = AggregateBuilder::new(limits);
-        let mut room: Option<Box<AggregatePieces>> = None;
+        let mut room: Option<(Sections, Option<Box<AggregatePieces>>)> = None;
+        let (mut from_pieces, mut from_builder) = (0, 0);
         for round in 0..40usize {
             let count = 1 + (round * 13) % 60;
             let size = [100, 1_000, 12_000, 3][round % 4];
             let records: Vec<UserRecord> = (0..count)
                 .map(|i| UserRecord::new(vec![(round ^ i) as u8; size], format!("k{round}-{i}")))
                 .collect();
-            if let Some(room) = room.take() {
+            if let Some((sections, spare_box)) = room.take() {
                 assert!(furnished.wants_room());
-                furnished.furnish(room);
+                furnished.furnish(sections, spare_box);
                 assert!(!furnished.wants_room());
             }
             let mut fresh = AggregateBuilder::new(limits);
@@ -1139,18 +1154,36 @@ pub(crate) mod tests {
                 furnished.try_push(record.clone()).unwrap();
                 fresh.try_push(record.clone()).unwrap();
             }
-            let sent = furnished.finish_entry(false).unwrap();
+            let sent = furnished.finish_entry(true).unwrap();
             let expected = fresh.finish().unwrap();
+            if let Some(sections) = furnished.release_room() {
+                // Sent as one copy: the builder kept its buffers, and lets them go.
+                assert!(furnished.wants_room() && furnished.release_room().is_none());
+                from_builder += 1;
+                room = Some((sections, None));
+            }
             let EntryData::Pieces(pieces) = &sent.data else {
-                // A lone record of plain data goes out as it is, with no room to hand on.
+                // A lone record of plain data goes out as it is.
                 assert_eq!(count, 1, "round {round}");
                 assert_eq!(sent.data.into_bytes(), expected.data);
                 continue;
             };
             assert_eq!(pieces.to_bytes(), expected.data, "round {round}");
             assert_eq!(records_of_aggregate(&expected.data), records);
-            room = sent.into_room();
+            let mut pieces = sent.into_room().expect("an aggregate");
+            match pieces.take_room() {
+                Some(sections) => {
+                    from_pieces += 1;
+                    room = Some((sections, Some(pieces)));
+                }
+                // A single copy has no room to hand on, only its builder's.
+                None => assert!(room.is_some(), "round {round}"),
+            }
         }
+        assert!(
+            from_pieces > 5 && from_builder > 5,
+            "{from_pieces} {from_builder}"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use bytes::Bytes;
 
 use crate::aggregation::{
     records_of_aggregate, AggregateBuilder, AggregateLimits, AggregatePieces, Entry, EntryData,
-    MAGIC,
+    Sections, MAGIC,
 };
 use crate::metrics::ShardRef;
 use crate::prefetch::{prefetch, prefetch_slice, prefetch_spare};
@@ -293,31 +293,59 @@ impl MetaPool {
 /// The buffers of an acknowledged aggregate: its sections, and its record list when that is too
 /// long for the [`MetaPool`].
 pub(crate) struct Room {
-    pieces: Box<AggregatePieces>,
+    sections: Sections,
+    spare_box: Option<Box<AggregatePieces>>,
     metas: Vec<RecordMeta>,
 }
 
 impl Room {
-    /// The room of `entry`, if it was an aggregate; `metas` comes back when it is short.
+    /// The room of `entry`, if it was an aggregate sent in its pieces; `metas` comes back
+    /// when it is short. (A small aggregate's single copy was made by the thread that closed
+    /// it, most often the one that frees it now, and fits no builder: it is not kept.)
     pub fn of(entry: Entry, metas: Vec<RecordMeta>) -> (Option<Room>, Option<Vec<RecordMeta>>) {
-        let Some(pieces) = entry.into_room() else {
+        let Some(mut pieces) = entry.into_room() else {
             return (None, Some(metas));
         };
+        let Some(sections) = pieces.take_room() else {
+            return (None, Some(metas));
+        };
+        let spare_box = Some(pieces);
         if metas.capacity() > META_POOL_LIST_MAX {
             let mut metas = metas;
             metas.clear();
-            (Some(Room { pieces, metas }), None)
-        } else {
             let room = Room {
-                pieces,
-                metas: Vec::new(),
+                sections,
+                spare_box,
+                metas,
             };
-            (Some(room), Some(metas))
+            (Some(room), None)
+        } else {
+            let metas_back = Some(metas);
+            let metas = Vec::new();
+            let room = Room {
+                sections,
+                spare_box,
+                metas,
+            };
+            (Some(room), metas_back)
+        }
+    }
+
+    /// The buffers an empty builder let go of.
+    fn of_builder(sections: Sections) -> Room {
+        Room {
+            sections,
+            spare_box: None,
+            metas: Vec::new(),
         }
     }
 
     fn bytes(&self) -> usize {
-        self.pieces.capacity() + self.metas.capacity() * std::mem::size_of::<RecordMeta>()
+        let spare_box = self
+            .spare_box
+            .as_ref()
+            .map_or(0, |_| size_of::<AggregatePieces>());
+        self.sections.capacity() + spare_box + self.metas.capacity() * size_of::<RecordMeta>()
     }
 }
 
@@ -354,6 +382,19 @@ impl RoomPool {
         Some(room)
     }
 
+    /// Keeps `room` if the pool has space for it; else it is freed, after the lock is let go.
+    fn give(&self, room: Room) {
+        let bytes = room.bytes();
+        let mut free = lock(&self.free);
+        if free.bytes + bytes <= self.max {
+            free.bytes += bytes;
+            free.rooms.push(room);
+            return;
+        }
+        drop(free);
+        drop(room);
+    }
+
     /// Keeps each of `rooms` while the pool stays within its bytes (one lock for all); the
     /// rest are freed, after the lock is let go.
     pub fn give_all(&self, mut rooms: Vec<Room>) {
@@ -385,8 +426,13 @@ fn furnish(shared: &Shared, slot: &mut Slot) {
     if !slot.builder.wants_room() {
         return;
     }
-    if let Some(Room { pieces, metas }) = shared.rooms.take() {
-        slot.builder.furnish(pieces);
+    if let Some(room) = shared.rooms.take() {
+        let Room {
+            sections,
+            spare_box,
+            metas,
+        } = room;
+        slot.builder.furnish(sections, spare_box);
         if slot.metas.capacity() < metas.capacity() {
             slot.metas = metas;
         }
@@ -710,8 +756,15 @@ fn take_emission<'a>(
 ) -> Option<Emission<'a>> {
     slot.cycle += 1;
     slot.earliest_put = None;
-    let keep_room = shared.idle_room.load(Ordering::Relaxed) < shared.idle_room_max;
-    let entry = slot.builder.finish_entry(keep_room);
+    let entry = slot.builder.finish_entry(true);
+    if shared.idle_room.load(Ordering::Relaxed) >= shared.idle_room_max {
+        // Empty builders keep all the room they may: this one's goes to the pool, for the
+        // next aggregate a put thread starts (freed here, it would be freed on another thread
+        // than the one that allocated it).
+        if let Some(sections) = slot.builder.release_room() {
+            shared.rooms.give(Room::of_builder(sections));
+        }
+    }
     set_idle_room(shared, slot, slot.builder.idle_room());
     let entry = entry?;
     Some(Emission {
@@ -1086,10 +1139,12 @@ mod tests {
         let room = room.expect("an aggregate has room");
         assert!(rest.is_none());
         assert!(room.metas.is_empty() && room.metas.capacity() >= 400);
-        let (short, rest) = Room::of(aggregate(3), metas(8, 3));
+        assert!(room.sections.capacity() > 0 && room.spare_box.is_some());
+        let (short, rest) = Room::of(aggregate(300), metas(8, 3));
         assert!(short.is_some_and(|room| room.metas.capacity() == 0));
         assert_eq!(rest.map(|metas| metas.len()), Some(3));
-        // A plain record has no room.
+        // A small aggregate's single copy and a plain record have none.
+        assert!(matches!(Room::of(aggregate(3), metas(8, 3)), (None, Some(_))));
         let plain = Entry::plain(&UserRecord::new("x", "k"));
         assert!(matches!(Room::of(plain, metas(1, 1)), (None, Some(_))));
         // The pool keeps rooms up to its bytes and hands them out again.
@@ -1101,6 +1156,11 @@ mod tests {
         assert!(pool.take().is_some() && pool.take().is_some());
         assert!(pool.take().is_none());
         assert_eq!(pool.bytes(), 0);
+        // One at a time (an empty builder's buffers), within the same bound.
+        for _ in 0..3 {
+            pool.give(Room::of(aggregate(300), metas(400, 300)).0.unwrap());
+        }
+        assert_eq!(pool.bytes(), 2 * bytes);
     }
 
     fn metas(capacity: usize, len: usize) -> Vec<RecordMeta> {

@@ -66,9 +66,11 @@ pub struct Stats {
     pub records_resent_after_reshard: u64,
     /// User records accepted but not yet acknowledged or failed.
     pub user_records_pending: u64,
-    /// Buffer bytes that empty aggregators keep for their shard's next aggregate, so that a busy
-    /// shard does not allocate every aggregate anew. At most a sixteenth of
-    /// `max_backlog_bytes` between all shards (a little over while aggregates close at once).
+    /// Buffer bytes kept for aggregates to come, so that a busy shard does not allocate every
+    /// aggregate anew: what empty aggregators keep for their shard's next aggregate (at most a
+    /// sixteenth of `max_backlog_bytes` between all shards, a little over while aggregates
+    /// close at once), and the buffers of acknowledged aggregates waiting for new ones (at most
+    /// an eighth).
     pub idle_aggregator_room_bytes: u64,
     /// Metric data CloudWatch did not take (feature `cloudwatch-metrics`, with an upload
     /// configured): each was retried within its upload's time and then logged.
