@@ -453,7 +453,13 @@ impl Sender {
                 continue;
             }
             tokio::select! {
-                Some(completed) = self.results_rx.recv() => self.complete(completed),
+                Some(completed) = self.results_rx.recv() => {
+                    // Records left since the top of the loop are queued first: in order mode,
+                    // an answer that frees a lane sends the lane's next record at once, and
+                    // that record may be in the mailbox.
+                    self.handle_mail();
+                    self.complete(completed);
+                }
                 Some(message) = self.inbound.recv() => {
                     // Every record left before the message was sent is handled before it
                     // (`MapRefreshed` promises that no older aggregate follows it).
