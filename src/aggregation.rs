@@ -133,7 +133,7 @@ impl Sections {
 
     /// The same buffers, emptied: the first record chunk and the key tables keep their room,
     /// and the other record chunks wait as spares.
-    pub(crate) fn emptied(self) -> Sections {
+    fn emptied(self) -> Sections {
         let Sections {
             mut partition_key_table,
             mut explicit_hash_key_table,
@@ -1126,6 +1126,7 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg(feature = "producer")]
     fn a_builder_furnished_with_a_sent_aggregates_room_encodes_the_same_bytes() {
         // The builder writes each aggregate into the room of the one before: the pieces of a
         // large one that was sent (with its box), or the buffers a builder let go after a
