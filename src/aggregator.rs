@@ -1144,7 +1144,10 @@ mod tests {
         assert!(short.is_some_and(|room| room.metas.capacity() == 0));
         assert_eq!(rest.map(|metas| metas.len()), Some(3));
         // A small aggregate's single copy and a plain record have none.
-        assert!(matches!(Room::of(aggregate(3), metas(8, 3)), (None, Some(_))));
+        assert!(matches!(
+            Room::of(aggregate(3), metas(8, 3)),
+            (None, Some(_))
+        ));
         let plain = Entry::plain(&UserRecord::new("x", "k"));
         assert!(matches!(Room::of(plain, metas(1, 1)), (None, Some(_))));
         // The pool keeps rooms up to its bytes and hands them out again.

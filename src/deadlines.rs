@@ -158,7 +158,7 @@ impl<K: Ord + Copy> MostlySorted<K> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
 
@@ -236,29 +236,10 @@ mod tests {
                 }
             })
         };
-        let puts: Vec<_> = (0..2u64)
-            .map(|thread| {
-                let (left, wake_tx) = (Arc::clone(&left), wake_tx.clone());
-                std::thread::spawn(move || {
-                    for round in 0..4u32 {
-                        for ahead in [1 + thread, 3, 40] {
-                            let at = Instant::now() + Duration::from_millis(ahead);
-                            if left.leave(at, round) {
-                                let _ = wake_tx.send(());
-                            }
-                        }
-                        std::thread::sleep(Duration::from_millis(600));
-                    }
-                })
-            })
-            .collect();
-        for put in puts {
-            put.join().unwrap();
-        }
-        done.store(true, Ordering::SeqCst);
-        let _ = wake_tx.send(());
+        let left_here = Arc::clone(&left);
+        let items = leave_with_pauses(move |at| left_here.leave(at, 0), &done, &wake_tx);
         let (fired, latest) = sender.join().unwrap();
-        assert_eq!(fired, 2 * 4 * 3);
+        assert_eq!(fired, items);
         assert!(
             latest < Duration::from_millis(400),
             "a deadline fired {latest:?} late"
@@ -322,5 +303,41 @@ mod tests {
             assert_eq!(queue.peek(), model.peek().map(|Reverse(k)| *k));
             assert_eq!(queue.len(), model.len());
         }
+    }
+
+    /// For the tests of what put threads leave for a sleeping sender: two threads each leave
+    /// three items, due 1 (or 2), 3 and 40 ms ahead, then pause for 600 ms, four times over.
+    /// `leave` leaves one item due at the given time and says whether the sender must be woken
+    /// (through `wake_tx`). At the end, sets `done` and wakes the sender a last time. Returns how
+    /// many items were left.
+    pub(crate) fn leave_with_pauses(
+        leave: impl Fn(Instant) -> bool + Send + Sync + 'static,
+        done: &std::sync::atomic::AtomicBool,
+        wake_tx: &std::sync::mpsc::Sender<()>,
+    ) -> u32 {
+        use std::sync::Arc;
+        use std::time::Duration;
+        let leave = Arc::new(leave);
+        let puts: Vec<_> = (0..2u64)
+            .map(|thread| {
+                let (leave, wake_tx) = (Arc::clone(&leave), wake_tx.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..4 {
+                        for ahead in [1 + thread, 3, 40] {
+                            if leave(Instant::now() + Duration::from_millis(ahead)) {
+                                let _ = wake_tx.send(());
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(600));
+                    }
+                })
+            })
+            .collect();
+        for put in puts {
+            put.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = wake_tx.send(());
+        2 * 4 * 3
     }
 }

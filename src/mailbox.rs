@@ -237,29 +237,11 @@ mod tests {
                 }
             })
         };
-        let puts: Vec<_> = (0..2u64)
-            .map(|thread| {
-                let (mailbox, wake_tx) = (Arc::clone(&mailbox), wake_tx.clone());
-                std::thread::spawn(move || {
-                    for _ in 0..4 {
-                        for ahead in [1 + thread, 3, 40] {
-                            let due = Instant::now() + Duration::from_millis(ahead);
-                            if mailbox.leave(due, 1, due) == Left::WakeSender {
-                                let _ = wake_tx.send(());
-                            }
-                        }
-                        std::thread::sleep(Duration::from_millis(600));
-                    }
-                })
-            })
-            .collect();
-        for put in puts {
-            put.join().unwrap();
-        }
-        done.store(true, Ordering::SeqCst);
-        let _ = wake_tx.send(());
+        let mailbox_here = Arc::clone(&mailbox);
+        let wake = move |due| mailbox_here.leave(due, 1, due) == Left::WakeSender;
+        let items = crate::deadlines::tests::leave_with_pauses(wake, &done, &wake_tx);
         let (handled, latest) = sender.join().unwrap();
-        assert_eq!(handled, 2 * 4 * 3);
+        assert_eq!(handled, items);
         assert!(
             latest < Duration::from_millis(400),
             "a record was handled {latest:?} after it was due"
