@@ -434,6 +434,7 @@ impl Sender {
                 }
                 match self.inbound.try_recv() {
                     Ok(message) => {
+                        self.handle_mail();
                         self.handle(message);
                         continue;
                     }
