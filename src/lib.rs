@@ -72,6 +72,8 @@ mod aggregator;
 #[cfg(feature = "producer")]
 mod backlog;
 #[cfg(feature = "producer")]
+mod clock;
+#[cfg(feature = "producer")]
 mod config;
 #[cfg(feature = "producer")]
 mod deadlines;

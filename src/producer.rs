@@ -769,7 +769,7 @@ impl Producer {
     /// Hands an admitted record, whose room is taken, to its aggregator.
     fn place(&self, record: crate::UserRecord, mut meta: RecordMeta) -> Result<(), PutError> {
         let shared = self.shared();
-        meta.put_at = Instant::now();
+        meta.put_at = crate::clock::recent();
         match aggregator::enqueue(shared, record, meta, Admission::New) {
             Ok(()) => {
                 add(&shared.stats.user_records_received, 1);
