@@ -309,26 +309,19 @@ impl Room {
         let Some(sections) = pieces.take_room() else {
             return (None, Some(metas));
         };
-        let spare_box = Some(pieces);
-        if metas.capacity() > META_POOL_LIST_MAX {
+        let (metas, back) = if metas.capacity() > META_POOL_LIST_MAX {
             let mut metas = metas;
             metas.clear();
-            let room = Room {
-                sections,
-                spare_box,
-                metas,
-            };
-            (Some(room), None)
+            (metas, None)
         } else {
-            let metas_back = Some(metas);
-            let metas = Vec::new();
-            let room = Room {
-                sections,
-                spare_box,
-                metas,
-            };
-            (Some(room), metas_back)
-        }
+            (Vec::new(), Some(metas))
+        };
+        let room = Room {
+            sections,
+            spare_box: Some(pieces),
+            metas,
+        };
+        (Some(room), back)
     }
 
     /// The buffers an empty builder let go of.
@@ -384,15 +377,8 @@ impl RoomPool {
 
     /// Keeps `room` if the pool has space for it; else it is freed, after the lock is let go.
     fn give(&self, room: Room) {
-        let bytes = room.bytes();
-        let mut free = lock(&self.free);
-        if free.bytes + bytes <= self.max {
-            free.bytes += bytes;
-            free.rooms.push(room);
-            return;
-        }
-        drop(free);
-        drop(room);
+        let refused = self.keep(&mut lock(&self.free), room);
+        drop(refused);
     }
 
     /// Keeps each of `rooms` while the pool stays within its bytes (one lock for all); the
@@ -403,15 +389,23 @@ impl RoomPool {
         }
         let mut free = lock(&self.free);
         while let Some(room) = rooms.pop() {
-            let bytes = room.bytes();
-            if free.bytes + bytes > self.max {
+            if let Some(room) = self.keep(&mut free, room) {
                 rooms.push(room);
                 break;
             }
-            free.bytes += bytes;
-            free.rooms.push(room);
         }
         drop(free);
+    }
+
+    /// Adds `room` to `free` if it fits within the pool's bytes; else hands it back.
+    fn keep(&self, free: &mut Rooms, room: Room) -> Option<Room> {
+        let bytes = room.bytes();
+        if free.bytes + bytes > self.max {
+            return Some(room);
+        }
+        free.bytes += bytes;
+        free.rooms.push(room);
+        None
     }
 
     /// Bytes of the rooms kept now.

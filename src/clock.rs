@@ -1,8 +1,8 @@
 //! The time `put` stamps on a record.
 //!
 //! Reading the monotonic clock costs 26 ns a call on the 2-core machine the targets are
-//! measured on (a hypervisor's clock, read through the vDSO), a twentieth of what W1 spends per
-//! record beyond the floor. The CPU's time-stamp counter costs 9.8 ns to read there. So a
+//! measured on (a hypervisor's clock, read through the vDSO), about a fifteenth of what W1
+//! spent per record beyond the floor. The CPU's time-stamp counter costs 9.8 ns to read there. So a
 //! thread that reads the clock remembers the reading with the counter's value, and while fewer
 //! than [`REUSE_TICKS`] ticks (a few tens of microseconds at the counter's gigahertz rates)
 //! have passed since, `put` stamps that reading again: a record's time can be early by that

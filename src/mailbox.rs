@@ -29,9 +29,9 @@ pub(crate) struct Mailbox<T> {
 
 #[derive(Debug)]
 struct Mail<T> {
+    /// What was left since the sender last collected (so, while it sleeps, since it went to
+    /// sleep: it sleeps only with nothing left), and their request bytes.
     items: VecDeque<T>,
-    /// Count and request bytes of what was left since the sender went to sleep.
-    count: usize,
     bytes: usize,
     /// What the sleeping sender waits for; `None` while it is awake (it collects before it
     /// sleeps again) and once a put thread has been told to wake it.
@@ -66,7 +66,6 @@ impl<T> Mailbox<T> {
         Mailbox {
             inner: Mutex::new(Mail {
                 items: VecDeque::new(),
-                count: 0,
                 bytes: 0,
                 sleep: None,
                 closed: false,
@@ -83,12 +82,11 @@ impl<T> Mailbox<T> {
             return Left::Refused(item);
         }
         mail.items.push_back(item);
-        mail.count += 1;
         mail.bytes += bytes;
         match mail.sleep {
             Some(sleep)
                 if due < sleep.until
-                    || mail.count >= sleep.room_count
+                    || mail.items.len() >= sleep.room_count
                     || mail.bytes >= sleep.room_bytes =>
             {
                 mail.sleep = None;
@@ -104,7 +102,6 @@ impl<T> Mailbox<T> {
         debug_assert!(into.is_empty());
         let mut mail = lock(&self.inner);
         mail.sleep = None;
-        mail.count = 0;
         mail.bytes = 0;
         std::mem::swap(&mut mail.items, into);
     }
