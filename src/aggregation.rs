@@ -6,8 +6,7 @@
 //! aggregate is known exactly, varint by varint, before a record is added — the limits are never
 //! crossed and never guessed. Reading aggregates back is [`crate::deaggregation`].
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::BuildHasher;
 use std::sync::OnceLock;
 
 use bytes::{BufMut, Bytes};
@@ -555,18 +554,39 @@ impl AggregateBuilder {
 
     /// Adds `record` if the aggregate stays within its limits; otherwise hands it back untouched.
     pub fn try_push(&mut self, record: UserRecord) -> Result<(), UserRecord> {
+        self.push(record, None)
+    }
+
+    /// [`try_push`](Self::try_push) for a record whose hash key (what
+    /// [`UserRecord::validate`] returned) is known: the key tables look it up by that instead
+    /// of hashing its key again. It is the MD5 of the partition key, or the explicit hash
+    /// key's value, which stands for exactly one string (the text has no leading zeros).
+    #[cfg(feature = "producer")]
+    pub(crate) fn try_push_routed(
+        &mut self,
+        record: UserRecord,
+        hash_key: u128,
+    ) -> Result<(), UserRecord> {
+        self.push(record, Some(hash_key))
+    }
+
+    fn push(&mut self, record: UserRecord, hash_key: Option<u128>) -> Result<(), UserRecord> {
         if self.count >= self.limits.max_count {
             return Err(record);
         }
         let key = record.partition_key();
-        let (pk_index, pk_new, pk_hash) = self
-            .partition_keys
-            .find(key, &self.sections.partition_key_table);
+        let routed_by_ehk = record.explicit_hash_key().is_some();
+        let known = |ehk: bool| hash_key.filter(|_| ehk == routed_by_ehk);
+        let (pk_index, pk_new, pk_hash) = self.partition_keys.find(
+            key,
+            known(false),
+            &self.sections.partition_key_table,
+        );
         let ehk = record.explicit_hash_key().map(|k| {
             (
                 k,
                 self.explicit_hash_keys
-                    .find(k, &self.sections.explicit_hash_key_table),
+                    .find(k, known(true), &self.sections.explicit_hash_key_table),
             )
         });
         let ehk_index = ehk.map(|(_, (index, _, _))| index);
@@ -657,6 +677,7 @@ impl AggregateBuilder {
     ///
     /// An aggregate's checksum is not computed here but when its request body is written,
     /// with the other aggregates' ([`checksum_all`]), or by [`AggregatePieces::to_bytes`].
+    #[cfg_attr(not(feature = "producer"), allow(dead_code))]
     pub(crate) fn finish_entry(&mut self, keep_room: bool) -> Option<Entry> {
         self.take_entry(keep_room, true)
     }
@@ -826,7 +847,7 @@ struct KeyTable {
     /// Where each entry's key bytes start in the encoded table, and their length.
     entries: Vec<(u32, u32)>,
     /// Hash → first table index with it, once the table is past `SCAN_MAX` entries.
-    by_hash: HashMap<u64, u32, BuildHasherDefault<PassThroughHasher>>,
+    by_hash: HashIndex,
 }
 
 /// Size of the record chunks after the first, once the section has grown past it: one size, so
@@ -843,9 +864,14 @@ const SCAN_MAX: usize = 16;
 
 impl KeyTable {
     /// The table index `key` has or would get, whether it is new, and its hash (for `insert`).
-    /// `table` is the encoded table the entries point into.
-    fn find(&self, key: &str, table: &[u8]) -> (u32, bool, u64) {
-        let hash = self.hasher.hash_one(key);
+    /// `table` is the encoded table the entries point into. `known`: a 128-bit hash of the key
+    /// the caller has at hand (its MD5, or an explicit hash key's value), folded and seeded
+    /// here instead of hashing the key's bytes.
+    fn find(&self, key: &str, known: Option<u128>, table: &[u8]) -> (u32, bool, u64) {
+        let hash = match known {
+            Some(known) => self.hasher.hash_one((known as u64) ^ ((known >> 64) as u64)),
+            None => self.hasher.hash_one(key),
+        };
         let is_key = |index: usize| {
             let (at, len) = self.entries[index];
             &table[at as usize..(at + len) as usize] == key.as_bytes()
@@ -855,8 +881,7 @@ impl KeyTable {
         } else {
             // A 64-bit hash collision with another key: that key simply gets its own entry.
             self.by_hash
-                .get(&hash)
-                .map(|&i| i as usize)
+                .first(hash, &self.hashes)
                 .filter(|&i| is_key(i))
         };
         match found {
@@ -874,18 +899,11 @@ impl KeyTable {
 
     /// A new entry whose key bytes start at `at` in the encoded table.
     fn insert(&mut self, hash: u64, at: usize, len: usize) {
-        let index = self.entries.len() as u32;
         // Aggregates are at most a few MiB (the record size limit): offsets fit in 32 bits.
         self.entries.push((at as u32, len as u32));
         self.hashes.push(hash);
         if self.hashes.len() > SCAN_MAX {
-            if self.by_hash.is_empty() {
-                for (i, &h) in self.hashes.iter().enumerate() {
-                    self.by_hash.entry(h).or_insert(i as u32);
-                }
-            } else {
-                self.by_hash.entry(hash).or_insert(index);
-            }
+            self.by_hash.insert(&self.hashes);
         }
     }
 
@@ -897,22 +915,80 @@ impl KeyTable {
     }
 }
 
-/// The table's keys are already hashes.
-#[derive(Default)]
-struct PassThroughHasher(u64);
+/// A key table's index: for each hash, the first entry with it. Open addressing with linear
+/// probing over a power-of-two array at most half full; a slot holds an entry's index + 1 (0:
+/// empty), and the entry's hash is read from the table's `hashes`. A general hash map costs
+/// three times as much per new key, and a table of random keys adds one for each record.
+#[derive(Debug, Default)]
+struct HashIndex {
+    slots: Vec<u32>,
+    /// Entries indexed so far (an entry whose hash an earlier one has takes no slot, but
+    /// counts here).
+    len: usize,
+}
 
-impl Hasher for PassThroughHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
+impl HashIndex {
+    /// The first entry whose hash is `hash`, if any.
+    fn first(&self, hash: u64, hashes: &[u64]) -> Option<usize> {
+        match self.probe(hash, hashes) {
+            Probe::Found(entry) => Some(entry),
+            Probe::Empty(_) => None,
         }
     }
-    fn write_u64(&mut self, value: u64) {
-        self.0 = value;
+
+    /// Indexes the entries of `hashes` not indexed yet (the last one; after `clear` or a
+    /// resize, all of them), each unless an earlier entry has its hash. The index stays at
+    /// most half full.
+    fn insert(&mut self, hashes: &[u64]) {
+        if hashes.len() * 2 > self.slots.len() {
+            let size = (hashes.len() * 2).next_power_of_two().max(64);
+            self.slots.clear();
+            self.slots.resize(size, 0);
+            self.len = 0;
+        }
+        while self.len < hashes.len() {
+            let index = self.len;
+            if let Probe::Empty(slot) = self.probe(hashes[index], hashes) {
+                // Entries are at most a few million (an aggregate is at most a few MiB).
+                self.slots[slot] = index as u32 + 1;
+            }
+            self.len += 1;
+        }
     }
+
+    fn probe(&self, hash: u64, hashes: &[u64]) -> Probe {
+        if self.slots.is_empty() {
+            return Probe::Empty(0);
+        }
+        let mask = self.slots.len() - 1;
+        // The high bits: the seeded hash mixes them best.
+        let mut slot = (hash >> 32) as usize & mask;
+        loop {
+            match self.slots[slot] {
+                0 => return Probe::Empty(slot),
+                taken => {
+                    let entry = taken as usize - 1;
+                    if hashes[entry] == hash {
+                        return Probe::Found(entry);
+                    }
+                }
+            }
+            slot = (slot + 1) & mask;
+        }
+    }
+
+    /// Forgets every entry, keeping the room.
+    fn clear(&mut self) {
+        if self.len > 0 {
+            self.slots.fill(0);
+            self.len = 0;
+        }
+    }
+}
+
+enum Probe {
+    Found(usize),
+    Empty(usize),
 }
 
 #[cfg(test)]
@@ -997,6 +1073,90 @@ pub(crate) mod tests {
         // The index 0 is on the wire, so a decoder sees it present.
         assert_eq!(decoded.records[0].partition_key_index, Some(0));
         assert_eq!(&decoded.records[0].encode_to_vec()[..2], &[0x08, 0x00]);
+    }
+
+    /// Each aggregate's key tables as decoded: (partition keys, explicit hash keys).
+    #[cfg(feature = "producer")]
+    fn key_tables(entry: &KinesisEntry) -> (Vec<String>, Vec<String>) {
+        let body = &entry.data[MAGIC.len()..entry.data.len() - DIGEST_LEN];
+        let decoded = proto::AggregatedRecord::decode(body).unwrap();
+        (decoded.partition_key_table, decoded.explicit_hash_key_table)
+    }
+
+    #[cfg(feature = "producer")]
+    #[test]
+    fn key_tables_hold_each_distinct_key_once_by_either_hash_across_reused_room() {
+        // 300 keys, each in many aggregates, past the size from which tables are indexed,
+        // pushed with their hash keys (as the producer does) and without (hashed here), by
+        // builders that keep their room from one aggregate to the next.
+        let limits = AggregateLimits {
+            max_size: 20_000,
+            max_count: usize::MAX,
+        };
+        for routed in [true, false] {
+            let mut builder = AggregateBuilder::new(limits);
+            let mut pushed = Vec::new();
+            let check = |builder: &mut AggregateBuilder, pushed: &mut Vec<UserRecord>| {
+                let entry = builder.finish_entry(true).unwrap().into_kinesis_entry();
+                let (pks, ehks) = key_tables(&entry);
+                let distinct = |keys: &mut dyn Iterator<Item = &str>| {
+                    keys.collect::<std::collections::BTreeSet<_>>().len()
+                };
+                assert_eq!(pks.len(), distinct(&mut pushed.iter().map(|r| r.partition_key())));
+                assert_eq!(pks.len(), distinct(&mut pks.iter().map(String::as_str)));
+                assert_eq!(
+                    ehks.len(),
+                    distinct(&mut pushed.iter().filter_map(|r| r.explicit_hash_key()))
+                );
+                assert_eq!(records_of_aggregate(&entry.data), *pushed);
+                pushed.clear();
+            };
+            for i in 0..6_000u64 {
+                let n = (i * 7) % 300;
+                let data = vec![b'x'; (i % 5) as usize];
+                // Every fourth key has an explicit hash key of its own, so both repeat. (A key
+                // put both with and without one may take two entries in one aggregate: routed,
+                // it is found by its MD5 without, by its bytes with.)
+                let record = if n % 4 == 0 {
+                    UserRecord::new(data, format!("ehk-key-{n}"))
+                        .with_explicit_hash_key((u128::from(n) << 100).to_string())
+                } else {
+                    UserRecord::new(data, format!("key-{n}"))
+                };
+                let hash_key = record.validate(1 << 20).unwrap();
+                let push = |builder: &mut AggregateBuilder, record| {
+                    if routed {
+                        builder.try_push_routed(record, hash_key)
+                    } else {
+                        builder.try_push(record)
+                    }
+                };
+                if let Err(back) = push(&mut builder, record.clone()) {
+                    check(&mut builder, &mut pushed);
+                    push(&mut builder, back).unwrap();
+                }
+                pushed.push(record);
+            }
+            check(&mut builder, &mut pushed);
+        }
+    }
+
+    #[cfg(feature = "producer")]
+    #[test]
+    fn keys_that_share_a_hash_each_get_an_entry_and_read_back() {
+        // A caller's hash that does not tell keys apart (it never happens with MD5 of
+        // distinct keys in practice) costs room, never a wrong key: lookups compare bytes.
+        let mut builder = AggregateBuilder::new(AggregateLimits::default());
+        let records: Vec<_> = (0..100)
+            .map(|i| UserRecord::new(vec![b'd'; 3], format!("k{}", i % 40)))
+            .collect();
+        for record in &records {
+            builder.try_push_routed(record.clone(), 7).unwrap();
+        }
+        let entry = builder.finish().unwrap();
+        let (pks, _) = key_tables(&entry);
+        assert!(pks.len() >= 40, "{}", pks.len());
+        assert_eq!(records_of_aggregate(&entry.data), records);
     }
 
     #[test]

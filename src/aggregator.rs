@@ -640,12 +640,12 @@ fn add_to_slot<'a>(
     }
     let mut emission: Option<Emission> = None;
     furnish(shared, slot);
-    if let Err(record) = slot.builder.try_push(record) {
+    if let Err(record) = slot.builder.try_push_routed(record, meta.hash_key) {
         // The aggregate is full: it goes out and the record starts the next one, which it
         // always fits (its solo size was checked above).
         let full = take_emission(shared, routing, index, slot);
         furnish(shared, slot);
-        if let Err(record) = slot.builder.try_push(record) {
+        if let Err(record) = slot.builder.try_push_routed(record, meta.hash_key) {
             // Unreachable by the check above; if it were not, the aggregate still goes first.
             if let Some(full) = full {
                 full.send(shared);
@@ -1060,14 +1060,14 @@ pub(crate) fn pack(
         {
             entry_alone(shared, record)
         } else {
-            match builder.try_push(record) {
+            match builder.try_push_routed(record, meta.hash_key) {
                 Ok(()) => {
                     metas.push(meta);
                     continue;
                 }
                 Err(record) => {
                     finish(&mut builder, &mut metas, &mut packed);
-                    match builder.try_push(record) {
+                    match builder.try_push_routed(record, meta.hash_key) {
                         Ok(()) => {
                             metas.push(meta);
                             continue;
