@@ -69,20 +69,9 @@ impl Backlog {
         }
     }
 
-    /// Waits for room for one record of `bytes` bytes; calls `on_full` first when it has to
-    /// wait.
-    pub async fn acquire(&self, bytes: u32, on_full: impl FnOnce()) -> Result<(), NoRoom> {
-        // One unit of tokio's cooperative budget per put, spent whether or not there is room,
-        // so that a task putting in a loop yields its worker thread now and then, as it would
-        // through the semaphores' futures. (A fast path through `try_acquire` without it let
-        // putting tasks hold a worker thread for good, and the fault suite found records
-        // written twice with no fault to explain them: answers that sat unread past the
-        // request timeout.)
-        tokio::task::coop::consume_budget().await;
-        match self.try_acquire(bytes) {
-            Err(NoRoom::Full) => {}
-            taken => return taken,
-        }
+    /// Once [`try_acquire`](Self::try_acquire) found the backlog full: calls `on_full` and
+    /// waits for room for one record of `bytes` bytes.
+    pub async fn wait_for_room(&self, bytes: u32, on_full: impl FnOnce()) -> Result<(), NoRoom> {
         // Counted as waiting until this returns or is dropped.
         let _waiting = Waiting::new(&self.waiting);
         on_full();

@@ -34,19 +34,11 @@ const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(30);
 /// Supplies a partition key for records put without one.
 pub type Partitioner = Arc<dyn Fn(&[u8]) -> String + Send + Sync>;
 
-/// The default partitioner's key: a random version 4 UUID. Its bytes come from a per-thread
-/// generator rather than the kernel (as `Uuid::new_v4` does, one system call per key): a key
-/// only has to spread records evenly over the hash space.
-fn random_partition_key() -> String {
-    let high = u128::from(crate::retry::random_u64()) << 64;
-    let bytes = (high | u128::from(crate::retry::random_u64())).to_be_bytes();
-    // Encoded straight into place: `to_string` would go through the formatting machinery.
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let key = uuid::Builder::from_random_bytes(bytes)
-        .into_uuid()
-        .hyphenated()
-        .encode_lower(&mut text);
-    String::from(&*key)
+/// The default partitioner's key: a random version 4 UUID, written in place (no allocation).
+/// Its bits come from a per-thread generator rather than the kernel (as `Uuid::new_v4` does,
+/// one system call per key): a key only has to spread records evenly over the hash space.
+pub(crate) fn random_partition_key() -> crate::record::UuidText {
+    crate::record::UuidText::random_v4(crate::retry::random_u128())
 }
 
 /// The producer's settings; validated by `ProducerBuilder::resolve`. See [`ProducerBuilder`]
@@ -67,7 +59,8 @@ pub(crate) struct Config {
     pub request_timeout: Duration,
     pub retry: RetryPolicy,
     pub stop_timeout: Duration,
-    pub partitioner: Partitioner,
+    /// `None`: the default, a random UUID per record ([`random_partition_key`]).
+    pub partitioner: Option<Partitioner>,
     pub shard_map_refresh_interval: Duration,
     /// Percent of the per-shard limits; 0 turns the limiter off.
     pub rate_limit: u32,
@@ -147,7 +140,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(6),
             retry: RetryPolicy::default(),
             stop_timeout: Duration::from_secs(30),
-            partitioner: Arc::new(|_: &[u8]| random_partition_key()),
+            partitioner: None,
             shard_map_refresh_interval: Duration::from_secs(60),
             rate_limit: 150,
             preserve_order: false,
@@ -314,7 +307,7 @@ impl ProducerBuilder {
     /// Supplies partition keys for [`Producer::put_data`](crate::Producer::put_data).
     /// Default: a random UUID per record.
     pub fn partitioner(mut self, f: impl Fn(&[u8]) -> String + Send + Sync + 'static) -> Self {
-        self.config.partitioner = Arc::new(f);
+        self.config.partitioner = Some(Arc::new(f));
         self
     }
 
@@ -775,8 +768,7 @@ mod tests {
         assert_eq!(config.record_ttl, Duration::from_secs(30));
         assert_eq!(config.max_in_flight, 24);
         assert_eq!(config.request_timeout, Duration::from_secs(6));
-        let key = (config.partitioner)(b"x");
-        assert_eq!(key.len(), 36);
+        assert!(config.partitioner.is_none(), "random UUIDs");
     }
 
     #[test]
@@ -785,9 +777,10 @@ mod tests {
         let mut per_shard = [0u32; 16];
         let mut seen = std::collections::HashSet::new();
         for _ in 0..160_000 {
-            let key = random_partition_key();
+            let key = random_partition_key().as_str().to_owned();
             let uuid = uuid::Uuid::parse_str(&key).expect("a UUID");
             assert_eq!(uuid.get_version_num(), 4, "{key}");
+            assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{key}");
             assert_eq!(key, uuid.hyphenated().to_string(), "the canonical text");
             let hash = crate::record::partition_key_hash(&key);
             per_shard[map.shard_index(hash).expect("covered")] += 1;

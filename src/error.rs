@@ -5,29 +5,37 @@ use std::sync::Arc;
 use crate::record::{RecordProblem, UserRecord};
 
 /// A record the producer refused at `put`. The record comes back with the reason.
+///
+/// Behind a pointer: `Result<(), PutError>` is then one word, which every `put` returns and
+/// its future holds, instead of the record's size with the reason's.
 #[derive(Debug, thiserror::Error)]
-#[error("record refused: {reason}")]
-pub struct PutError {
+#[error("record refused: {}", .0.reason)]
+pub struct PutError(Box<Refused>);
+
+#[derive(Debug)]
+struct Refused {
     record: UserRecord,
     reason: PutRefusal,
 }
 
 impl PutError {
+    // Cold: a refusal is rare, and its allocation stays out of `put`'s fast path.
+    #[cold]
     pub(crate) fn new(record: UserRecord, reason: PutRefusal) -> Self {
-        PutError { record, reason }
+        PutError(Box::new(Refused { record, reason }))
     }
 
     pub fn reason(&self) -> &PutRefusal {
-        &self.reason
+        &self.0.reason
     }
 
     pub fn record(&self) -> &UserRecord {
-        &self.record
+        &self.0.record
     }
 
     /// Takes the refused record back.
     pub fn into_record(self) -> UserRecord {
-        self.record
+        self.0.record
     }
 }
 

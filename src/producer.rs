@@ -24,7 +24,7 @@ use crate::deadlines::LeftDeadlines;
 use crate::error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
 use crate::mailbox::{Left, Mailbox};
 use crate::metrics::{MetricName, MetricsSnapshot, Recorder, Statistics};
-use crate::receipt::{Delivered, Receipt};
+use crate::receipt::{Delivered, Receipt, ReceiptTx};
 use crate::record::RecordProblem;
 use crate::request_body::BodyPool;
 use crate::shard_map::{load_shard_map, ShardMap, StreamId};
@@ -210,12 +210,6 @@ impl Shared {
         if !self.pressure.swap(true, Ordering::AcqRel) {
             self.send(Inbound::Pressure);
         }
-    }
-
-    /// Waits for room in the backlog for one record of `bytes` bytes, telling the sender when
-    /// the backlog is full.
-    async fn take_room(&self, bytes: u32) -> Result<(), NoRoom> {
-        self.backlog.acquire(bytes, || self.backlog_full()).await
     }
 
     pub fn aggregate_limits(&self) -> AggregateLimits {
@@ -666,7 +660,7 @@ impl Producer {
         data: impl Into<Bytes>,
         partition_key: impl Into<String>,
     ) -> Result<(), PutError> {
-        self.put_record(crate::UserRecord::new(data, partition_key))
+        self.put_with(crate::UserRecord::new(data, partition_key), None)
             .await
     }
 
@@ -674,21 +668,20 @@ impl Producer {
     /// random UUID, which spreads records evenly over the shards).
     pub async fn put_data(&self, data: impl Into<Bytes>) -> Result<(), PutError> {
         let data = data.into();
-        let key = (self.shared().config.partitioner)(&data);
-        self.put_record(crate::UserRecord::new(data, key)).await
+        let record = match &self.shared().config.partitioner {
+            Some(partitioner) => {
+                let key = partitioner(&data);
+                crate::UserRecord::new(data, key)
+            }
+            None => crate::UserRecord::with_uuid_key(data, crate::config::random_partition_key()),
+        };
+        self.put_with(record, None).await
     }
 
     /// Puts a record (with an explicit hash key if it has one), waiting while the backlog is
     /// full. Refused records come back inside the error.
     pub async fn put_record(&self, record: crate::UserRecord) -> Result<(), PutError> {
-        let meta = match self.admit(&record) {
-            Ok(meta) => meta,
-            Err(refusal) => return Err(PutError::new(record, refusal)),
-        };
-        match self.shared().take_room(meta.backlog_bytes).await {
-            Ok(()) => self.place(record, meta),
-            Err(_) => Err(PutError::new(record, PutRefusal::Stopped)),
-        }
+        self.put_with(record, None).await
     }
 
     /// Puts a record, waiting while the backlog is full, and returns a [`Receipt`]: a future of
@@ -696,31 +689,64 @@ impl Producer {
     /// of its failure. A receipt dropped unread loses nothing. Plain `put` pays nothing for
     /// this.
     pub async fn put_with_receipt(&self, record: crate::UserRecord) -> Result<Receipt, PutError> {
-        let mut meta = match self.admit(&record) {
-            Ok(meta) => meta,
-            Err(refusal) => return Err(PutError::new(record, refusal)),
-        };
         let (tx, receipt) = Receipt::new();
-        meta.receipt = Some(tx);
-        match self.shared().take_room(meta.backlog_bytes).await {
-            Ok(()) => self.place(record, meta).map(|()| receipt),
-            Err(_) => Err(PutError::new(record, PutRefusal::Stopped)),
-        }
+        self.put_with(record, Some(tx)).await.map(|()| receipt)
     }
 
     /// Puts a record if the backlog has room now; never waits.
     pub fn try_put(&self, record: crate::UserRecord) -> Result<(), PutError> {
-        let meta = match self.admit(&record) {
-            Ok(meta) => meta,
-            Err(refusal) => return Err(PutError::new(record, refusal)),
-        };
-        match self.shared().backlog.try_acquire(meta.backlog_bytes) {
-            Ok(()) => self.place(record, meta),
-            Err(NoRoom::Full) => {
+        match self.put_now(record, None) {
+            Now::Done(result) => result,
+            Now::NoRoom(waiting) => {
                 self.shared().backlog_full();
-                Err(PutError::new(record, PutRefusal::BacklogFull))
+                Err(PutError::new(waiting.0, PutRefusal::BacklogFull))
             }
-            Err(NoRoom::Closed) => Err(PutError::new(record, PutRefusal::Stopped)),
+        }
+    }
+
+    /// `put_record`, with a receipt's sender if the caller wants one.
+    async fn put_with(
+        &self,
+        record: crate::UserRecord,
+        receipt: Option<ReceiptTx>,
+    ) -> Result<(), PutError> {
+        let shared = self.shared();
+        // One unit of tokio's cooperative budget per put, spent whether or not there is room,
+        // so that a task putting in a loop yields its worker thread now and then, as it would
+        // through the semaphores' futures. (A fast path through `try_acquire` without it let
+        // putting tasks hold a worker thread for good, and the fault suite found records
+        // written twice with no fault to explain them: answers that sat unread past the
+        // request timeout.)
+        tokio::task::coop::consume_budget().await;
+        // Everything up to the aggregator in one synchronous call: the record and its metadata
+        // are built where they are used, not moved through this future's state.
+        let (record, meta) = match self.put_now(record, receipt) {
+            Now::Done(result) => return result,
+            Now::NoRoom(waiting) => *waiting,
+        };
+        match shared
+            .backlog
+            .wait_for_room(meta.backlog_bytes, || shared.backlog_full())
+            .await
+        {
+            Ok(()) => self.place(record, meta),
+            Err(_) => Err(PutError::new(record, PutRefusal::Stopped)),
+        }
+    }
+
+    /// Admits the record and, if the backlog has room for it now, takes the room and places
+    /// it.
+    fn put_now(&self, record: crate::UserRecord, receipt: Option<ReceiptTx>) -> Now {
+        let mut meta = match self.admit(&record) {
+            Ok(meta) => meta,
+            Err(refusal) => return Now::Done(Err(PutError::new(record, refusal))),
+        };
+        meta.receipt = receipt;
+        match self.shared().backlog.try_acquire(meta.backlog_bytes) {
+            Ok(()) => Now::Done(self.place(record, meta)),
+            // Boxed: the wait that follows costs far more, and `Now` stays two words.
+            Err(NoRoom::Full) => Now::NoRoom(Box::new((record, meta))),
+            Err(NoRoom::Closed) => Now::Done(Err(PutError::new(record, PutRefusal::Stopped))),
         }
     }
 
@@ -858,6 +884,14 @@ impl Producer {
     pub fn shard_map(&self) -> ShardMap {
         self.shared().routing().map.clone()
     }
+}
+
+/// What [`Producer::put_now`] did with a record.
+enum Now {
+    /// Placed, or refused.
+    Done(Result<(), PutError>),
+    /// Admitted, but the backlog has no room for it now.
+    NoRoom(Box<(crate::UserRecord, RecordMeta)>),
 }
 
 /// Failed records, as a [`futures_core::Stream`] or through [`recv`](Self::recv).

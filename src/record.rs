@@ -16,19 +16,115 @@ pub const MAX_PARTITION_KEY_CHARS: usize = 256;
 ///
 /// The producer hands the same value back when it rejects the record at `put`
 /// ([`PutError`](crate::PutError)) or reports it failed ([`FailedRecord`](crate::FailedRecord)).
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct UserRecord {
     data: Bytes,
-    partition_key: String,
+    partition_key: KeyText,
     explicit_hash_key: Option<String>,
 }
+
+/// A partition key as a record holds it: the caller's string, or a random UUID written in
+/// place by the default partitioner, so that `put_data` allocates nothing for its key (a
+/// third of what `put` itself spends beyond the key's MD5 went to making, allocating and
+/// freeing that string).
+#[derive(Clone)]
+// Only the producer makes UUID keys; the aggregation format alone never does.
+#[cfg_attr(not(feature = "producer"), allow(dead_code))]
+enum KeyText {
+    Owned(String),
+    Uuid(UuidText),
+}
+
+impl KeyText {
+    fn as_str(&self) -> &str {
+        match self {
+            KeyText::Owned(key) => key,
+            KeyText::Uuid(text) => text.as_str(),
+        }
+    }
+
+    fn into_string(self) -> String {
+        match self {
+            KeyText::Owned(key) => key,
+            KeyText::Uuid(text) => text.as_str().to_owned(),
+        }
+    }
+}
+
+/// A version 4 UUID in its canonical text (lower-case hex, hyphenated), held in place.
+#[derive(Clone, Copy)]
+pub(crate) struct UuidText([u8; UuidText::LEN]);
+
+#[cfg_attr(not(feature = "producer"), allow(dead_code))]
+impl UuidText {
+    pub(crate) const LEN: usize = 36;
+
+    /// The UUID of these 128 random bits, with its version (4) and variant (RFC 4122) set.
+    pub(crate) fn random_v4(bits: u128) -> Self {
+        let bits = (bits & !(0xF << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
+        let mut text = [b'-'; Self::LEN];
+        let bytes = bits.to_be_bytes();
+        // Byte i of the UUID goes to these two characters: the hyphens sit after bytes 3, 5,
+        // 7 and 9.
+        let mut at = 0;
+        for (i, byte) in bytes.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                at += 1;
+            }
+            let [high, low] = HEX_PAIRS[usize::from(*byte)];
+            text[at] = high;
+            text[at + 1] = low;
+            at += 2;
+        }
+        UuidText(text)
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // SAFETY: `random_v4` is the only way to make one, and it writes only ASCII (hex
+        // digits from `HEX_PAIRS` and hyphens) into every byte.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+}
+
+/// Each byte's two lower-case hex digits.
+#[cfg_attr(not(feature = "producer"), allow(dead_code))]
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut table = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = [DIGITS[i >> 4], DIGITS[i & 0xF]];
+        i += 1;
+    }
+    table
+};
+
+impl PartialEq for UserRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.data == other.data
+            && self.partition_key() == other.partition_key()
+            && self.explicit_hash_key == other.explicit_hash_key
+    }
+}
+
+impl Eq for UserRecord {}
 
 impl UserRecord {
     /// A record routed by the MD5 of its partition key.
     pub fn new(data: impl Into<Bytes>, partition_key: impl Into<String>) -> Self {
         UserRecord {
             data: data.into(),
-            partition_key: partition_key.into(),
+            partition_key: KeyText::Owned(partition_key.into()),
+            explicit_hash_key: None,
+        }
+    }
+
+    /// A record keyed by a random UUID held in place (the default partitioner's key).
+    #[cfg(feature = "producer")]
+    pub(crate) fn with_uuid_key(data: Bytes, key: UuidText) -> Self {
+        UserRecord {
+            data,
+            partition_key: KeyText::Uuid(key),
             explicit_hash_key: None,
         }
     }
@@ -45,7 +141,7 @@ impl UserRecord {
     }
 
     pub fn partition_key(&self) -> &str {
-        &self.partition_key
+        self.partition_key.as_str()
     }
 
     pub fn explicit_hash_key(&self) -> Option<&str> {
@@ -54,7 +150,11 @@ impl UserRecord {
 
     /// Takes the record apart into `(data, partition_key, explicit_hash_key)`.
     pub fn into_parts(self) -> (Bytes, String, Option<String>) {
-        (self.data, self.partition_key, self.explicit_hash_key)
+        (
+            self.data,
+            self.partition_key.into_string(),
+            self.explicit_hash_key,
+        )
     }
 
     /// Puts a record together from its parts (the inverse of [`into_parts`](Self::into_parts)).
@@ -65,14 +165,14 @@ impl UserRecord {
     ) -> Self {
         UserRecord {
             data,
-            partition_key,
+            partition_key: KeyText::Owned(partition_key),
             explicit_hash_key,
         }
     }
 
     /// The bytes Kinesis counts against its record size limit: data plus partition key.
     pub fn kinesis_size(&self) -> usize {
-        self.data.len() + self.partition_key.len()
+        self.data.len() + self.partition_key().len()
     }
 
     /// The bytes this record holds in the producer's backlog.
@@ -84,12 +184,13 @@ impl UserRecord {
     /// Checks the record against Kinesis' rules (key length, explicit hash key, data + key at
     /// most `max_record_size` bytes) and returns its hash key.
     pub fn validate(&self, max_record_size: usize) -> Result<u128, RecordProblem> {
-        if self.partition_key.is_empty() {
+        let key = self.partition_key();
+        if key.is_empty() {
             return Err(RecordProblem::EmptyPartitionKey);
         }
         // A key of at most 256 bytes has at most 256 characters: only longer ones are counted.
-        if self.partition_key.len() > MAX_PARTITION_KEY_CHARS {
-            let chars = self.partition_key.chars().count();
+        if key.len() > MAX_PARTITION_KEY_CHARS {
+            let chars = key.chars().count();
             if chars > MAX_PARTITION_KEY_CHARS {
                 return Err(RecordProblem::PartitionKeyTooLong { chars });
             }
@@ -107,7 +208,7 @@ impl UserRecord {
                     value: ehk.chars().take(64).collect(),
                 })
             }
-            None => Ok(partition_key_hash(&self.partition_key)),
+            None => Ok(partition_key_hash(key)),
         }
     }
 }
@@ -117,7 +218,7 @@ impl fmt::Debug for UserRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UserRecord")
             .field("data_len", &self.data.len())
-            .field("partition_key", &self.partition_key)
+            .field("partition_key", &self.partition_key())
             .field("explicit_hash_key", &self.explicit_hash_key)
             .finish()
     }
@@ -189,6 +290,37 @@ pub fn parse_explicit_hash_key(text: &str) -> Option<u128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The `uuid` crate comes with the producer.
+    #[cfg(feature = "producer")]
+    #[test]
+    fn a_uuid_key_reads_as_the_uuid_crate_writes_it() {
+        let mut next = crate::test_rng::xorshift64(0x1234_5678_9ABC_DEF0);
+        for bits in [0, u128::MAX, 0x0123_4567_89AB_CDEF_FEDC_BA98_7654_3210]
+            .into_iter()
+            .chain(std::iter::repeat_with(|| {
+                (u128::from(next()) << 64) | u128::from(next())
+            }))
+            .take(1_000)
+        {
+            let expected = uuid::Builder::from_random_bytes(bits.to_be_bytes()).into_uuid();
+            let text = UuidText::random_v4(bits);
+            assert_eq!(text.as_str(), expected.hyphenated().to_string());
+        }
+    }
+
+    #[cfg(feature = "producer")]
+    #[test]
+    fn a_record_with_a_uuid_key_equals_and_parts_as_one_with_the_same_string() {
+        let key = UuidText::random_v4(42);
+        let held = UserRecord::with_uuid_key(Bytes::from_static(b"d"), key);
+        let owned = UserRecord::new(Bytes::from_static(b"d"), key.as_str());
+        assert_eq!(held, owned);
+        assert_eq!(held.kinesis_size(), 37);
+        assert_eq!(held.validate(1 << 20), owned.validate(1 << 20));
+        assert_eq!(format!("{held:?}"), format!("{owned:?}"));
+        assert_eq!(held.into_parts(), owned.into_parts());
+    }
 
     #[test]
     fn hash_key_is_md5_read_big_endian() {

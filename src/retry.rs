@@ -55,18 +55,27 @@ impl RetryPolicy {
 /// keys) evenly; not for secrets. Asking the kernel for randomness on every call would cost
 /// more than the rest of a `put`.
 pub(crate) fn random_u64() -> u64 {
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new(
-            RandomState::new().hash_one((std::time::Instant::now(), std::thread::current().id())),
-        );
-    }
-    STATE.with(|state| {
-        let mut z = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
-        state.set(z);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    })
+    STATE.with(|state| splitmix(state))
+}
+
+/// 128 random bits, from [`random_u64`]'s generator in one visit to its thread-local state.
+pub(crate) fn random_u128() -> u128 {
+    STATE.with(|state| (u128::from(splitmix(state)) << 64) | u128::from(splitmix(state)))
+}
+
+thread_local! {
+    static STATE: Cell<u64> = Cell::new(
+        RandomState::new().hash_one((std::time::Instant::now(), std::thread::current().id())),
+    );
+}
+
+/// splitmix64's next output.
+fn splitmix(state: &Cell<u64>) -> u64 {
+    let mut z = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+    state.set(z);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// An error as the producer records it: code, message, and whether another attempt may succeed.
