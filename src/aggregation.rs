@@ -28,6 +28,41 @@ const KEY_RECORD_PARTITION_KEY_INDEX: u8 = 0x08;
 const KEY_RECORD_EXPLICIT_HASH_KEY_INDEX: u8 = 0x10;
 const KEY_RECORD_DATA: u8 = 0x1A;
 
+/// A record's fields before its data: four one-byte keys, each with a varint of at most 10
+/// bytes (44; in practice a handful).
+struct Header {
+    bytes: [u8; 44],
+    len: usize,
+}
+
+impl Default for Header {
+    fn default() -> Self {
+        Header {
+            bytes: [0; 44],
+            len: 0,
+        }
+    }
+}
+
+impl Header {
+    /// Appends `key` and `value` as a varint (at most four fields).
+    fn field(&mut self, key: u8, mut value: u64) {
+        self.bytes[self.len] = key;
+        self.len += 1;
+        while value >= 0x80 {
+            self.bytes[self.len] = (value as u8) | 0x80;
+            self.len += 1;
+            value >>= 7;
+        }
+        self.bytes[self.len] = value as u8;
+        self.len += 1;
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 /// Bytes taken by a length-delimited field with a one-byte key.
 fn delimited_len(len: usize) -> usize {
     1 + encoded_len_varint(len as u64) + len
@@ -637,18 +672,20 @@ impl AggregateBuilder {
                 hash,
             );
         }
-        let out = self.sections.record_room(delimited_len(body_len));
-        out.put_u8(KEY_RECORDS);
-        encode_varint(body_len as u64, out);
+        // Everything before the data, built on the stack and written with one copy (the
+        // record's room is already reserved).
+        let mut header = Header::default();
+        header.field(KEY_RECORDS, body_len as u64);
         // proto2 `required`: the index is written even when it is 0. prost's proto3-style
         // encoding would skip a zero, and the KCL's parser then rejects the record.
-        out.put_u8(KEY_RECORD_PARTITION_KEY_INDEX);
-        encode_varint(u64::from(pk_index), out);
+        header.field(KEY_RECORD_PARTITION_KEY_INDEX, u64::from(pk_index));
         if let Some(index) = ehk_index {
-            out.put_u8(KEY_RECORD_EXPLICIT_HASH_KEY_INDEX);
-            encode_varint(u64::from(index), out);
+            header.field(KEY_RECORD_EXPLICIT_HASH_KEY_INDEX, u64::from(index));
         }
-        put_delimited(out, KEY_RECORD_DATA, record.data());
+        header.field(KEY_RECORD_DATA, record.data().len() as u64);
+        let out = self.sections.record_room(delimited_len(body_len));
+        out.extend_from_slice(header.bytes());
+        out.extend_from_slice(record.data());
         if self.count == 0 {
             self.first = Some(record);
         }
