@@ -19,6 +19,7 @@ use crate::aggregator::{
     ShardOrdinals,
 };
 use crate::backlog::{Backlog, NoRoom};
+use crate::clock::Stamp;
 use crate::config::{Config, ProducerBuilder};
 use crate::deadlines::LeftDeadlines;
 use crate::error::{BuildError, DeliveryError, FailedRecord, FailureKind, PutError, PutRefusal};
@@ -191,9 +192,9 @@ impl Shared {
     /// put at `put_at` closes: the sender's latest measurement, or half the buffered time when
     /// that is more than two measuring periods old (the sender has been idle, and the rate it
     /// measured is gone).
-    pub fn close_lead(&self, put_at: Instant) -> Duration {
+    pub fn close_lead(&self, put_at: Stamp) -> Duration {
         let set_at = Duration::from_nanos(self.close_lead_set_nanos.load(Ordering::Relaxed));
-        let since_built = put_at.saturating_duration_since(self.built_at);
+        let since_built = put_at.instant().saturating_duration_since(self.built_at);
         if since_built.saturating_sub(set_at) > 2 * crate::sender::arrivals_period(&self.config) {
             self.config.record_max_buffered_time / 2
         } else {
@@ -782,7 +783,7 @@ impl Producer {
         Ok(RecordMeta {
             hash_key,
             // Set by `place`, after any wait for room.
-            put_at: shared.built_at,
+            put_at: Stamp::default(),
             epoch: 0,
             // Validation bounds data + key by max_record_size (≤ 10 MiB) and the EHK by 39.
             backlog_bytes: record.backlog_size() as u32,

@@ -958,7 +958,7 @@ impl Sender {
             let (count, bytes) = (self.arrived_count, self.arrived_bytes);
             let measured = close_lead(&shared.config, elapsed, count, bytes);
             // A lead more than two periods old stands for half the buffered time.
-            let previous = shared.close_lead(now);
+            let previous = shared.close_lead(crate::clock::Stamp::of(now));
             let lead = (previous + measured) / 2;
             shared
                 .close_lead_nanos
@@ -2294,6 +2294,7 @@ async fn put_records(shared: &Shared, body: Bytes) -> Result<PutRecordsOutput, A
 /// Metrics of a request as it goes out: the buffering before this attempt of each user
 /// record, and how many records each Kinesis record and the request carry.
 fn record_sent(metrics: &mut Recorder, batch: &[Outgoing], now: Instant) {
+    let now_stamp = crate::clock::Stamp::of(now);
     let mut user_records = 0;
     let prefetch_metas = |outgoing: &Outgoing| prefetch_slice(&outgoing.metas);
     batch
@@ -2307,11 +2308,17 @@ fn record_sent(metrics: &mut Recorder, batch: &[Outgoing], now: Instant) {
             prefetch_metas(ahead);
             metrics.prefetch_row(ahead.shard());
         }
-        let waited = outgoing.metas.iter().map(|meta| {
-            let since = outgoing.last_attempt_end.unwrap_or(meta.put_at);
-            now.saturating_duration_since(since).as_nanos() as u64
-        });
-        let buffering = Statistics::of_integers(waited, 1e-6);
+        let buffering = match outgoing.last_attempt_end {
+            // A retry's records have all waited since the last attempt.
+            Some(end) => Statistics::repeated(
+                now.saturating_duration_since(end).as_nanos() as f64 * 1e-6,
+                outgoing.len() as u64,
+            ),
+            None => Statistics::of_integers(
+                outgoing.metas.iter().map(|meta| now_stamp.nanos_since(meta.put_at)),
+                1e-6,
+            ),
+        };
         let n = outgoing.len();
         user_records += n;
         let per_kinesis_record = Statistics::repeated(n as f64, 1);
