@@ -33,7 +33,8 @@ use crate::sync::lock;
 /// What the producer knows about a user record besides the record itself.
 #[derive(Debug)]
 pub(crate) struct RecordMeta {
-    pub hash_key: u128,
+    /// Not the record's hash key: only the put path and a reshard's rare paths need it, and
+    /// those compute it again from the record.
     pub put_at: Stamp,
     pub epoch: u64,
     pub backlog_bytes: u32,
@@ -41,14 +42,14 @@ pub(crate) struct RecordMeta {
     pub data_len: u32,
     /// What the Kinesis records that carried it went through before it was re-split into
     /// another (after a reshard); `None` for a record never re-split after an attempt (behind
-    /// a pointer: the metadata stays 64 bytes, a cache line).
+    /// a pointer: the metadata stays 48 bytes).
     pub earlier: Option<Box<Earlier>>,
     /// Where the outcome goes when the record was put with a receipt.
     pub receipt: Option<ReceiptTx>,
 }
 
-// Written by `put` for every record and read by the sender three times: a cache line each.
-const _: () = assert!(size_of::<RecordMeta>() == 64);
+// Written by `put` for every record and read by the sender three times.
+const _: () = assert!(size_of::<RecordMeta>() == 48);
 
 /// A re-split record's history: its failure report needs it when the Kinesis record it is in
 /// now expires before an attempt of its own.
@@ -233,6 +234,22 @@ impl Outgoing {
                 entry.explicit_hash_key.take(),
             )],
         }
+    }
+
+    /// The hash keys of the user records it carries, read back from its encoding (for the
+    /// rare check of an aggregate written to an unexpected shard).
+    pub fn hash_keys(&self) -> Vec<u128> {
+        let entry = &self.entry;
+        let records = match &entry.data {
+            EntryData::Pieces(pieces) => records_of_aggregate(&pieces.to_bytes()),
+            EntryData::Whole(data) if entry.aggregated => records_of_aggregate(data),
+            EntryData::Whole(data) => vec![UserRecord::from_parts(
+                data.clone(),
+                entry.partition_key.clone(),
+                entry.explicit_hash_key.clone(),
+            )],
+        };
+        records.iter().map(UserRecord::hash_key).collect()
     }
 
     /// Bytes this record counts against the PutRecords request limit.
@@ -558,6 +575,7 @@ pub(crate) enum Admission {
 pub(crate) fn enqueue(
     shared: &Shared,
     record: UserRecord,
+    hash_key: u128,
     mut meta: RecordMeta,
     admission: Admission,
 ) -> Result<(), Box<(UserRecord, RecordMeta)>> {
@@ -566,7 +584,7 @@ pub(crate) fn enqueue(
         let routing = shared.routing.load();
         let index = routing
             .map
-            .shard_index(meta.hash_key)
+            .shard_index(hash_key)
             .unwrap_or(routing.map.len());
         routing.prefetch_slot(index);
         let mut slot = lock(&routing.slots[index]);
@@ -584,7 +602,7 @@ pub(crate) fn enqueue(
             }
             meta.epoch = shared.backlog.enter_epoch();
         }
-        let emission = add_to_slot(shared, &routing, index, &mut slot, record, meta);
+        let emission = add_to_slot(shared, &routing, index, &mut slot, record, hash_key, meta);
         // The next `put` to this shard need not wait while the full aggregate is handed over.
         drop(slot);
         if let Some(emission) = emission {
@@ -624,6 +642,7 @@ fn add_to_slot<'a>(
     index: usize,
     slot: &mut Slot,
     record: UserRecord,
+    hash_key: u128,
     meta: RecordMeta,
 ) -> Option<Emission<'a>> {
     // Kept room about to hold records counts in the backlog from now on, not as idle.
@@ -645,12 +664,12 @@ fn add_to_slot<'a>(
     }
     let mut emission: Option<Emission> = None;
     furnish(shared, slot);
-    if let Err(record) = slot.builder.try_push_routed(record, meta.hash_key) {
+    if let Err(record) = slot.builder.try_push_routed(record, hash_key) {
         // The aggregate is full: it goes out and the record starts the next one, which it
         // always fits (its solo size was checked above).
         let full = take_emission(shared, routing, index, slot);
         furnish(shared, slot);
-        if let Err(record) = slot.builder.try_push_routed(record, meta.hash_key) {
+        if let Err(record) = slot.builder.try_push_routed(record, hash_key) {
             // Unreachable by the check above; if it were not, the aggregate still goes first.
             if let Some(full) = full {
                 full.send(shared);
@@ -1002,9 +1021,10 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap, listed_in: Duration) {
         };
         rerouted += metas.len();
         for (record, meta) in records.into_iter().zip(metas) {
-            let target = new.map.shard_index(meta.hash_key).unwrap_or(new.map.len());
-            if let Some(emission) =
-                add_to_slot(shared, &new, target, &mut new_slots[target], record, meta)
+            let hash_key = record.hash_key();
+            let target = new.map.shard_index(hash_key).unwrap_or(new.map.len());
+            let slot = &mut new_slots[target];
+            if let Some(emission) = add_to_slot(shared, &new, target, slot, record, hash_key, meta)
             {
                 emission.send(shared);
             }
@@ -1027,7 +1047,8 @@ pub(crate) fn install_map(shared: &Shared, map: ShardMap, listed_in: Duration) {
 pub(crate) fn reroute(shared: &Shared, records: Vec<UserRecord>, metas: Vec<RecordMeta>) {
     debug_assert_eq!(records.len(), metas.len());
     for (record, meta) in records.into_iter().zip(metas) {
-        if let Err(refused) = enqueue(shared, record, meta, Admission::Reroute) {
+        let hash_key = record.hash_key();
+        if let Err(refused) = enqueue(shared, record, hash_key, meta, Admission::Reroute) {
             let (record, meta) = *refused;
             // Unreachable by construction (re-routing ignores `stop`), but never drop a record.
             let entry = Entry::plain(&record);
@@ -1065,14 +1086,15 @@ pub(crate) fn pack(
         {
             entry_alone(shared, record)
         } else {
-            match builder.try_push_routed(record, meta.hash_key) {
+            // Rare (after a reshard): the key tables hash the keys themselves.
+            match builder.try_push(record) {
                 Ok(()) => {
                     metas.push(meta);
                     continue;
                 }
                 Err(record) => {
                     finish(&mut builder, &mut metas, &mut packed);
-                    match builder.try_push_routed(record, meta.hash_key) {
+                    match builder.try_push(record) {
                         Ok(()) => {
                             metas.push(meta);
                             continue;
@@ -1168,7 +1190,6 @@ mod tests {
     fn metas(capacity: usize, len: usize) -> Vec<RecordMeta> {
         let mut metas = Vec::with_capacity(capacity);
         metas.extend((0..len).map(|i| RecordMeta {
-            hash_key: i as u128,
             put_at: Stamp::now(),
             epoch: 0,
             backlog_bytes: 1,

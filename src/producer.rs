@@ -721,7 +721,7 @@ impl Producer {
         tokio::task::coop::consume_budget().await;
         // Everything up to the aggregator in one synchronous call: the record and its metadata
         // are built where they are used, not moved through this future's state.
-        let (record, meta) = match self.put_now(record, receipt) {
+        let (record, hash_key, meta) = match self.put_now(record, receipt) {
             Now::Done(result) => return result,
             Now::NoRoom(waiting) => *waiting,
         };
@@ -730,7 +730,7 @@ impl Producer {
             .wait_for_room(meta.backlog_bytes, || shared.backlog_full())
             .await
         {
-            Ok(()) => self.place(record, meta),
+            Ok(()) => self.place(record, hash_key, meta),
             Err(_) => Err(PutError::new(record, PutRefusal::Stopped)),
         }
     }
@@ -738,15 +738,15 @@ impl Producer {
     /// Admits the record and, if the backlog has room for it now, takes the room and places
     /// it.
     fn put_now(&self, record: crate::UserRecord, receipt: Option<ReceiptTx>) -> Now {
-        let mut meta = match self.admit(&record) {
-            Ok(meta) => meta,
+        let (hash_key, mut meta) = match self.admit(&record) {
+            Ok(admitted) => admitted,
             Err(refusal) => return Now::Done(Err(PutError::new(record, refusal))),
         };
         meta.receipt = receipt;
         match self.shared().backlog.try_acquire(meta.backlog_bytes) {
-            Ok(()) => Now::Done(self.place(record, meta)),
+            Ok(()) => Now::Done(self.place(record, hash_key, meta)),
             // Boxed: the wait that follows costs far more, and `Now` stays two words.
-            Err(NoRoom::Full) => Now::NoRoom(Box::new((record, meta))),
+            Err(NoRoom::Full) => Now::NoRoom(Box::new((record, hash_key, meta))),
             Err(NoRoom::Closed) => Now::Done(Err(PutError::new(record, PutRefusal::Stopped))),
         }
     }
@@ -761,7 +761,7 @@ impl Producer {
     }
 
     /// Checks the record and computes its hash key, before it takes any room.
-    fn admit(&self, record: &crate::UserRecord) -> Result<RecordMeta, PutRefusal> {
+    fn admit(&self, record: &crate::UserRecord) -> Result<(u128, RecordMeta), PutRefusal> {
         let shared = self.shared();
         let hash_key = record.validate(shared.config.max_record_size)?;
         if shared.config.aggregation && record.data().starts_with(&MAGIC) {
@@ -780,8 +780,7 @@ impl Producer {
         if shared.early_prefetch.load(Ordering::Relaxed) {
             aggregator::prefetch_slot(shared, hash_key);
         }
-        Ok(RecordMeta {
-            hash_key,
+        let meta = RecordMeta {
             // Set by `place`, after any wait for room.
             put_at: Stamp::default(),
             epoch: 0,
@@ -790,14 +789,20 @@ impl Producer {
             data_len: record.data().len() as u32,
             earlier: None,
             receipt: None,
-        })
+        };
+        Ok((hash_key, meta))
     }
 
     /// Hands an admitted record, whose room is taken, to its aggregator.
-    fn place(&self, record: crate::UserRecord, mut meta: RecordMeta) -> Result<(), PutError> {
+    fn place(
+        &self,
+        record: crate::UserRecord,
+        hash_key: u128,
+        mut meta: RecordMeta,
+    ) -> Result<(), PutError> {
         let shared = self.shared();
         meta.put_at = crate::clock::recent();
-        match aggregator::enqueue(shared, record, meta, Admission::New) {
+        match aggregator::enqueue(shared, record, hash_key, meta, Admission::New) {
             Ok(()) => {
                 add(&shared.stats.user_records_received, 1);
                 Ok(())
@@ -892,7 +897,7 @@ enum Now {
     /// Placed, or refused.
     Done(Result<(), PutError>),
     /// Admitted, but the backlog has no room for it now.
-    NoRoom(Box<(crate::UserRecord, RecordMeta)>),
+    NoRoom(Box<(crate::UserRecord, u128, RecordMeta)>),
 }
 
 /// Failed records, as a [`futures_core::Stream`] or through [`recv`](Self::recv).

@@ -170,6 +170,18 @@ impl UserRecord {
         }
     }
 
+    /// The hash key Kinesis routes the record by, for a record that passed
+    /// [`validate`](Self::validate) (which returns the same): its explicit hash key's value,
+    /// or the MD5 of its partition key. (An explicit hash key that does not parse counts as
+    /// 0; validation refuses it.)
+    #[cfg(feature = "producer")]
+    pub(crate) fn hash_key(&self) -> u128 {
+        match &self.explicit_hash_key {
+            Some(ehk) => parse_explicit_hash_key(ehk).unwrap_or(0),
+            None => partition_key_hash(self.partition_key()),
+        }
+    }
+
     /// The bytes Kinesis counts against its record size limit: data plus partition key.
     pub fn kinesis_size(&self) -> usize {
         self.data.len() + self.partition_key().len()

@@ -907,16 +907,17 @@ impl Sender {
             }
             let records = outgoing.take_user_records();
             for (record, meta) in records.into_iter().zip(outgoing.metas) {
+                let hash_key = record.hash_key();
                 let closed = later
                     .iter()
-                    .find(|(_, (start, end))| (*start..=*end).contains(&meta.hash_key))
+                    .find(|(_, (start, end))| (*start..=*end).contains(&hash_key))
                     .map(|(closed, _)| *closed);
                 let shard = match closed {
                     Some(closed) => (
                         self.lane_ref(closed).and_then(|l| l.shard_id.clone()),
                         closed,
                     ),
-                    None => match routing.map.shard_index(meta.hash_key) {
+                    None => match routing.map.shard_index(hash_key) {
                         Some(index) => routing.shard(index),
                         None => (None, NO_SHARD),
                     },
@@ -1758,9 +1759,9 @@ impl Sender {
         match owner {
             Some(shard)
                 if outgoing
-                    .metas
+                    .hash_keys()
                     .iter()
-                    .all(|m| (shard.start..=shard.end).contains(&m.hash_key)) =>
+                    .all(|key| (shard.start..=shard.end).contains(key)) =>
             {
                 self.release(&outgoing);
                 self.shared.acknowledge(outgoing);
