@@ -633,8 +633,9 @@ async fn perf_against_the_null_sink_prints_every_figure_and_the_floor() {
             number(&f, "requests"),
             "{case}"
         );
-        // Every 100th record is timed through a receipt.
-        assert_eq!(number(&f, "latency_samples"), 200.0, "{case}");
+        // Every 1,000th record (the default) is timed through a receipt: ten in each thread's
+        // share.
+        assert_eq!(number(&f, "latency_samples"), 20.0, "{case}");
         assert!(
             number(&f, "latency_p50_ms") <= number(&f, "latency_p99_ms"),
             "{case}"
