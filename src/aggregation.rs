@@ -612,16 +612,17 @@ impl AggregateBuilder {
         let key = record.partition_key();
         let routed_by_ehk = record.explicit_hash_key().is_some();
         let known = |ehk: bool| hash_key.filter(|_| ehk == routed_by_ehk);
-        let (pk_index, pk_new, pk_hash) = self.partition_keys.find(
-            key,
-            known(false),
-            &self.sections.partition_key_table,
-        );
+        let (pk_index, pk_new, pk_hash) =
+            self.partition_keys
+                .find(key, known(false), &self.sections.partition_key_table);
         let ehk = record.explicit_hash_key().map(|k| {
             (
                 k,
-                self.explicit_hash_keys
-                    .find(k, known(true), &self.sections.explicit_hash_key_table),
+                self.explicit_hash_keys.find(
+                    k,
+                    known(true),
+                    &self.sections.explicit_hash_key_table,
+                ),
             )
         });
         let ehk_index = ehk.map(|(_, (index, _, _))| index);
@@ -906,7 +907,9 @@ impl KeyTable {
     /// here instead of hashing the key's bytes.
     fn find(&self, key: &str, known: Option<u128>, table: &[u8]) -> (u32, bool, u64) {
         let hash = match known {
-            Some(known) => self.hasher.hash_one((known as u64) ^ ((known >> 64) as u64)),
+            Some(known) => self
+                .hasher
+                .hash_one((known as u64) ^ ((known >> 64) as u64)),
             None => self.hasher.hash_one(key),
         };
         let is_key = |index: usize| {
@@ -1139,7 +1142,10 @@ pub(crate) mod tests {
                 let distinct = |keys: &mut dyn Iterator<Item = &str>| {
                     keys.collect::<std::collections::BTreeSet<_>>().len()
                 };
-                assert_eq!(pks.len(), distinct(&mut pushed.iter().map(|r| r.partition_key())));
+                assert_eq!(
+                    pks.len(),
+                    distinct(&mut pushed.iter().map(|r| r.partition_key()))
+                );
                 assert_eq!(pks.len(), distinct(&mut pks.iter().map(String::as_str)));
                 assert_eq!(
                     ehks.len(),

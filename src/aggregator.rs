@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::clock::Stamp;
+use crate::metrics::Statistics;
 
 use bytes::Bytes;
 
@@ -99,6 +100,8 @@ pub(crate) struct Outgoing {
     pub backlog_bytes: usize,
     /// `put` time of the oldest record: its buffering deadline and TTL count from here.
     pub oldest_put: Instant,
+    /// What the metrics and the answer's handling need of `metas`, read when it was made.
+    pub summary: MetaSummary,
     /// The shard the records were routed to (`None` when no open shard covered them).
     pub shard_id: Option<Arc<str>>,
     /// That shard's ordinal ([`NO_SHARD`] exactly when `shard_id` is `None`).
@@ -113,6 +116,86 @@ pub(crate) struct Outgoing {
     pub last_attempt_end: Option<Instant>,
     /// Set when Kinesis acknowledged it: where it was written.
     pub landed: Option<Landed>,
+}
+
+/// What [`Outgoing::new`] reads off the records' metadata in one pass, on the thread that
+/// closed the aggregate, where the metadata is still in the core's cache: the sender's thread
+/// then reads it again only for records with a receipt or a history (`singular`), instead of
+/// every record's, from the other core, when the request goes out and again when Kinesis
+/// answers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MetaSummary {
+    /// The sum of the records' put stamps, in nanoseconds, the oldest and the newest.
+    pub put_nanos: u128,
+    pub oldest_put: Stamp,
+    pub newest_put: Stamp,
+    /// The sum of the records' data lengths, the least and the most.
+    pub data_bytes: u64,
+    pub data_min: u32,
+    pub data_max: u32,
+    /// The records' flush epoch, when they all have the same.
+    pub one_epoch: Option<u64>,
+    /// Whether some record has a receipt or a history of earlier Kinesis records.
+    pub singular: bool,
+}
+
+impl MetaSummary {
+    /// The summary of `metas`, and their backlog bytes.
+    fn of(metas: &[RecordMeta]) -> (MetaSummary, usize) {
+        let mut summary = MetaSummary {
+            put_nanos: 0,
+            oldest_put: metas.first().map_or_else(Stamp::default, |m| m.put_at),
+            newest_put: Stamp::default(),
+            data_bytes: 0,
+            data_min: u32::MAX,
+            data_max: 0,
+            one_epoch: metas.first().map(|m| m.epoch),
+            singular: false,
+        };
+        let mut backlog_bytes = 0;
+        for meta in metas {
+            backlog_bytes += meta.backlog_bytes as usize;
+            summary.put_nanos += u128::from(meta.put_at.nanos());
+            summary.oldest_put = summary.oldest_put.min(meta.put_at);
+            summary.newest_put = summary.newest_put.max(meta.put_at);
+            summary.data_bytes += u64::from(meta.data_len);
+            summary.data_min = summary.data_min.min(meta.data_len);
+            summary.data_max = summary.data_max.max(meta.data_len);
+            if summary.one_epoch != Some(meta.epoch) {
+                summary.one_epoch = None;
+            }
+            summary.singular |= meta.receipt.is_some() || meta.earlier.is_some();
+        }
+        (summary, backlog_bytes)
+    }
+
+    /// `BufferingTime` of `count` records sent at `now`, in milliseconds: how long each waited
+    /// since its put.
+    pub fn buffering(&self, count: usize, now: Stamp) -> Statistics {
+        if count == 0 {
+            return Statistics::default();
+        }
+        let waited = (count as u128 * u128::from(now.nanos())).saturating_sub(self.put_nanos);
+        Statistics {
+            count: count as u64,
+            sum: waited as f64 * 1e-6,
+            min: now.nanos_since(self.newest_put) as f64 * 1e-6,
+            max: now.nanos_since(self.oldest_put) as f64 * 1e-6,
+        }
+    }
+
+    /// The data sizes of `count` records, in bytes.
+    pub fn data_sizes(&self, count: usize) -> Statistics {
+        if count == 0 {
+            return Statistics::default();
+        }
+        Statistics {
+            count: count as u64,
+            sum: self.data_bytes as f64,
+            min: f64::from(self.data_min),
+            max: f64::from(self.data_max),
+        }
+    }
 }
 
 /// Where Kinesis wrote a Kinesis record.
@@ -186,17 +269,17 @@ impl ShardOrdinals {
 impl Outgoing {
     fn new(entry: Entry, metas: Vec<RecordMeta>, shard: RoutedTo, generation: u64) -> Self {
         let (shard_id, ordinal) = shard;
-        let backlog_bytes = metas.iter().map(|m| m.backlog_bytes as usize).sum();
-        let oldest_put = metas
-            .iter()
-            .map(|m| m.put_at)
-            .min()
-            .map_or_else(Instant::now, Stamp::instant);
+        let (summary, backlog_bytes) = MetaSummary::of(&metas);
+        let oldest_put = match metas.is_empty() {
+            true => Instant::now(),
+            false => summary.oldest_put.instant(),
+        };
         Outgoing {
             entry,
             metas,
             backlog_bytes,
             oldest_put,
+            summary,
             shard_id,
             ordinal,
             generation,
@@ -1189,7 +1272,7 @@ mod tests {
 
     fn metas(capacity: usize, len: usize) -> Vec<RecordMeta> {
         let mut metas = Vec::with_capacity(capacity);
-        metas.extend((0..len).map(|i| RecordMeta {
+        metas.extend((0..len).map(|_| RecordMeta {
             put_at: Stamp::now(),
             epoch: 0,
             backlog_bytes: 1,
@@ -1198,6 +1281,55 @@ mod tests {
             receipt: None,
         }));
         metas
+    }
+
+    #[test]
+    fn a_summary_gives_what_reading_every_record_gives() {
+        let mut next = crate::test_rng::xorshift64(7);
+        let start = Stamp::now();
+        let stamp = |nanos: u64| Stamp::of(start.instant() + Duration::from_nanos(nanos));
+        for len in [0usize, 1, 2, 353] {
+            for case in 0..4 {
+                let metas: Vec<RecordMeta> = (0..len)
+                    .map(|_| RecordMeta {
+                        put_at: stamp(next() % 100_000_000),
+                        epoch: if case == 1 { next() % 2 } else { 5 },
+                        backlog_bytes: (next() % 2_000) as u32,
+                        data_len: (next() % 1_000) as u32,
+                        earlier: (case == 2).then(Box::<Earlier>::default),
+                        receipt: None,
+                    })
+                    .collect();
+                let (summary, backlog_bytes) = MetaSummary::of(&metas);
+                let now = stamp(150_000_000);
+                let waited = metas.iter().map(|m| now.nanos_since(m.put_at));
+                let sizes = metas.iter().map(|m| u64::from(m.data_len));
+                let close = |a: Statistics, b: Statistics| {
+                    assert_eq!(a.count, b.count);
+                    for (x, y) in [(a.sum, b.sum), (a.min, b.min), (a.max, b.max)] {
+                        assert!((x - y).abs() <= 1e-6 * y.abs().max(1.0), "{a:?} {b:?}");
+                    }
+                };
+                close(
+                    summary.buffering(len, now),
+                    Statistics::of_integers(waited, 1e-6),
+                );
+                close(summary.data_sizes(len), Statistics::of_integers(sizes, 1.0));
+                let bytes: usize = metas.iter().map(|m| m.backlog_bytes as usize).sum();
+                assert_eq!(backlog_bytes, bytes);
+                let mut runs = 0;
+                let mut last = None;
+                for meta in &metas {
+                    if last != Some(meta.epoch) {
+                        runs += 1;
+                        last = Some(meta.epoch);
+                    }
+                }
+                let one = (runs == 1).then(|| metas[0].epoch);
+                assert_eq!(summary.one_epoch, one, "len {len}, case {case}");
+                assert_eq!(summary.singular, len > 0 && case == 2);
+            }
+        }
     }
 
     #[test]

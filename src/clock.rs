@@ -34,6 +34,11 @@ impl Stamp {
         base() + Duration::from_nanos(self.0)
     }
 
+    /// Nanoseconds since the base.
+    pub fn nanos(self) -> u64 {
+        self.0
+    }
+
     /// Nanoseconds from `earlier` to `self`; 0 if `earlier` is later.
     pub fn nanos_since(self, earlier: Stamp) -> u64 {
         self.0.saturating_sub(earlier.0)
@@ -131,7 +136,10 @@ mod tests {
         let at = Instant::now() + Duration::from_millis(3);
         let stamp = Stamp::of(at);
         assert!(stamp.instant().max(at) - stamp.instant().min(at) < Duration::from_nanos(2));
-        assert_eq!(Stamp::of(at + Duration::from_micros(7)).nanos_since(stamp), 7_000);
+        assert_eq!(
+            Stamp::of(at + Duration::from_micros(7)).nanos_since(stamp),
+            7_000
+        );
         assert_eq!(stamp.nanos_since(Stamp::of(at + Duration::from_secs(1))), 0);
         // A moment before the base counts as the base.
         let long_ago = Instant::now().checked_sub(Duration::from_secs(3_600));

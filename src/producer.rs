@@ -73,19 +73,19 @@ pub(crate) struct Returns {
 impl Returns {
     fn add(&mut self, outgoing: Outgoing) {
         self.user_records += outgoing.len();
-        self.user_record_bytes += outgoing
-            .metas
-            .iter()
-            .map(|m| u64::from(m.data_len))
-            .sum::<u64>();
+        self.user_record_bytes += outgoing.summary.data_bytes;
         self.kinesis_records += 1;
         self.kinesis_bytes += outgoing.request_size() as u64;
         self.backlog_bytes += outgoing.backlog_bytes;
         let epochs = &mut self.epochs;
-        outgoing.for_each_epoch_run(|epoch, count| match epochs.last_mut() {
+        let mut add_run = |epoch, count| match epochs.last_mut() {
             Some((last, total)) if *last == epoch => *total += count,
             _ => epochs.push((epoch, count)),
-        });
+        };
+        match outgoing.summary.one_epoch {
+            Some(epoch) => add_run(epoch, outgoing.len() as u64),
+            None => outgoing.for_each_epoch_run(add_run),
+        }
         let (room, metas) = Room::of(outgoing.entry, outgoing.metas);
         self.rooms.extend(room);
         self.metas.extend(metas);
@@ -270,8 +270,7 @@ impl Shared {
         let landed = outgoing.landed.take();
         if self.metrics_on {
             let shard = landed.as_ref().map(Landed::shard);
-            let sizes = outgoing.metas.iter().map(|m| u64::from(m.data_len));
-            let data = Statistics::of_integers(sizes, 1.0);
+            let data = outgoing.summary.data_sizes(outgoing.len());
             let [put, retries] = ends(&outgoing, 1.0);
             // Samples of no count are skipped by the recorder.
             let none = (MetricName::AllErrors, Statistics::default());
@@ -290,7 +289,7 @@ impl Shared {
             shard_id,
             sequence_number,
             ..
-        }) = landed
+        }) = landed.filter(|_| outgoing.summary.singular)
         {
             let aggregated = outgoing.entry.aggregated;
             for (position, meta) in outgoing.metas.iter_mut().enumerate() {
@@ -524,11 +523,17 @@ impl Shared {
 fn ends(outgoing: &Outgoing, put: f64) -> [(MetricName, Statistics); 2] {
     let n = outgoing.len() as u64;
     // Each record's own count: those re-split after a reshard carry earlier attempts.
-    let retries = outgoing
-        .metas
-        .iter()
-        .map(|m| u64::from(m.attempts(outgoing.attempts).saturating_sub(1)));
-    let retries = Statistics::of_integers(retries, 1.0);
+    let retries = if outgoing.summary.singular {
+        let retries = outgoing
+            .metas
+            .iter()
+            .map(|m| u64::from(m.attempts(outgoing.attempts).saturating_sub(1)));
+        Statistics::of_integers(retries, 1.0)
+    } else if n > 0 {
+        Statistics::repeated(f64::from(outgoing.attempts.saturating_sub(1)), n)
+    } else {
+        Statistics::default()
+    };
     [
         (MetricName::UserRecordsPut, Statistics::repeated(put, n)),
         (MetricName::RetriesPerRecord, retries),

@@ -55,7 +55,7 @@ impl RetryPolicy {
 /// keys) evenly; not for secrets. Asking the kernel for randomness on every call would cost
 /// more than the rest of a `put`.
 pub(crate) fn random_u64() -> u64 {
-    STATE.with(|state| splitmix(state))
+    STATE.with(splitmix)
 }
 
 /// 128 random bits, from [`random_u64`]'s generator in one visit to its thread-local state.

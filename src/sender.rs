@@ -2315,10 +2315,7 @@ fn record_sent(metrics: &mut Recorder, batch: &[Outgoing], now: Instant) {
                 now.saturating_duration_since(end).as_nanos() as f64 * 1e-6,
                 outgoing.len() as u64,
             ),
-            None => Statistics::of_integers(
-                outgoing.metas.iter().map(|meta| now_stamp.nanos_since(meta.put_at)),
-                1e-6,
-            ),
+            None => outgoing.summary.buffering(outgoing.len(), now_stamp),
         };
         let n = outgoing.len();
         user_records += n;
