@@ -25,8 +25,11 @@
 //! of its own shard.
 //!
 //! A second table, `least_producer`, runs the same pipeline in the shapes of `perf`'s W1 (100
-//! bytes, 1 shard), W2 (1 KiB, 500 shards, 30% of the records, as `perf`'s W2 puts fewer) and
-//! W4 (100 bytes, 10,000 shards), with every record's data in one shared buffer as `perf`'s
+//! bytes, 1 shard), W2 (1 KiB, 500 shards, 30% of the records, as `perf`'s W2 puts fewer), W3
+//! (W2 with a random explicit hash key per record and one partition key, "k": routing parses
+//! the explicit hash key instead of hashing the partition key, and each aggregate holds one
+//! partition key entry and an explicit hash key entry per record) and W4 (100 bytes, 10,000
+//! shards), with every record's data in one shared buffer as `perf`'s
 //! are, and with `wire=true` also writing each body, after its headers, to a TCP socket on
 //! 127.0.0.1 whose reading thread discards it: the least a producer spends on the network
 //! (the writing thread's CPU includes the kernel's for its writes; the reader's is not
@@ -41,7 +44,7 @@ use std::net::{TcpListener, TcpStream};
 
 use kinesis_producer::aggregation::checksums;
 use kinesis_producer::deaggregation::Deaggregator;
-use kinesis_producer::record::partition_key_hash;
+use kinesis_producer::record::{parse_explicit_hash_key, partition_key_hash};
 use kinesis_producer::ShardMap;
 
 #[path = "../tests/support/rng.rs"]
@@ -59,23 +62,43 @@ const AHEAD: usize = 16;
 const CHECKSUM_AHEAD: usize = 16;
 
 struct Workload {
+    /// Each record's partition key, or with `ehk` its explicit hash key (its partition key is
+    /// then "k", as in `perf --keys ehk`).
     keys: Vec<String>,
+    ehk: bool,
     /// Each record's data, or one buffer every record shares (as `perf`'s records do).
     data: Vec<Vec<u8>>,
     record_size: usize,
 }
 
 impl Workload {
-    fn new(records: usize, record_size: usize, shared_data: bool) -> Self {
+    fn new(records: usize, record_size: usize, shared_data: bool, ehk: bool) -> Self {
         let mut rng = rng::Rng(0x5ca7_7e12);
-        let keys = (0..records).map(|_| rng.uuid_key()).collect();
+        let keys = (0..records)
+            .map(|_| match ehk {
+                true => ((u128::from(rng.next()) << 64) | u128::from(rng.next())).to_string(),
+                false => rng.uuid_key(),
+            })
+            .collect();
         let buffers = if shared_data { 1 } else { records };
         let data = (0..buffers).map(|_| rng.bytes(record_size)).collect();
         Workload {
             keys,
+            ehk,
             data,
             record_size,
         }
+    }
+
+    /// The shard of record `at`: by its explicit hash key, or by its partition key's MD5.
+    fn shard_of(&self, map: &ShardMap, at: usize) -> usize {
+        let key = &self.keys[at];
+        let hash_key = match self.ehk {
+            true => parse_explicit_hash_key(key).expect("a decimal in range"),
+            false => partition_key_hash(key),
+        };
+        map.shard_index(hash_key)
+            .expect("a uniform map covers every key")
     }
 
     fn data(&self, at: usize) -> &[u8] {
@@ -111,26 +134,54 @@ impl Aggregate {
         self.bytes.len().max(MAGIC.len()) + 16
     }
 
-    /// The bytes `key` and `data` would add.
-    fn growth(&self, key: &[u8], data: &[u8]) -> usize {
-        let record = 1 + varint_len(self.count) + 1 + varint_len(data.len() as u64) + data.len();
-        1 + varint_len(key.len() as u64) + key.len() + 1 + varint_len(record as u64) + record
+    /// The length of a record's message: its key indexes and its data. With an explicit hash
+    /// key (`ehk`), the partition key index is always 0 (the one entry "k") and the explicit
+    /// hash key index is the record's; else the partition key index is the record's.
+    fn record_len(&self, data: &[u8], ehk: bool) -> usize {
+        let indexes = match ehk {
+            true => 2 + 1 + varint_len(self.count),
+            false => 1 + varint_len(self.count),
+        };
+        indexes + 1 + varint_len(data.len() as u64) + data.len()
     }
 
-    fn push(&mut self, key: &[u8], data: &[u8], sink: &mut Sink) {
+    /// The bytes `key` and `data` would add.
+    fn growth(&self, key: &[u8], data: &[u8], ehk: bool) -> usize {
+        let record = self.record_len(data, ehk);
+        let partition_key = if ehk && self.count == 0 { 3 } else { 0 };
+        partition_key
+            + 1
+            + varint_len(key.len() as u64)
+            + key.len()
+            + 1
+            + varint_len(record as u64)
+            + record
+    }
+
+    fn push(&mut self, key: &[u8], data: &[u8], sink: &mut Sink, ehk: bool) {
+        let record = self.record_len(data, ehk);
         let out = &mut self.bytes;
         if out.is_empty() {
             *out = sink.spare.pop().unwrap_or_default();
             out.clear();
             out.extend_from_slice(&MAGIC);
         }
-        out.push(0x0a);
+        if ehk {
+            if self.count == 0 {
+                out.extend_from_slice(&[0x0a, 1, b'k']);
+            }
+            out.push(0x12);
+        } else {
+            out.push(0x0a);
+        }
         varint(out, key.len() as u64);
         out.extend_from_slice(key);
-        let record = 1 + varint_len(self.count) + 1 + varint_len(data.len() as u64) + data.len();
         out.push(0x1a);
         varint(out, record as u64);
         out.push(0x08);
+        if ehk {
+            out.extend_from_slice(&[0, 0x10]);
+        }
         varint(out, self.count);
         out.push(0x1a);
         varint(out, data.len() as u64);
@@ -139,11 +190,11 @@ impl Aggregate {
     }
 
     /// Adds a record, first closing the aggregate into `sink` if it would grow past the limit.
-    fn add(&mut self, key: &[u8], data: &[u8], sink: &mut Sink, shard_start: u128) {
-        if self.count > 0 && self.encoded_len() + self.growth(key, data) > AGGREGATE_MAX {
+    fn add(&mut self, key: &[u8], data: &[u8], sink: &mut Sink, shard_start: u128, ehk: bool) {
+        if self.count > 0 && self.encoded_len() + self.growth(key, data, ehk) > AGGREGATE_MAX {
             self.close(sink, shard_start);
         }
-        self.push(key, data, sink);
+        self.push(key, data, sink, ehk);
     }
 
     fn close(&mut self, sink: &mut Sink, shard_start: u128) {
@@ -319,11 +370,6 @@ fn prefetch<T>(at: *const T) {
     }
 }
 
-fn shard_of(map: &ShardMap, key: &str) -> usize {
-    map.shard_index(partition_key_hash(key))
-        .expect("a uniform map covers every key")
-}
-
 fn per_shard(work: &Workload, map: &ShardMap, sink: &mut Sink, ahead: usize) {
     let starts: Vec<u128> = map.shards().iter().map(|s| s.start).collect();
     let mut aggregates: Vec<Aggregate> = (0..starts.len()).map(|_| Aggregate::default()).collect();
@@ -335,7 +381,7 @@ fn per_shard(work: &Workload, map: &ShardMap, sink: &mut Sink, ahead: usize) {
         // Routes up to `ahead` records early and asks for their aggregate's memory (with
         // `ahead` 0, each record is routed as it is placed).
         while next < records && next <= at + ahead {
-            let shard = shard_of(map, &work.keys[next]);
+            let shard = work.shard_of(map, next);
             if ahead > 0 {
                 prefetch(&aggregates[shard]);
             }
@@ -356,7 +402,13 @@ fn per_shard(work: &Workload, map: &ShardMap, sink: &mut Sink, ahead: usize) {
         if aggregate.count == 0 {
             open.push(shard);
         }
-        aggregate.add(work.keys[at].as_bytes(), work.data(at), sink, starts[shard]);
+        aggregate.add(
+            work.keys[at].as_bytes(),
+            work.data(at),
+            sink,
+            starts[shard],
+            work.ehk,
+        );
         if (at + 1) % WINDOW == 0 {
             for shard in open.drain(..) {
                 aggregates[shard].close(sink, starts[shard]);
@@ -390,7 +442,7 @@ fn log(work: &Workload, map: &ShardMap, sink: &mut Sink) {
     for at in 0..records {
         let (key, data) = (work.keys[at].as_bytes(), work.data(at));
         logged.push(Logged {
-            shard: shard_of(map, &work.keys[at]) as u32,
+            shard: work.shard_of(map, at) as u32,
             at: bytes.len() as u32,
             key_len: key.len() as u32,
             data_len: data.len() as u32,
@@ -428,7 +480,7 @@ fn log(work: &Workload, map: &ShardMap, sink: &mut Sink) {
             let key_end = (record.at + record.key_len) as usize;
             let key = &bytes[record.at as usize..key_end];
             let data = &bytes[key_end..key_end + record.data_len as usize];
-            aggregate.add(key, data, sink, starts[shard]);
+            aggregate.add(key, data, sink, starts[shard], work.ehk);
             if position + 1 == ends[shard + 1] as usize {
                 aggregate.close(sink, starts[shard]);
             }
@@ -463,8 +515,12 @@ fn check(sink: &Sink, map: &ShardMap, shard_count: usize, record_size: usize) {
     );
     for record in &records {
         assert_eq!(record.data.len(), record_size);
+        let hash_key = match &record.explicit_hash_key {
+            Some(ehk) => parse_explicit_hash_key(ehk).expect("the key as written"),
+            None => partition_key_hash(&record.partition_key),
+        };
         assert_eq!(
-            map.shard_index(partition_key_hash(&record.partition_key)),
+            map.shard_index(hash_key),
             map.shards().iter().position(|s| s.start == *start),
             "{shard_count} shards: a record outside its aggregate's shard"
         );
@@ -510,7 +566,7 @@ fn main() {
         .map(|arg| arg.parse().expect("RECORDS must be a number"))
         .unwrap_or(if quick { 10_000 } else { 1_000_000 });
     let runs = if quick { 1 } else { 3 };
-    let work = Workload::new(records, RECORD_SIZE, false);
+    let work = Workload::new(records, RECORD_SIZE, false, false);
     println!("records={records} record_size={RECORD_SIZE} window_records={WINDOW} quick={quick}");
     let strategies = ["per-shard", "per-shard-prefetched", "log"];
     for strategy in strategies {
@@ -528,13 +584,14 @@ fn main() {
     }
     // The least producer in `perf`'s workloads' shapes: records share one data buffer, as
     // `perf`'s do, and each body is also written to a socket (`wire=true`), as a producer must.
-    // W2 puts fewer records, as `perf`'s W2 does (300,000).
-    for (workload, record_size, shards, tenths) in [
-        ("W1", 100, 1, 10),
-        ("W2", 1024, 500, 3),
-        ("W4", 100, 10_000, 10),
+    // W2 and W3 put fewer records, as `perf`'s do (300,000).
+    for (workload, record_size, shards, tenths, ehk) in [
+        ("W1", 100, 1, 10, false),
+        ("W2", 1024, 500, 3, false),
+        ("W3", 1024, 500, 3, true),
+        ("W4", 100, 10_000, 10, false),
     ] {
-        let work = Workload::new((records * tenths / 10).max(1), record_size, true);
+        let work = Workload::new((records * tenths / 10).max(1), record_size, true, ehk);
         let map = ShardMap::uniform(shards);
         for (strategy, wire) in [("per-shard", false), ("per-shard", true), ("log", true)] {
             let (median, per_kinesis_record) = measure(&work, &map, strategy, wire, runs);
