@@ -610,6 +610,8 @@ impl AggregateBuilder {
             return Err(record);
         }
         let key = record.partition_key();
+        // The hash key is the explicit hash key's value when there is one, else the partition
+        // key's MD5: it stands for exactly one of the two keys, and the other is hashed here.
         let routed_by_ehk = record.explicit_hash_key().is_some();
         let known = |ehk: bool| hash_key.filter(|_| ehk == routed_by_ehk);
         let (pk_index, pk_new, pk_hash) =

@@ -13,16 +13,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::clock::Stamp;
-use crate::metrics::Statistics;
-
 use bytes::Bytes;
 
 use crate::aggregation::{
     records_of_aggregate, AggregateBuilder, AggregateLimits, AggregatePieces, Entry, EntryData,
     Sections, MAGIC,
 };
-use crate::metrics::ShardRef;
+use crate::clock::Stamp;
+use crate::metrics::{ShardRef, Statistics};
 use crate::prefetch::{prefetch, prefetch_slice, prefetch_spare};
 use crate::producer::Shared;
 use crate::receipt::ReceiptTx;
@@ -31,11 +29,11 @@ use crate::retry::AttemptError;
 use crate::shard_map::{ShardMap, ShardRange};
 use crate::sync::lock;
 
-/// What the producer knows about a user record besides the record itself.
+/// What the producer knows about a user record besides the record itself. Not its hash key:
+/// only the put path and a reshard's rare paths need that, and the latter compute it again
+/// from the record.
 #[derive(Debug)]
 pub(crate) struct RecordMeta {
-    /// Not the record's hash key: only the put path and a reshard's rare paths need it, and
-    /// those compute it again from the record.
     pub put_at: Stamp,
     pub epoch: u64,
     pub backlog_bytes: u32,
@@ -270,9 +268,10 @@ impl Outgoing {
     fn new(entry: Entry, metas: Vec<RecordMeta>, shard: RoutedTo, generation: u64) -> Self {
         let (shard_id, ordinal) = shard;
         let (summary, backlog_bytes) = MetaSummary::of(&metas);
-        let oldest_put = match metas.is_empty() {
-            true => Instant::now(),
-            false => summary.oldest_put.instant(),
+        let oldest_put = if metas.is_empty() {
+            Instant::now()
+        } else {
+            summary.oldest_put.instant()
         };
         Outgoing {
             entry,
